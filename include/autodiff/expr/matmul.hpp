@@ -1,0 +1,162 @@
+#pragma once
+// transpose(x), matmul(a, b) and linear(x, W, b).
+//
+// matmul folds a transpose child into the GEMM's flags at compile time: matmul(q, transpose(k))
+// never materialises kᵀ, and its backward writes dK directly in k's layout.
+
+#include "autodiff/expr/variable.hpp"
+#include "autodiff/kernels/gemm.hpp"
+#include "autodiff/kernels/layout.hpp"
+#include "autodiff/kernels/linear.hpp"
+
+namespace autodiff {
+
+// xᵀ over the last two dimensions.
+template <class C>
+struct Transpose : Expr<Transpose<C>> {
+    using value_type = typename C::value_type;
+    static constexpr bool may_require_grad = C::may_require_grad;
+    C child;
+    Shape shape_;
+
+    explicit Transpose(C c) : child(std::move(c)), shape_(child.shape()) {
+        check_rank("transpose", "input", shape_, 2, 4);
+        std::swap(shape_[shape_.rank() - 1], shape_[shape_.rank() - 2]);
+    }
+    [[nodiscard]] const Shape& shape() const { return shape_; }
+    // The permutation that swaps the last two of `rank` dimensions.
+    static Permutation swap_last_two(int rank) {
+        Permutation p{0, 1, 2, 3};
+        std::swap(p[static_cast<std::size_t>(rank - 1)], p[static_cast<std::size_t>(rank - 2)]);
+        return p;
+    }
+};
+
+template <Operand X>
+auto transpose(const X& x) {
+    return Transpose<expr_t<X>>(as_expr(x));
+}
+
+template <class C>
+struct Evaluator<Transpose<C>> {
+    using T = typename C::value_type;
+    // y = xᵀ ; dx = dyᵀ
+    static Value<T> eval(const Transpose<C>& e, EvalContext& ctx) {
+        Value<T> x = evaluate(e.child, ctx);
+        const Permutation p = Transpose<C>::swap_last_two(x.value.rank());
+        return finish(ctx, permute_forward(x.value, p), static_cast<bool>(x.target),
+                      [xt = x.target, p](const Tensor<T>& dy, Tape& tape) { tape.accumulate(xt, permute_forward(dy, p)); });
+    }
+};
+
+// C = A·B over the last two dimensions, batched over equal leading dimensions; a rank-2 operand is
+// broadcast over the other's batch.
+template <class L, class R>
+struct MatMul : Expr<MatMul<L, R>> {
+    using value_type = typename L::value_type;
+    static constexpr bool may_require_grad = any_may_require_grad_v<L, R>;
+    L lhs;
+    R rhs;
+    Shape shape_;
+
+    MatMul(L l, R r) : lhs(std::move(l)), rhs(std::move(r)), shape_(gemm_output_shape("matmul", lhs.shape(), false, rhs.shape(), false)) {}
+    [[nodiscard]] const Shape& shape() const { return shape_; }
+};
+
+template <Operand A, Operand B>
+auto matmul(const A& a, const B& b) {
+    static_assert(same_value_type_v<A, B>, "autodiff::matmul: both operands must have the same value type (float or double)");
+    return MatMul<expr_t<A>, expr_t<B>>(as_expr(a), as_expr(b));
+}
+
+namespace detail {
+// A matmul operand, seen through a transpose: evaluate the inner expression and set the GEMM flag.
+template <class X>
+struct GemmOperand {
+    static constexpr bool transposed = false;
+    static const X& inner(const X& x) { return x; }
+};
+template <class X>
+struct GemmOperand<Transpose<X>> {
+    static constexpr bool transposed = true;
+    static const X& inner(const Transpose<X>& x) { return x.child; }
+};
+}  // namespace detail
+
+template <class L, class R>
+struct Evaluator<MatMul<L, R>> {
+    using T = typename L::value_type;
+    using OpA = detail::GemmOperand<L>;
+    using OpB = detail::GemmOperand<R>;
+
+    // C = op(A)·op(B) ; dA, dB by matmul_backward (gemm.hpp)
+    static Value<T> eval(const MatMul<L, R>& e, EvalContext& ctx) {
+        Value<T> a = evaluate(OpA::inner(e.lhs), ctx);
+        Value<T> b = evaluate(OpB::inner(e.rhs), ctx);
+        Tensor<T> c = matmul_forward(a.value, OpA::transposed, b.value, OpB::transposed);
+        return finish(ctx, std::move(c), a.target || b.target,
+                      [at = a.target, bt = b.target, A = a.value, B = b.value](const Tensor<T>& dC, Tape& tape) {
+                          Tensor<T> dA, dB;
+                          matmul_backward(at ? &dA : nullptr, bt ? &dB : nullptr, dC, A, OpA::transposed, B, OpB::transposed);
+                          if (at) tape.accumulate(at, std::move(dA));
+                          if (bt) tape.accumulate(bt, std::move(dB));
+                      });
+    }
+};
+
+// y = x·Wᵀ + b (torch.nn.functional.linear). W is (out, in); b is (out) or absent.
+struct NoBias : Expr<NoBias> {};
+
+template <class X, class W, class B>
+struct Linear : Expr<Linear<X, W, B>> {
+    using value_type = typename X::value_type;
+    static constexpr bool has_bias = !std::is_same_v<B, NoBias>;
+    static constexpr bool may_require_grad = any_may_require_grad_v<X, W> || (has_bias && B::may_require_grad);
+    X x;
+    W weight;
+    B bias;
+    Shape shape_;
+
+    Linear(X x_, W w_, B b_) : x(std::move(x_)), weight(std::move(w_)), bias(std::move(b_)) {
+        if constexpr (has_bias) shape_ = linear_output_shape("linear", x.shape(), weight.shape(), &bias.shape());
+        else shape_ = linear_output_shape("linear", x.shape(), weight.shape(), nullptr);
+    }
+    [[nodiscard]] const Shape& shape() const { return shape_; }
+};
+
+template <Operand X, Operand W, Operand B>
+auto linear(const X& x, const W& w, const B& b) {
+    static_assert(same_value_type_v<X, W> && same_value_type_v<X, B>,
+                  "autodiff::linear: input, weight and bias must have the same value type (float or double)");
+    return Linear<expr_t<X>, expr_t<W>, expr_t<B>>(as_expr(x), as_expr(w), as_expr(b));
+}
+template <Operand X, Operand W>
+auto linear(const X& x, const W& w) {
+    static_assert(same_value_type_v<X, W>, "autodiff::linear: input and weight must have the same value type (float or double)");
+    return Linear<expr_t<X>, expr_t<W>, NoBias>(as_expr(x), as_expr(w), NoBias{});
+}
+
+template <class X, class W, class B>
+struct Evaluator<Linear<X, W, B>> {
+    using T = typename X::value_type;
+    // y = x·Wᵀ + b ; dx = dy·W, dW = dyᵀ·x, db = colsum(dy)   (linear.hpp)
+    static Value<T> eval(const Linear<X, W, B>& e, EvalContext& ctx) {
+        Value<T> x = evaluate(e.x, ctx);
+        Value<T> w = evaluate(e.weight, ctx);
+        Value<T> b;
+        if constexpr (Linear<X, W, B>::has_bias) b = evaluate(e.bias, ctx);
+        Tensor<T> y = linear_forward(x.value, w.value, b.value);
+        return finish(ctx, std::move(y), x.target || w.target || b.target,
+                      [xt = x.target, wt = w.target, bt = b.target, X_ = x.value, W_ = w.value](const Tensor<T>& dy, Tape& tape) {
+                          Tensor<T> dx;
+                          Tensor<T> dW = wt ? zeros<T>(W_.shape()) : Tensor<T>();
+                          Tensor<T> db = bt ? zeros<T>({W_.dim(0)}) : Tensor<T>();
+                          linear_backward(dy, X_, W_, xt ? &dx : nullptr, wt ? &dW : nullptr, bt ? &db : nullptr);
+                          if (xt) tape.accumulate(xt, std::move(dx));
+                          if (wt) tape.accumulate(wt, std::move(dW));
+                          if (bt) tape.accumulate(bt, std::move(db));
+                      });
+    }
+};
+
+}  // namespace autodiff

@@ -1,0 +1,25 @@
+#pragma once
+// Linear layer, as in the eigenMHA seed:   y = x·Wᵀ + b
+//   x (..., in), W (out, in), b (out) or undefined  ->  y (..., out)
+
+#include "autodiff/tensor.hpp"
+
+namespace autodiff {
+
+// Validates the shapes and returns y's shape; `op` names the caller in errors.
+Shape linear_output_shape(std::string_view op, const Shape& x, const Shape& W, const Shape* b);
+
+template <class T>
+Tensor<T> linear_forward(const Tensor<T>& x, const Tensor<T>& W, const Tensor<T>& b = {});
+
+// Backward of y = x·Wᵀ + b:
+//   dx  = dy·W             (written)        dy (..., out), W (out, in) -> dx (..., in)
+//   dW += dyᵀ·x            (accumulated)    summed over every leading index of x
+//   db += colsum(dy)       (accumulated)
+// Saved: x (for dW) and W (for dx). dW and db must be allocated (zero them to get the plain gradient);
+// pass nullptr for any gradient that is not wanted.
+template <class T>
+void linear_backward(const Tensor<T>& dy, const Tensor<T>& x, const Tensor<T>& W, Tensor<T>* dx, Tensor<T>* dW,
+                     Tensor<T>* db);
+
+}  // namespace autodiff

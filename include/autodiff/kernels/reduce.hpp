@@ -1,0 +1,22 @@
+#pragma once
+// Reductions and the MSE loss. Sums run over fixed chunks combined in a fixed order, so results are
+// bit-identical for any thread count.
+
+#include "autodiff/tensor.hpp"
+
+namespace autodiff {
+
+// s = Σ x
+template <class T>
+T sum_forward(const Tensor<T>& x);
+
+// loss = mean((a − b)²)          a, b (same shape) -> scalar
+template <class T>
+T mse_loss_forward(const Tensor<T>& a, const Tensor<T>& b);
+
+// Backward of loss = mean((a − b)²):   da = dloss·2(a − b)/N,  db = −da.   Saved: a, b.
+// Pass nullptr for a gradient that is not wanted.
+template <class T>
+void mse_loss_backward(T dloss, const Tensor<T>& a, const Tensor<T>& b, Tensor<T>* da, Tensor<T>* db);
+
+}  // namespace autodiff

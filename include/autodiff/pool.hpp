@@ -1,0 +1,55 @@
+#pragma once
+// The caching storage pool behind every Tensor.
+//
+// Why: on this project's machines a fresh 64 MiB allocation costs ~20 ms of page faults, more than the
+// operation that uses it. Freed blocks are kept in per-size-class free lists and handed out again.
+// Size classes are the multiples of a quarter power of two (at most 25 % slack), 64-byte aligned.
+//
+// A Block carries its own intrusive reference count, so a Tensor handle is one pointer and copying
+// a Tensor never allocates.
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+namespace autodiff {
+
+namespace pool {
+
+struct Stats {
+    std::uint64_t requests = 0;       // blocks handed out
+    std::uint64_t reused = 0;         // of those, served from a free list (no system allocation)
+    std::uint64_t system_allocs = 0;  // blocks obtained from the system
+    std::size_t bytes_in_use = 0;     // bytes of the blocks currently held by tensors (size classes)
+    std::size_t bytes_cached = 0;     // bytes of freed blocks kept for reuse
+    std::size_t peak_bytes_in_use = 0;
+};
+
+// One block of storage: a 64-byte header followed by the payload.
+struct Block {
+    std::atomic<std::int64_t> refs{1};
+    std::size_t capacity = 0;  // payload bytes (the size class)
+
+    [[nodiscard]] void* data() { return reinterpret_cast<std::byte*>(this) + header_bytes; }
+    static constexpr std::size_t header_bytes = 64;
+};
+
+// A block of at least `bytes` payload bytes, with refs == 1. Throws std::bad_alloc on exhaustion.
+Block* acquire(std::size_t bytes);
+// Drops one reference; the last one returns the block to its free list.
+void release(Block* block) noexcept;
+inline void retain(Block* block) noexcept { block->refs.fetch_add(1, std::memory_order_relaxed); }
+
+// The payload size a request of `bytes` is rounded up to.
+std::size_t size_class(std::size_t bytes);
+
+Stats stats();
+void reset_stats();  // zeroes the counters; keeps bytes_in_use/bytes_cached, sets peak to bytes_in_use
+// Returns every cached block to the system.
+void release_cached();
+// Freed blocks beyond this many cached bytes go back to the system (default: no limit).
+void set_cache_limit(std::size_t bytes);
+
+}  // namespace pool
+
+}  // namespace autodiff

@@ -1,0 +1,187 @@
+#pragma once
+// The tape: backward records in topological order, stored in an arena, walked in reverse.
+//
+// A record is a closure `void(const Tensor<T>& dy, Tape&)` written by an evaluator right under its
+// forward; it reads the adjoint dy of its output slot and accumulates (+=) into its inputs' targets:
+// a Param's grad() or another record's adjoint slot. Closures live in an arena whose chunks are
+// kept across graphs, and slots and records live in vectors that keep their capacity, so a training
+// loop allocates nothing here in steady state.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "autodiff/tensor.hpp"
+
+namespace autodiff {
+
+// What a Param owns: its value and its accumulated gradient (undefined until the first backward).
+template <class T>
+struct ParamState {
+    Tensor<T> value;
+    Tensor<T> grad;
+    std::string name;
+};
+
+// Where the gradient of a value goes: a Param's grad, an adjoint slot of the tape, or nowhere.
+template <class T>
+struct GradTarget {
+    std::shared_ptr<ParamState<T>> leaf;
+    std::int32_t slot = -1;
+
+    [[nodiscard]] explicit operator bool() const { return leaf != nullptr || slot >= 0; }
+};
+
+class Tape {
+public:
+    Tape();
+    ~Tape();
+    Tape(const Tape&) = delete;
+    Tape& operator=(const Tape&) = delete;
+
+    // Appends a record whose closure receives the adjoint of a fresh output slot; returns that slot
+    // as the output's GradTarget.
+    template <class T, class Backward>
+    GradTarget<T> record(Backward&& backward);
+
+    // target's gradient += g. Takes g's storage when nobody else holds it, otherwise copies.
+    template <class T>
+    void accumulate(const GradTarget<T>& target, Tensor<T> g);
+
+    // Seeds `target` with `seed` and runs the records [0, end) in reverse. Without retain_graph the
+    // tape is cleared afterwards (every Var recorded on it can no longer be differentiated).
+    template <class T>
+    void backward(const GradTarget<T>& target, const Tensor<T>& seed, std::size_t end, bool retain_graph);
+
+    // Destroys every record, empties the slots and starts a new generation.
+    void clear();
+
+    [[nodiscard]] std::size_t size() const { return records_.size(); }
+    // Bumped by clear(): a Var remembers the generation it was recorded in.
+    [[nodiscard]] std::uint64_t generation() const { return generation_; }
+
+    // The state before an evaluation, to undo its records if it throws.
+    struct Checkpoint {
+        std::size_t records, slots_f, slots_d, chunk, used;
+    };
+    [[nodiscard]] Checkpoint checkpoint() const;
+    void rollback(const Checkpoint& cp);
+
+    // Bytes held by the arena's chunks (kept across clears).
+    [[nodiscard]] std::size_t arena_bytes() const;
+
+private:
+    struct Record {
+        void (*run)(void* closure, Tape& tape, std::int32_t slot);
+        void (*destroy)(void* closure) noexcept;
+        void* closure;
+        std::int32_t slot;
+    };
+    struct Chunk {
+        std::unique_ptr<std::byte[]> data;
+        std::size_t size;
+    };
+
+    void* arena_allocate(std::size_t bytes, std::size_t align);
+    void destroy_records_from(std::size_t first) noexcept;
+    void clear_adjoints() noexcept;
+
+    template <class T>
+    std::vector<Tensor<T>>& adjoints() {
+        if constexpr (std::is_same_v<T, float>) return adjoints_f_;
+        else return adjoints_d_;
+    }
+    template <class T>
+    Tensor<T> take_adjoint(std::int32_t slot) {
+        return std::move(adjoints<T>()[static_cast<std::size_t>(slot)]);
+    }
+
+    std::vector<Record> records_;
+    std::vector<Tensor<float>> adjoints_f_;
+    std::vector<Tensor<double>> adjoints_d_;
+    std::vector<Chunk> chunks_;
+    std::size_t chunk_ = 0;  // current chunk
+    std::size_t used_ = 0;   // bytes used in it
+    std::uint64_t generation_ = 0;
+};
+
+// The tape that new Vars of this thread record on (a per-thread default unless a TapeGuard is active).
+Tape& current_tape();
+
+// Makes `tape` the current tape of this thread for the guard's lifetime.
+class TapeGuard {
+public:
+    explicit TapeGuard(Tape& tape);
+    ~TapeGuard();
+    TapeGuard(const TapeGuard&) = delete;
+    TapeGuard& operator=(const TapeGuard&) = delete;
+
+private:
+    Tape* previous_;
+};
+
+// While alive, evaluations on this thread record nothing and their results do not require grad.
+class NoGradGuard {
+public:
+    NoGradGuard();
+    ~NoGradGuard();
+    NoGradGuard(const NoGradGuard&) = delete;
+    NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+private:
+    bool previous_;
+};
+bool grad_enabled();
+
+// ---- template definitions ------------------------------------------------------------------------
+
+template <class T, class Backward>
+GradTarget<T> Tape::record(Backward&& backward) {
+    using Closure = std::decay_t<Backward>;
+    auto& slots = adjoints<T>();
+    const auto slot = static_cast<std::int32_t>(slots.size());
+    // Grow first: once the closure exists, nothing below may throw.
+    if (records_.size() == records_.capacity()) records_.reserve(2 * records_.capacity() + 64);
+    slots.emplace_back();
+    void* mem = arena_allocate(sizeof(Closure), alignof(Closure));
+    auto* closure = new (mem) Closure(std::forward<Backward>(backward));
+    records_.push_back(Record{
+        [](void* c, Tape& tape, std::int32_t s) {
+            Tensor<T> dy = tape.take_adjoint<T>(s);
+            if (dy.defined()) (*static_cast<Closure*>(c))(std::as_const(dy), tape);
+        },
+        [](void* c) noexcept { static_cast<Closure*>(c)->~Closure(); }, closure, slot});
+    return GradTarget<T>{nullptr, slot};
+}
+
+template <class T>
+void Tape::accumulate(const GradTarget<T>& target, Tensor<T> g) {
+    Tensor<T>& dst = target.leaf ? target.leaf->grad : adjoints<T>()[static_cast<std::size_t>(target.slot)];
+    if (!dst.defined())
+        dst = g.is_unique() ? std::move(g) : g.clone();
+    else
+        dst.array() += g.array();
+}
+
+template <class T>
+void Tape::backward(const GradTarget<T>& target, const Tensor<T>& seed, std::size_t end, bool retain_graph) {
+    try {
+        accumulate(target, seed);
+        for (std::size_t i = end; i-- > 0;) {
+            const Record& r = records_[i];
+            r.run(r.closure, *this, r.slot);
+        }
+    } catch (...) {
+        clear_adjoints();
+        throw;
+    }
+    if (retain_graph) clear_adjoints();
+    else clear();
+}
+
+}  // namespace autodiff

@@ -1,0 +1,159 @@
+#include "autodiff/kernels/gemm.hpp"
+
+#include <cmath>
+
+#include "autodiff/parallel.hpp"
+
+namespace autodiff {
+
+namespace {
+
+// (rows, cols) of op(X) for X's last two dimensions.
+std::pair<std::int64_t, std::int64_t> op_dims(const Shape& s, bool trans) {
+    const std::int64_t r = s.dim_from_end(2), c = s.dim_from_end(1);
+    return trans ? std::pair{c, r} : std::pair{r, c};
+}
+
+// Leading (batch) dimensions of a rank >= 3 shape.
+Shape batch_of(const Shape& s) {
+    return Shape::from_range(s.begin(), s.end() - 2);
+}
+
+template <class T>
+using CMap = Eigen::Map<const RowMatrix<T>>;
+template <class T>
+using MMap = Eigen::Map<RowMatrix<T>>;
+
+// One product C = beta·C + alpha·op_c(op_a(A)·op_b(B)) on matrix views.
+template <class T>
+void gemm_one(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T beta, MMap<T> C, bool tc) {
+    auto run = [&](const auto& a, const auto& b) {
+        auto assign = [&](auto&& dst, const auto& lhs, const auto& rhs) {
+            if (beta == T(0)) {
+                dst.noalias() = alpha * lhs * rhs;
+            } else {
+                if (beta != T(1)) dst *= beta;
+                dst.noalias() += alpha * lhs * rhs;
+            }
+        };
+        if (tc)  // (a·b)ᵀ = bᵀ·aᵀ
+            assign(C, b.transpose(), a.transpose());
+        else
+            assign(C, a, b);
+    };
+    if (ta) {
+        if (tb) run(A.transpose(), B.transpose());
+        else run(A.transpose(), B);
+    } else {
+        if (tb) run(A, B.transpose());
+        else run(A, B);
+    }
+}
+
+template <class T>
+CMap<T> slice(const Tensor<T>& X, std::int64_t i, bool batched) {
+    const auto [r, c] = X.matrix_dims();
+    return CMap<T>(X.data() + (batched ? i * r * c : 0), r, c);
+}
+
+}  // namespace
+
+Shape gemm_output_shape(std::string_view op, const Shape& a, bool trans_a, const Shape& b, bool trans_b) {
+    check_rank(op, "lhs", a, 2, 4);
+    check_rank(op, "rhs", b, 2, 4);
+    const auto [m, ka] = op_dims(a, trans_a);
+    const auto [kb, n] = op_dims(b, trans_b);
+    if (ka != kb)
+        fail(op, "inner dimensions differ: lhs {}{} vs rhs {}{}", a, trans_a ? " (transposed)" : "", b,
+             trans_b ? " (transposed)" : "");
+    if (a.rank() > 2 && b.rank() > 2 && batch_of(a) != batch_of(b))
+        fail(op, "batch dimensions differ: lhs {} vs rhs {}", a, b);
+    Shape out = a.rank() > 2 ? batch_of(a) : b.rank() > 2 ? batch_of(b) : Shape{};
+    out.push_back(m);
+    out.push_back(n);
+    return out;
+}
+
+template <class T>
+void strided_batched_gemm(T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta, Tensor<T>& C, GemmFlags f) {
+    const char* op = "strided_batched_gemm";
+    if (!A.defined() || !B.defined() || !C.defined()) fail(op, "A, B and C must be allocated tensors");
+    Shape product = gemm_output_shape(op, A.shape(), f.trans_a, B.shape(), f.trans_b);
+    const std::int64_t m = product.dim_from_end(2), n = product.dim_from_end(1);
+    Shape expected = product;
+    if (f.trans_c) {
+        expected[expected.rank() - 2] = n;
+        expected[expected.rank() - 1] = m;
+    }
+    const bool batched_in = A.rank() > 2 || B.rank() > 2;
+    const bool reduce = batched_in && C.rank() == 2;  // C (M, N) receives the sum over the batch
+    const Shape expected_c = reduce ? Shape{expected.dim_from_end(2), expected.dim_from_end(1)} : expected;
+    if (C.shape() != expected_c)
+        fail(op, "C has shape {} but op(A)·op(B) of A {} and B {} needs {}", C.shape(), A.shape(), B.shape(), expected_c);
+    if (!(std::isfinite(alpha) && std::isfinite(beta))) fail(op, "alpha ({}) and beta ({}) must be finite", alpha, beta);
+
+    const std::int64_t k = f.trans_a ? A.shape().dim_from_end(2) : A.shape().dim_from_end(1);
+    const bool a_batched = A.rank() > 2, b_batched = B.rank() > 2;
+    const std::int64_t batch = product.batch_count();
+
+    // Contiguous batches of rows fold into one large product: A (batch, M, K) · B (K, N) is
+    // (batch·M, K) · (K, N), and Aᵀ·B summed over the batch is (batch·K, M)ᵀ · (batch·K, N).
+    if (!reduce && a_batched && !b_batched && !f.trans_a && !f.trans_c) {
+        gemm_one<T>(alpha, CMap<T>(A.data(), batch * m, k), false, slice(B, 0, false), f.trans_b, beta,
+                    MMap<T>(C.data(), batch * m, n), false);
+        return;
+    }
+    if (reduce && a_batched && b_batched && f.trans_a && !f.trans_b && !f.trans_c) {
+        gemm_one<T>(alpha, CMap<T>(A.data(), batch * k, m), true, CMap<T>(B.data(), batch * k, n), false, beta,
+                    MMap<T>(C.data(), m, n), false);
+        return;
+    }
+    const auto [cr, cc] = C.matrix_dims();
+    if (reduce) {  // sequential over the batch: a fixed summation order
+        for (std::int64_t i = 0; i < batch; ++i)
+            gemm_one<T>(alpha, slice(A, i, a_batched), f.trans_a, slice(B, i, b_batched), f.trans_b,
+                        i == 0 ? beta : T(1), MMap<T>(C.data(), cr, cc), f.trans_c);
+        return;
+    }
+    parallel_for(batch, m * n * k, [&](std::int64_t i) {
+        gemm_one<T>(alpha, slice(A, i, a_batched), f.trans_a, slice(B, i, b_batched), f.trans_b, beta,
+                    MMap<T>(C.data() + i * cr * cc, cr, cc), f.trans_c);
+    });
+}
+
+template <class T>
+Tensor<T> matmul_forward(const Tensor<T>& A, bool trans_a, const Tensor<T>& B, bool trans_b) {
+    Tensor<T> C(gemm_output_shape("matmul", A.shape(), trans_a, B.shape(), trans_b));
+    strided_batched_gemm<T>(T(1), A, B, T(0), C, {trans_a, trans_b, false});
+    return C;
+}
+
+template <class T>
+void matmul_backward(Tensor<T>* dA, Tensor<T>* dB, const Tensor<T>& dC, const Tensor<T>& A, bool trans_a,
+                     const Tensor<T>& B, bool trans_b) {
+    if (dA) {
+        *dA = Tensor<T>(A.shape());
+        if (!trans_a)  // dA = dC·op_b(B)ᵀ
+            strided_batched_gemm<T>(T(1), dC, B, T(0), *dA, {false, !trans_b, false});
+        else  // dA = op_b(B)·dCᵀ
+            strided_batched_gemm<T>(T(1), B, dC, T(0), *dA, {trans_b, true, false});
+    }
+    if (dB) {
+        *dB = Tensor<T>(B.shape());
+        if (!trans_b)  // dB = op_a(A)ᵀ·dC
+            strided_batched_gemm<T>(T(1), A, dC, T(0), *dB, {!trans_a, false, false});
+        else  // dB = dCᵀ·op_a(A)
+            strided_batched_gemm<T>(T(1), dC, A, T(0), *dB, {true, trans_a, false});
+    }
+}
+
+#define AUTODIFF_INSTANTIATE(T)                                                                               \
+    template void strided_batched_gemm<T>(T, const Tensor<T>&, const Tensor<T>&, T, Tensor<T>&, GemmFlags);    \
+    template Tensor<T> matmul_forward<T>(const Tensor<T>&, bool, const Tensor<T>&, bool);                     \
+    template void matmul_backward<T>(Tensor<T>*, Tensor<T>*, const Tensor<T>&, const Tensor<T>&, bool,        \
+                                     const Tensor<T>&, bool);
+AUTODIFF_INSTANTIATE(float)
+AUTODIFF_INSTANTIATE(double)
+#undef AUTODIFF_INSTANTIATE
+
+}  // namespace autodiff

@@ -1,0 +1,83 @@
+#include "autodiff/tape.hpp"
+
+#include <algorithm>
+
+namespace autodiff {
+
+namespace {
+constexpr std::size_t chunk_bytes = 64 * 1024;
+thread_local bool tls_grad_enabled = true;
+thread_local Tape* tls_current = nullptr;
+}  // namespace
+
+Tape::Tape() = default;
+
+Tape::~Tape() { destroy_records_from(0); }
+
+void* Tape::arena_allocate(std::size_t bytes, std::size_t align) {
+    for (;; ++chunk_, used_ = 0) {
+        if (chunk_ == chunks_.size()) {  // out of chunks: a new one, large enough for this closure
+            const std::size_t size = std::max(chunk_bytes, bytes + align);
+            chunks_.push_back(Chunk{std::make_unique<std::byte[]>(size), size});
+        }
+        Chunk& c = chunks_[chunk_];
+        const auto base = reinterpret_cast<std::uintptr_t>(c.data.get());
+        const std::size_t start = (base + used_ + align - 1) / align * align - base;
+        if (start + bytes <= c.size) {
+            used_ = start + bytes;
+            return c.data.get() + start;
+        }
+    }
+}
+
+void Tape::destroy_records_from(std::size_t first) noexcept {
+    for (std::size_t i = records_.size(); i-- > first;) records_[i].destroy(records_[i].closure);
+    records_.resize(first);
+}
+
+void Tape::clear_adjoints() noexcept {
+    for (auto& a : adjoints_f_) a = Tensor<float>();
+    for (auto& a : adjoints_d_) a = Tensor<double>();
+}
+
+void Tape::clear() {
+    destroy_records_from(0);
+    adjoints_f_.clear();
+    adjoints_d_.clear();
+    chunk_ = 0;
+    used_ = 0;
+    ++generation_;
+}
+
+Tape::Checkpoint Tape::checkpoint() const {
+    return {records_.size(), adjoints_f_.size(), adjoints_d_.size(), chunk_, used_};
+}
+
+void Tape::rollback(const Checkpoint& cp) {
+    destroy_records_from(cp.records);
+    adjoints_f_.resize(cp.slots_f);
+    adjoints_d_.resize(cp.slots_d);
+    chunk_ = cp.chunk;
+    used_ = cp.used;
+}
+
+std::size_t Tape::arena_bytes() const {
+    std::size_t n = 0;
+    for (const Chunk& c : chunks_) n += c.size;
+    return n;
+}
+
+Tape& current_tape() {
+    thread_local Tape default_tape;
+    return tls_current ? *tls_current : default_tape;
+}
+
+TapeGuard::TapeGuard(Tape& tape) : previous_(tls_current) { tls_current = &tape; }
+TapeGuard::~TapeGuard() { tls_current = previous_; }
+
+NoGradGuard::NoGradGuard() : previous_(tls_grad_enabled) { tls_grad_enabled = false; }
+NoGradGuard::~NoGradGuard() { tls_grad_enabled = previous_; }
+
+bool grad_enabled() { return tls_grad_enabled; }
+
+}  // namespace autodiff
