@@ -1,0 +1,1 @@
+// test_errors: written next.

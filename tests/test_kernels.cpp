@@ -1,0 +1,1 @@
+// test_kernels: written next.

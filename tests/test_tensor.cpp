@@ -1,0 +1,1 @@
+// test_tensor: written next.
