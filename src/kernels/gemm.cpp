@@ -1,6 +1,8 @@
 #include "autodiff/kernels/gemm.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "autodiff/parallel.hpp"
 
@@ -24,9 +26,51 @@ using CMap = Eigen::Map<const RowMatrix<T>>;
 template <class T>
 using MMap = Eigen::Map<RowMatrix<T>>;
 
+// Below this many multiply-adds, Eigen's blocked GEMM spends more time packing its operands than
+// multiplying; the loops of small_gemm do not pack (attention's per-head products at short sequences).
+constexpr std::int64_t small_product = 24 * 24 * 24;
+
+// C = beta·C + alpha·op(A)·op(B) for small matrices, as axpy loops over contiguous rows of C and
+// op(B) (op(B) = Bᵀ is first transposed into a per-thread scratch buffer).
+template <class T>
+bool small_gemm(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T beta, MMap<T>& C) {
+    if (ta && tb) return false;
+    const std::int64_t m = C.rows(), n = C.cols(), k = ta ? A.rows() : A.cols();
+    if (m * n * k > small_product) return false;
+    const T* b = B.data();
+    if (tb) {
+        thread_local std::vector<T> scratch;
+        scratch.resize(static_cast<std::size_t>(k * n));
+        for (std::int64_t j = 0; j < n; ++j)
+            for (std::int64_t p = 0; p < k; ++p) scratch[static_cast<std::size_t>(p * n + j)] = b[j * k + p];
+        b = scratch.data();
+    }
+    // Each row of C is built in blocks of W columns held in registers across the whole k loop.
+    constexpr std::int64_t W = 8;
+    using Block = Eigen::Array<T, W, 1>;
+    const T* a = A.data();
+    auto a_at = [&](std::int64_t i, std::int64_t p) { return alpha * (ta ? a[p * m + i] : a[i * k + p]); };
+    for (std::int64_t i = 0; i < m; ++i) {
+        T* ci = C.data() + i * n;
+        std::int64_t j = 0;
+        for (; j + W <= n; j += W) {
+            Block acc = beta == T(0) ? Block::Zero().eval() : (beta * Eigen::Map<const Block>(ci + j)).eval();
+            for (std::int64_t p = 0; p < k; ++p) acc += a_at(i, p) * Eigen::Map<const Block>(b + p * n + j);
+            Eigen::Map<Block>(ci + j) = acc;
+        }
+        for (; j < n; ++j) {
+            T acc = beta == T(0) ? T(0) : beta * ci[j];
+            for (std::int64_t p = 0; p < k; ++p) acc += a_at(i, p) * b[p * n + j];
+            ci[j] = acc;
+        }
+    }
+    return true;
+}
+
 // One product C = beta·C + alpha·op_c(op_a(A)·op_b(B)) on matrix views.
 template <class T>
 void gemm_one(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T beta, MMap<T> C, bool tc) {
+    if (!tc && small_gemm(alpha, A, ta, B, tb, beta, C)) return;
     auto run = [&](const auto& a, const auto& b) {
         auto assign = [&](auto&& dst, const auto& lhs, const auto& rhs) {
             if (beta == T(0)) {
