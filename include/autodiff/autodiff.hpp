@@ -28,3 +28,4 @@
 #include "autodiff/expr/variable.hpp"
 
 #include "autodiff/check.hpp"
+#include "autodiff/nn/optim.hpp"

@@ -18,7 +18,7 @@ int num_threads();
 
 // Below this much work (roughly: scalar operations) a loop stays on one thread; starting a
 // parallel region costs a few microseconds, more than small attention shapes take.
-inline constexpr std::int64_t parallel_grain = 1 << 15;
+inline constexpr std::int64_t parallel_grain = 1 << 17;
 
 // Calls body(i) for i in [0, n); in parallel when n > 1 and n * cost_per_item >= parallel_grain.
 template <class Body>

@@ -91,16 +91,16 @@ T finite_scalar(const char* op, const char* what, S s) {
 template <class S>
 concept Scalar = std::is_arithmetic_v<S>;
 
-template <Operand X> auto exp(const X& x) { return detail::unary(Exp{}, x); }
-template <Operand X> auto log(const X& x) { return detail::unary(Log{}, x); }
-template <Operand X> auto tanh(const X& x) { return detail::unary(Tanh{}, x); }
-template <Operand X> auto sigmoid(const X& x) { return detail::unary(Sigmoid{}, x); }
-template <Operand X> auto relu(const X& x) { return detail::unary(Relu{}, x); }
-template <Operand X> auto gelu(const X& x) { return detail::unary(Gelu{}, x); }
-template <Operand X> auto abs(const X& x) { return detail::unary(Abs{}, x); }
-template <Operand X> auto neg(const X& x) { return detail::unary(Neg{}, x); }
+template <ExprLike X> auto exp(const X& x) { return detail::unary(Exp{}, x); }
+template <ExprLike X> auto log(const X& x) { return detail::unary(Log{}, x); }
+template <ExprLike X> auto tanh(const X& x) { return detail::unary(Tanh{}, x); }
+template <ExprLike X> auto sigmoid(const X& x) { return detail::unary(Sigmoid{}, x); }
+template <ExprLike X> auto relu(const X& x) { return detail::unary(Relu{}, x); }
+template <ExprLike X> auto gelu(const X& x) { return detail::unary(Gelu{}, x); }
+template <ExprLike X> auto abs(const X& x) { return detail::unary(Abs{}, x); }
+template <ExprLike X> auto neg(const X& x) { return detail::unary(Neg{}, x); }
 template <Operand X> auto operator-(const X& x) { return detail::unary(Neg{}, x); }
-template <Operand X, Scalar S> auto pow(const X& x, S p) {
+template <ExprLike X, Scalar S> auto pow(const X& x, S p) {
     using T = value_type_t<X>;
     return detail::unary(Pow<T>{detail::finite_scalar<T>("pow", "exponent", p)}, x);
 }

@@ -21,7 +21,7 @@ struct Reshape : Expr<Reshape<C>> {
     [[nodiscard]] const Shape& shape() const { return shape_; }
 };
 
-template <Operand X>
+template <ExprLike X>
 auto reshape(const X& x, const Shape& shape) {
     return Reshape<expr_t<X>>(as_expr(x), shape);
 }
@@ -49,7 +49,7 @@ struct Permute : Expr<Permute<C>> {
 };
 
 // y.dim(k) = x.dim(perm[k]); perm lists x.rank() dimensions.
-template <Operand X>
+template <ExprLike X>
 auto permute(const X& x, std::initializer_list<int> perm) {
     const Shape s = as_expr(x).shape();
     if (static_cast<int>(perm.size()) != s.rank())
@@ -72,7 +72,7 @@ struct Evaluator<Permute<C>> {
     }
 };
 
-template <Operand X>
+template <ExprLike X>
 auto split_heads(const X& x, std::int64_t heads) {
     const Shape s = as_expr(x).shape();
     check_rank("split_heads", "input", s, 3, 3);
@@ -81,7 +81,7 @@ auto split_heads(const X& x, std::int64_t heads) {
     return permute(reshape(x, {s[0], s[1], heads, s[2] / heads}), {0, 2, 1, 3});
 }
 
-template <Operand X>
+template <ExprLike X>
 auto merge_heads(const X& x) {
     const Shape s = as_expr(x).shape();
     check_rank("merge_heads", "input", s, 4, 4);

@@ -32,7 +32,7 @@ struct Transpose : Expr<Transpose<C>> {
     }
 };
 
-template <Operand X>
+template <ExprLike X>
 auto transpose(const X& x) {
     return Transpose<expr_t<X>>(as_expr(x));
 }
@@ -63,7 +63,7 @@ struct MatMul : Expr<MatMul<L, R>> {
     [[nodiscard]] const Shape& shape() const { return shape_; }
 };
 
-template <Operand A, Operand B>
+template <ExprLike A, ExprLike B>
 auto matmul(const A& a, const B& b) {
     static_assert(same_value_type_v<A, B>, "autodiff::matmul: both operands must have the same value type (float or double)");
     return MatMul<expr_t<A>, expr_t<B>>(as_expr(a), as_expr(b));
@@ -105,7 +105,10 @@ struct Evaluator<MatMul<L, R>> {
 };
 
 // y = x·Wᵀ + b (torch.nn.functional.linear). W is (out, in); b is (out) or absent.
-struct NoBias : Expr<NoBias> {};
+// Reports no gradient work itself, so that Linear's may_require_grad is defined without a bias.
+struct NoBias : Expr<NoBias> {
+    static constexpr bool may_require_grad = false;
+};
 
 template <class X, class W, class B>
 struct Linear : Expr<Linear<X, W, B>> {
@@ -124,13 +127,13 @@ struct Linear : Expr<Linear<X, W, B>> {
     [[nodiscard]] const Shape& shape() const { return shape_; }
 };
 
-template <Operand X, Operand W, Operand B>
+template <ExprLike X, ExprLike W, ExprLike B>
 auto linear(const X& x, const W& w, const B& b) {
     static_assert(same_value_type_v<X, W> && same_value_type_v<X, B>,
                   "autodiff::linear: input, weight and bias must have the same value type (float or double)");
     return Linear<expr_t<X>, expr_t<W>, expr_t<B>>(as_expr(x), as_expr(w), as_expr(b));
 }
-template <Operand X, Operand W>
+template <ExprLike X, ExprLike W>
 auto linear(const X& x, const W& w) {
     static_assert(same_value_type_v<X, W>, "autodiff::linear: input and weight must have the same value type (float or double)");
     return Linear<expr_t<X>, expr_t<W>, NoBias>(as_expr(x), as_expr(w), NoBias{});

@@ -18,11 +18,11 @@ struct Sum : Expr<Sum<C>> {
     }
 };
 
-template <Operand X>
+template <ExprLike X>
 auto sum(const X& x) {
     return Sum<expr_t<X>>(as_expr(x));
 }
-template <Operand X>
+template <ExprLike X>
 auto mean(const X& x) {
     const std::int64_t n = as_expr(x).shape().numel();
     if (n == 0) fail("mean", "input {} is empty", as_expr(x).shape());
@@ -58,7 +58,7 @@ struct MseLoss : Expr<MseLoss<A, B>> {
 };
 
 // mean((input − target)²), like torch.nn.functional.mse_loss.
-template <Operand A, ExprLike B>
+template <ExprLike A, ExprLike B>
 auto mse(const A& input, const B& target) {
     static_assert(same_value_type_v<A, B>, "autodiff::mse: input and target must have the same value type (float or double)");
     return MseLoss<expr_t<A>, expr_t<B>>(as_expr(input), as_expr(target));

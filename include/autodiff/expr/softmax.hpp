@@ -25,7 +25,7 @@ struct Softmax : Expr<Softmax<C>> {
 
 // softmax over the last dimension; `mask` keeps keys (ad::causal, ad::key_padding_mask(m),
 // ad::keep_mask(m), combined with |); `additive` is added to the logits (-inf masks a key).
-template <Operand X>
+template <ExprLike X>
 auto softmax(const X& x, const Mask& mask = {}, const Tensor<value_type_t<X>>& additive = {}) {
     return Softmax<expr_t<X>>(as_expr(x), mask, additive);
 }
@@ -55,7 +55,7 @@ struct Dropout : Expr<Dropout<C>> {
 
 // Drops each element with probability desc.rate (scaling the rest by 1/(1-rate)) in training;
 // the identity when desc.training is false.
-template <Operand X>
+template <ExprLike X>
 auto dropout(const X& x, const DropoutDescriptor& desc) {
     return Dropout<expr_t<X>>(as_expr(x), desc);
 }
