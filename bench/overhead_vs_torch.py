@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Side-by-side per-call overhead: the blog post's biased attention, forward + backward, at tiny
+shapes, ours (bench_overhead, generic path) against PyTorch eager, 1 thread, in separate processes
+run alternately (BENCHMARKING.md: never in one process, never trust one timing).
+
+    pip install torch numpy
+    python3 bench/overhead_vs_torch.py --build build [--reps 5] [--no-limits]
+
+Prints a Markdown table for docs/PERFORMANCE.md.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+SHAPES = [(2, 4, 8, 16), (1, 1, 8, 16)]
+
+TORCH_SNIPPET = r"""
+import sys, time, torch
+torch.set_num_threads(1)
+n, h, l, d = map(int, sys.argv[1:5])
+g = torch.Generator().manual_seed(0)
+Q, K, V = (torch.randn(n, h, l, d, generator=g, requires_grad=True) for _ in range(3))
+B = torch.randn(n, h, l, l, generator=g, requires_grad=True)
+dO = torch.randn(n, h, l, d, generator=g)
+scale = d ** -0.5
+def step():
+    O = torch.softmax(Q @ K.transpose(-2, -1) * scale + B, dim=-1) @ V
+    O.backward(dO)
+for _ in range(200):
+    step()
+best = []
+for _ in range(5):
+    iters = 2000
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    best.append((time.perf_counter() - t0) / iters * 1e6)
+print(min(best))
+"""
+
+
+def env_one_thread():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_WAIT_POLICY="passive")
+    return env
+
+
+def ours(build):
+    out = subprocess.run([os.path.join(build, "bench", "bench_overhead"), "--benchmark_format=json",
+                          "--benchmark_min_time=0.5"], check=True, capture_output=True, text=True, env=env_one_thread())
+    res = {}
+    for b in json.loads(out.stdout)["benchmarks"]:
+        args = tuple(int(x) for x in b["name"].split("/")[1:5])
+        res[args] = (b["real_time"], b["heap_allocs_per_iter"])
+    return res
+
+
+def torch_us(shape):
+    out = subprocess.run([sys.executable, "-c", TORCH_SNIPPET, *map(str, shape)], check=True, capture_output=True,
+                         text=True, env=env_one_thread())
+    return float(out.stdout.strip())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-limits", action="store_true", help="skip ../shared/tools/machine-limits/run.sh")
+    a = ap.parse_args()
+    import torch  # noqa: F401  (fail early with a clear message if missing)
+
+    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+    print(f"CPU: {cpu}\ntorch {torch.__version__}, 1 thread, {a.reps} alternating repetitions\n")
+    if not a.no_limits:
+        limits = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "machine-limits", "run.sh")
+        if os.path.exists(limits):
+            print(subprocess.run(["bash", limits], capture_output=True, text=True).stdout)
+    ours_t = {s: [] for s in SHAPES}
+    torch_t = {s: [] for s in SHAPES}
+    allocs = {}
+    for r in range(a.reps):
+        res = ours(a.build)
+        for s in SHAPES:
+            ours_t[s].append(res[s][0])
+            allocs[s] = res[s][1]
+            torch_t[s].append(torch_us(s))
+        print(f"repetition {r + 1}/{a.reps} done", file=sys.stderr)
+    print("| shape (n,h,l,d) | ours µs median (min–max) | PyTorch µs median (min–max) | speed-up (median) | heap allocs / iter (ours) |")
+    print("|---|---|---|---|---|")
+    for s in SHAPES:
+        o, t = ours_t[s], torch_t[s]
+        print(f"| {s} | {statistics.median(o):.2f} ({min(o):.2f}–{max(o):.2f}) | {statistics.median(t):.1f} "
+              f"({min(t):.1f}–{max(t):.1f}) | {statistics.median(t) / statistics.median(o):.1f}× | {allocs[s]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
