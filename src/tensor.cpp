@@ -34,8 +34,13 @@ Tensor<T> uniform(const Shape& shape, T lo, T hi, std::uint64_t seed) {
         fail("uniform", "need finite lo < hi, got lo = {} and hi = {}", lo, hi);
     Tensor<T> t(shape);
     T* out = t.data();
-    for (std::int64_t i = 0; i < t.numel(); ++i)
-        out[i] = lo + (hi - lo) * static_cast<T>(uniform01(Philox4x32::bits(seed, uniform_stream, static_cast<std::uint64_t>(i))));
+    // lo + (hi - lo)·u can round up to hi (u = 1 - 2^-24 with lo = 1, hi = 2 in float): such draws
+    // are moved to the largest value below hi, keeping the range [lo, hi).
+    const T below_hi = std::nextafter(hi, lo);
+    for (std::int64_t i = 0; i < t.numel(); ++i) {
+        const T v = lo + (hi - lo) * static_cast<T>(uniform01(Philox4x32::bits(seed, uniform_stream, static_cast<std::uint64_t>(i))));
+        out[i] = v < hi ? v : below_hi;
+    }
     return t;
 }
 

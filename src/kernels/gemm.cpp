@@ -154,6 +154,12 @@ void strided_batched_gemm(T alpha, const Tensor<T>& A, const Tensor<T>& B, T bet
     }
     const auto [cr, cc] = C.matrix_dims();
     if (reduce) {  // sequential over the batch: a fixed summation order
+        if (batch == 0) {  // the sum over an empty batch is 0: C = beta·C, and C is not read when beta == 0
+            MMap<T> c(C.data(), cr, cc);
+            if (beta == T(0)) c.setZero();
+            else c *= beta;
+            return;
+        }
         for (std::int64_t i = 0; i < batch; ++i)
             gemm_one<T>(alpha, slice(A, i, a_batched), f.trans_a, slice(B, i, b_batched), f.trans_b,
                         i == 0 ? beta : T(1), MMap<T>(C.data(), cr, cc), f.trans_c);

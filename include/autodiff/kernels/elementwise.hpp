@@ -104,9 +104,12 @@ struct Pow {
     static constexpr const char* name = "pow";
     static constexpr bool needs_input = true, needs_output = false;
     T p;
-    template <class X> auto forward(const X& x) const { return x.pow(p); }
+    // Scalar std::pow: Eigen's vectorised pow trips GCC 12's -Wuninitialized under AVX-512 in user code.
+    template <class X> auto forward(const X& x) const {
+        return x.unaryExpr([p = p](T v) { return std::pow(v, p); });
+    }
     template <class G, class X, class Y> auto backward(const G& dy, const X& x, const Y&) const {
-        return dy * p * x.pow(p - 1);
+        return dy * x.unaryExpr([p = p](T v) { return p * std::pow(v, p - 1); });
     }
 };
 
