@@ -29,3 +29,5 @@
 
 #include "autodiff/check.hpp"
 #include "autodiff/nn/optim.hpp"
+#include "autodiff/nn/linear.hpp"
+#include "autodiff/nn/multihead_attention.hpp"

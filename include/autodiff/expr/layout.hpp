@@ -1,5 +1,5 @@
 #pragma once
-// reshape (no copy), permute, and the attention head split/merge built from them:
+// reshape (no copy), permute, narrow, and the attention head split/merge built from them:
 //   split_heads(x, H):  (B, L, E) -> (B, H, L, E/H)
 //   merge_heads(x):     (B, H, L, D) -> (B, L, H·D)
 
@@ -68,6 +68,38 @@ struct Evaluator<Permute<C>> {
         return finish(ctx, permute_forward(x.value, e.perm), static_cast<bool>(x.target),
                       [xt = x.target, inv = inverse_permutation(e.perm, x.value.rank())](const Tensor<T>& dy, Tape& tape) {
                           tape.accumulate(xt, permute_forward(dy, inv));
+                      });
+    }
+};
+
+template <class C>
+struct Narrow : Expr<Narrow<C>> {
+    using value_type = typename C::value_type;
+    static constexpr bool may_require_grad = C::may_require_grad;
+    C child;
+    int dim;
+    std::int64_t start;
+    Shape shape_;
+    Narrow(C c, int d, std::int64_t s, std::int64_t length)
+        : child(std::move(c)), dim(d), start(s), shape_(narrow_output_shape("narrow", child.shape(), d, s, length)) {}
+    [[nodiscard]] const Shape& shape() const { return shape_; }
+};
+
+// x[..., start:start+length, ...] along dimension `dim` (as torch.narrow).
+template <ExprLike X>
+auto narrow(const X& x, int dim, std::int64_t start, std::int64_t length) {
+    return Narrow<expr_t<X>>(as_expr(x), dim, start, length);
+}
+
+template <class C>
+struct Evaluator<Narrow<C>> {
+    using T = typename C::value_type;
+    // y = x[.., start:start+len, ..] ; dx = zeros with the slice set to dy
+    static Value<T> eval(const Narrow<C>& e, EvalContext& ctx) {
+        Value<T> x = evaluate(e.child, ctx);
+        return finish(ctx, narrow_forward(x.value, e.dim, e.start, e.shape()[e.dim]), static_cast<bool>(x.target),
+                      [xt = x.target, xs = x.value.shape(), dim = e.dim, start = e.start](const Tensor<T>& dy, Tape& tape) {
+                          tape.accumulate(xt, narrow_backward(dy, xs, dim, start));
                       });
     }
 };

@@ -1,5 +1,6 @@
 #pragma once
-// Layout changes: permute (a copy in the new order) and the attention head split/merge.
+// Layout changes: permute (a copy in the new order), narrow (a slice along one dimension) and the
+// attention head split/merge.
 // Reshape needs no kernel: Tensor::reshaped shares the storage.
 
 #include <array>
@@ -19,5 +20,16 @@ template <class T>
 Tensor<T> permute_forward(const Tensor<T>& x, const Permutation& perm);
 
 Permutation inverse_permutation(const Permutation& perm, int rank);
+
+// Validates x.narrow(dim, start, length) and returns its shape.
+Shape narrow_output_shape(std::string_view op, const Shape& x, int dim, std::int64_t start, std::int64_t length);
+
+// y = x[..., start:start+length, ...] along `dim` (a copy).
+template <class T>
+Tensor<T> narrow_forward(const Tensor<T>& x, int dim, std::int64_t start, std::int64_t length);
+
+// Backward of narrow: dx = zeros(x_shape) with dx[..., start:start+length, ...] = dy.
+template <class T>
+Tensor<T> narrow_backward(const Tensor<T>& dy, const Shape& x_shape, int dim, std::int64_t start);
 
 }  // namespace autodiff
