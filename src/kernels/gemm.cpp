@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "autodiff/kernels/layout.hpp"
 #include "autodiff/parallel.hpp"
 
 namespace autodiff {
@@ -179,26 +180,48 @@ Tensor<T> matmul_forward(const Tensor<T>& A, bool trans_a, const Tensor<T>& B, b
 }
 
 template <class T>
-void matmul_backward(Tensor<T>* dA, Tensor<T>* dB, const Tensor<T>& dC, const Tensor<T>& A, bool trans_a,
-                     const Tensor<T>& B, bool trans_b) {
+void strided_batched_gemm_backward(T alpha, const Tensor<T>& A, const Tensor<T>& B, const Tensor<T>& dC, T beta,
+                                   Tensor<T>* dA, Tensor<T>* dB, GemmFlags f) {
+    const char* op = "strided_batched_gemm_backward";
+    if (!A.defined() || !B.defined() || !dC.defined()) fail(op, "A, B and dC must be allocated tensors");
+    Shape c = gemm_output_shape(op, A.shape(), f.trans_a, B.shape(), f.trans_b);
+    if (f.trans_c) std::swap(c[c.rank() - 1], c[c.rank() - 2]);
+    if (dC.shape() != c) fail(op, "dC has shape {} but C of A {} and B {} has shape {}", dC.shape(), A.shape(), B.shape(), c);
+    if (dA && dA->shape() != A.shape()) fail(op, "dA must have A's shape {}, got {}", A.shape(), dA->shape());
+    if (dB && dB->shape() != B.shape()) fail(op, "dB must have B's shape {}, got {}", B.shape(), dB->shape());
+    // dP, the gradient of the product P = op_a(A)·op_b(B): C holds P or Pᵀ.
+    Tensor<T> dP = dC;
+    if (f.trans_c) {
+        Permutation swap{0, 1, 2, 3};
+        std::swap(swap[static_cast<std::size_t>(dC.rank() - 1)], swap[static_cast<std::size_t>(dC.rank() - 2)]);
+        dP = permute_forward(dC, swap);
+    }
     if (dA) {
-        *dA = Tensor<T>(A.shape());
-        if (!trans_a)  // dA = dC·op_b(B)ᵀ
-            strided_batched_gemm<T>(T(1), dC, B, T(0), *dA, {false, !trans_b, false});
-        else  // dA = op_b(B)·dCᵀ
-            strided_batched_gemm<T>(T(1), B, dC, T(0), *dA, {trans_b, true, false});
+        if (!f.trans_a)  // dA = dP·op_b(B)ᵀ
+            strided_batched_gemm<T>(alpha, dP, B, beta, *dA, {false, !f.trans_b, false});
+        else  // dA = op_b(B)·dPᵀ
+            strided_batched_gemm<T>(alpha, B, dP, beta, *dA, {f.trans_b, true, false});
     }
     if (dB) {
-        *dB = Tensor<T>(B.shape());
-        if (!trans_b)  // dB = op_a(A)ᵀ·dC
-            strided_batched_gemm<T>(T(1), A, dC, T(0), *dB, {!trans_a, false, false});
-        else  // dB = dCᵀ·op_a(A)
-            strided_batched_gemm<T>(T(1), dC, A, T(0), *dB, {true, trans_a, false});
+        if (!f.trans_b)  // dB = op_a(A)ᵀ·dP
+            strided_batched_gemm<T>(alpha, A, dP, beta, *dB, {!f.trans_a, false, false});
+        else  // dB = dPᵀ·op_a(A)
+            strided_batched_gemm<T>(alpha, dP, A, beta, *dB, {true, f.trans_a, false});
     }
+}
+
+template <class T>
+void matmul_backward(Tensor<T>* dA, Tensor<T>* dB, const Tensor<T>& dC, const Tensor<T>& A, bool trans_a,
+                     const Tensor<T>& B, bool trans_b) {
+    if (dA) *dA = Tensor<T>(A.shape());
+    if (dB) *dB = Tensor<T>(B.shape());
+    strided_batched_gemm_backward<T>(T(1), A, B, dC, T(0), dA, dB, {trans_a, trans_b, false});
 }
 
 #define AUTODIFF_INSTANTIATE(T)                                                                               \
     template void strided_batched_gemm<T>(T, const Tensor<T>&, const Tensor<T>&, T, Tensor<T>&, GemmFlags);    \
+    template void strided_batched_gemm_backward<T>(T, const Tensor<T>&, const Tensor<T>&, const Tensor<T>&, T,   \
+                                                   Tensor<T>*, Tensor<T>*, GemmFlags);                         \
     template Tensor<T> matmul_forward<T>(const Tensor<T>&, bool, const Tensor<T>&, bool);                     \
     template void matmul_backward<T>(Tensor<T>*, Tensor<T>*, const Tensor<T>&, const Tensor<T>&, bool,        \
                                      const Tensor<T>&, bool);

@@ -6,7 +6,7 @@
 // Batch: the leading dimensions of the batched operands must be equal. A rank-2 A or B is broadcast
 // over the batch (like torch.matmul); a rank-2 C with batched A or B receives the sum of the products
 // over the batch (the gradient of a broadcast operand). With beta == 0, C is not read (may be
-// uninitialised). The backward is the same function with other flags: see matmul_backward.
+// uninitialised). The backward is the same function with other flags (strided_batched_gemm_backward).
 
 #include "autodiff/tensor.hpp"
 
@@ -23,6 +23,14 @@ Shape gemm_output_shape(std::string_view op, const Shape& a, bool trans_a, const
 
 template <class T>
 void strided_batched_gemm(T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta, Tensor<T>& C, GemmFlags flags = {});
+
+// Backward of C = beta_c·C + alpha·op_c(op_a(A)·op_b(B)) (the cuDNN-style pair of the forward):
+//   dA = beta·dA + alpha·∂(op_c(op_a(A)·op_b(B)))/∂A applied to dC, and likewise dB.
+// dA and dB must be allocated with A's and B's shapes (beta = 0: not read); pass nullptr for a
+// gradient that is not wanted. The gradient with respect to the old C is beta_c·dC (not computed here).
+template <class T>
+void strided_batched_gemm_backward(T alpha, const Tensor<T>& A, const Tensor<T>& B, const Tensor<T>& dC, T beta,
+                                   Tensor<T>* dA, Tensor<T>* dB, GemmFlags flags = {});
 
 // C = op_a(A)·op_b(B), allocated.
 template <class T>
