@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""A full multi-head attention training step (forward + backward of the input and every parameter),
+ours (build/bench/bench_mha_step) against torch.nn.MultiheadAttention(batch_first=True,
+need_weights=False), fp32, E=512, 8 heads, batch 2, L = 256 and 512, dropout 0 and 0.1, 1 and 2
+threads. Each configuration runs both sides in separate processes, alternating, several times
+(BENCHMARKING.md); the table reports medians with min-max and the ratio of medians.
+
+    pip install torch numpy
+    python3 bench/mha_vs_torch.py --build build [--rounds 3] [--no-limits]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+TORCH_SNIPPET = r"""
+import json, sys, time, torch
+E, H, B, L, p, reps, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+mha = torch.nn.MultiheadAttention(E, H, dropout=p, batch_first=True)
+x = torch.randn(B, L, E, requires_grad=True)
+dO = torch.randn(B, L, E)
+def step():
+    mha.zero_grad(set_to_none=True)
+    x.grad = None
+    out, _ = mha(x, x, x, need_weights=False)
+    out.backward(dO)
+for _ in range(3):
+    step()
+ms = []
+for _ in range(reps):
+    t0 = time.perf_counter()
+    step()
+    ms.append((time.perf_counter() - t0) * 1e3)
+ms.sort()
+print(json.dumps({"median_ms": ms[len(ms) // 2], "min_ms": ms[0], "max_ms": ms[-1]}))
+"""
+
+
+def env_threads(t):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t), OMP_WAIT_POLICY="passive")
+    return env
+
+
+def run(cmd, t):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env_threads(t))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per configuration")
+    ap.add_argument("--reps", type=int, default=10, help="timed steps per process")
+    ap.add_argument("--no-limits", action="store_true")
+    a = ap.parse_args()
+    import torch
+
+    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+    print(f"CPU: {cpu}\ntorch {torch.__version__}; E=512, heads=8, batch 2, fp32; {a.rounds} alternating rounds x {a.reps} steps\n")
+    if not a.no_limits:
+        limits = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "machine-limits", "run.sh")
+        if os.path.exists(limits):
+            print("```\n" + subprocess.run(["bash", limits], capture_output=True, text=True).stdout + "```\n")
+    ours_bin = os.path.join(a.build, "bench", "bench_mha_step")
+    print("| threads | L | dropout | ours ms median (min–max) | torch ms median (min–max) | speed-up | ours pool peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for t in (1, 2):
+        for L in (256, 512):
+            for p in (0.0, 0.1):
+                args = ["512", "8", "2", str(L), str(p), str(a.reps)]
+                ours, theirs = [], []
+                for _ in range(a.rounds):
+                    o = run([ours_bin, *args], t)
+                    ours.append(o["median_ms"])
+                    theirs.append(run([sys.executable, "-c", TORCH_SNIPPET, *args, str(t)], t)["median_ms"])
+                mo, mt = statistics.median(ours), statistics.median(theirs)
+                print(f"| {t} | {L} | {p} | {mo:.1f} ({min(ours):.1f}–{max(ours):.1f}) | {mt:.1f} ({min(theirs):.1f}–{max(theirs):.1f}) "
+                      f"| {mt / mo:.2f}× | {o['peak_pool_mib']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
