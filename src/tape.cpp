@@ -1,6 +1,7 @@
 #include "autodiff/tape.hpp"
 
 #include <algorithm>
+#include <atomic>
 
 namespace autodiff {
 
@@ -8,9 +9,16 @@ namespace {
 constexpr std::size_t chunk_bytes = 64 * 1024;
 thread_local bool tls_grad_enabled = true;
 thread_local Tape* tls_current = nullptr;
+
+// Generations are unique across all tapes: a Var of a destroyed tape never matches a new tape that
+// happens to be built at the same address.
+std::uint64_t next_generation() {
+    static std::atomic<std::uint64_t> counter{0};
+    return counter.fetch_add(1, std::memory_order_relaxed) + 1;
+}
 }  // namespace
 
-Tape::Tape() = default;
+Tape::Tape() : generation_(next_generation()) {}
 
 Tape::~Tape() { destroy_records_from(0); }
 
@@ -46,7 +54,7 @@ void Tape::clear() {
     adjoints_d_.clear();
     chunk_ = 0;
     used_ = 0;
-    ++generation_;
+    generation_ = next_generation();
 }
 
 Tape::Checkpoint Tape::checkpoint() const {

@@ -65,19 +65,24 @@ GradcheckReport gradcheck(F&& f, std::vector<Param<double>> inputs, const Gradch
         saved_grads.push_back(p.has_grad() ? p.grad() : Tensor<double>());
         p.zero_grad();
     }
+    // In reverse, so that a Param listed twice gets back the gradient saved at its first entry.
+    auto restore_grads = [&] {
+        for (std::size_t k = inputs.size(); k-- > 0;) inputs[k].state()->grad = saved_grads[k];
+    };
     Tape tape;
     Tensor<double> R;
     std::vector<Tensor<double>> analytic;
-    {
+    try {
         TapeGuard guard(tape);
         Var<double> out = call();
         R = out.value().numel() == 1 ? ones<double>(out.shape()) : randn<double>(out.shape(), opt.seed);
         if (out.requires_grad()) out.backward(R);
+    } catch (...) {
+        restore_grads();
+        throw;
     }
-    for (std::size_t k = 0; k < inputs.size(); ++k) {
-        analytic.push_back(inputs[k].grad().clone());
-        inputs[k].state()->grad = saved_grads[k];
-    }
+    for (auto& p : inputs) analytic.push_back(p.grad().clone());
+    restore_grads();
 
     auto projected = [&] {
         NoGradGuard no_grad;
@@ -93,10 +98,16 @@ GradcheckReport gradcheck(F&& f, std::vector<Param<double>> inputs, const Gradch
         double max_numeric = 0;
         for (std::int64_t i = 0; i < inputs[k].value().numel(); ++i) {
             const double orig = x[i];
-            x[i] = orig + opt.eps;
-            const double fp = projected();
-            x[i] = orig - opt.eps;
-            const double fm = projected();
+            double fp = 0, fm = 0;
+            try {
+                x[i] = orig + opt.eps;
+                fp = projected();
+                x[i] = orig - opt.eps;
+                fm = projected();
+            } catch (...) {
+                x[i] = orig;  // a throwing f must not leave the Param perturbed
+                throw;
+            }
             x[i] = orig;
             const double numeric = (fp - fm) / (2 * opt.eps);
             const double err = std::abs(a[i] - numeric);

@@ -62,7 +62,7 @@ public:
     void clear();
 
     [[nodiscard]] std::size_t size() const { return records_.size(); }
-    // Bumped by clear(): a Var remembers the generation it was recorded in.
+    // Changed by clear(), and unique across all tapes: a Var remembers the generation it was recorded in.
     [[nodiscard]] std::uint64_t generation() const { return generation_; }
 
     // The state before an evaluation, to undo its records if it throws.
