@@ -1,5 +1,6 @@
 #include "autodiff/kernels/dropout.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "autodiff/parallel.hpp"
@@ -23,16 +24,14 @@ Tensor<T> apply_dropout_mask(const char* op, const DropoutDescriptor& d, const T
     const Philox4x32::Key key{static_cast<std::uint32_t>(d.seed), static_cast<std::uint32_t>(d.seed >> 32)};
     const T* src = in.data();
     T* dst = out.data();
-    // Chunks are multiples of 4 elements: one Philox block serves 4 consecutive elements.
+    // Chunks are multiples of 64 elements: 16 Philox blocks, generated together, serve 64 elements.
+    constexpr int blocks = 16;
     parallel_chunks(in.numel(), 1 << 14, [&](std::int64_t b, std::int64_t e) {
-        for (std::int64_t i = b; i < e; i += 4) {
-            const auto block = static_cast<std::uint64_t>(i) >> 2;
-            const auto bits = Philox4x32::generate(
-                {static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32),
-                 static_cast<std::uint32_t>(d.offset), static_cast<std::uint32_t>(d.offset >> 32)},
-                key);
-            for (std::int64_t l = 0; l < 4 && i + l < e; ++l)
-                dst[i + l] = bits[static_cast<std::size_t>(l)] >= threshold ? src[i + l] * scale : T(0);
+        std::uint32_t bits[4 * blocks];
+        for (std::int64_t i = b; i < e; i += 4 * blocks) {
+            Philox4x32::generate_blocks<blocks>(static_cast<std::uint64_t>(i) >> 2, d.offset, key, bits);
+            const std::int64_t n = std::min<std::int64_t>(4 * blocks, e - i);
+            for (std::int64_t l = 0; l < n; ++l) dst[i + l] = bits[l] >= threshold ? src[i + l] * scale : T(0);
         }
     });
     return out;
