@@ -24,6 +24,10 @@ namespace autodiff {
 template <class T>
 inline constexpr bool is_value_type_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
+// Keeps T from being deduced from this parameter: a gradient pointer may then be passed as nullptr.
+template <class T>
+using NoDeduce = std::type_identity_t<T>;
+
 template <class T>
 using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <class T>

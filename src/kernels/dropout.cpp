@@ -31,7 +31,8 @@ Tensor<T> apply_dropout_mask(const char* op, const DropoutDescriptor& d, const T
         for (std::int64_t i = b; i < e; i += 4 * blocks) {
             Philox4x32::generate_blocks<blocks>(static_cast<std::uint64_t>(i) >> 2, d.offset, key, bits);
             const std::int64_t n = std::min<std::int64_t>(4 * blocks, e - i);
-            for (std::int64_t l = 0; l < n; ++l) dst[i + l] = bits[l] >= threshold ? src[i + l] * scale : T(0);
+            // A multiply, not a select: a dropped NaN stays NaN (NaN is never silently zeroed).
+            for (std::int64_t l = 0; l < n; ++l) dst[i + l] = src[i + l] * (bits[l] >= threshold ? scale : T(0));
         }
     });
     return out;

@@ -181,7 +181,7 @@ Tensor<T> matmul_forward(const Tensor<T>& A, bool trans_a, const Tensor<T>& B, b
 
 template <class T>
 void strided_batched_gemm_backward(T alpha, const Tensor<T>& A, const Tensor<T>& B, const Tensor<T>& dC, T beta,
-                                   Tensor<T>* dA, Tensor<T>* dB, GemmFlags f) {
+                                   NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, GemmFlags f) {
     const char* op = "strided_batched_gemm_backward";
     if (!A.defined() || !B.defined() || !dC.defined()) fail(op, "A, B and dC must be allocated tensors");
     Shape c = gemm_output_shape(op, A.shape(), f.trans_a, B.shape(), f.trans_b);
@@ -211,7 +211,7 @@ void strided_batched_gemm_backward(T alpha, const Tensor<T>& A, const Tensor<T>&
 }
 
 template <class T>
-void matmul_backward(Tensor<T>* dA, Tensor<T>* dB, const Tensor<T>& dC, const Tensor<T>& A, bool trans_a,
+void matmul_backward(NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, const Tensor<T>& dC, const Tensor<T>& A, bool trans_a,
                      const Tensor<T>& B, bool trans_b) {
     if (dA) *dA = Tensor<T>(A.shape());
     if (dB) *dB = Tensor<T>(B.shape());

@@ -57,7 +57,7 @@ Tensor<T> permute_forward(const Tensor<T>& x, const Permutation& perm) {
 
 Shape narrow_output_shape(std::string_view op, const Shape& x, int dim, std::int64_t start, std::int64_t length) {
     if (dim < 0 || dim >= x.rank()) fail(op, "dimension {} is out of range for input {}", dim, x);
-    if (start < 0 || length < 0 || start + length > x[dim])
+    if (start < 0 || length < 0 || start > x[dim] || length > x[dim] - start)
         fail(op, "slice [{}, {}) of dimension {} is out of range for input {}", start, start + length, dim, x);
     Shape out = x;
     out[dim] = length;

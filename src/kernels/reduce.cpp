@@ -43,7 +43,7 @@ T mse_loss_forward(const Tensor<T>& a, const Tensor<T>& b) {
 }
 
 template <class T>
-void mse_loss_backward(T dloss, const Tensor<T>& a, const Tensor<T>& b, Tensor<T>* da, Tensor<T>* db) {
+void mse_loss_backward(T dloss, const Tensor<T>& a, const Tensor<T>& b, NoDeduce<Tensor<T>>* da, NoDeduce<Tensor<T>>* db) {
     check_same("mse_loss_backward", a.shape(), b.shape());
     const T k = dloss * T(2) / static_cast<T>(a.numel());
     Tensor<T> g(a.shape());

@@ -39,9 +39,11 @@ void check_softmax_mask(std::string_view op, const Shape& x, const Mask& mask, c
     if (mask.key_padding.defined()) {
         const Shape& kp = mask.key_padding.shape();
         const bool ok = x.rank() >= 3 ? kp == Shape{x[0], x.dim_from_end(1)} : kp == Shape{x.dim_from_end(1)};
-        if (!ok)
-            fail(op, "key-padding mask must have shape {} (batch, Lk) for logits {}, got {}",
-                 x.rank() >= 3 ? Shape{x[0], x.dim_from_end(1)} : Shape{x.dim_from_end(1)}, x, kp);
+        if (!ok) {
+            if (x.rank() >= 3)
+                fail(op, "key-padding mask must have shape {} (batch, Lk) for logits {}, got {}", Shape{x[0], x.dim_from_end(1)}, x, kp);
+            fail(op, "key-padding mask must have shape {} (Lk) for logits {}, got {}", Shape{x.dim_from_end(1)}, x, kp);
+        }
     }
     if (additive.defined() && !broadcasts_to(additive.shape(), x))
         fail(op, "additive mask {} does not broadcast to the logits {}", additive.shape(), x);

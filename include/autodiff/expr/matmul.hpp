@@ -59,7 +59,7 @@ struct MatMul : Expr<MatMul<L, R>> {
     R rhs;
     Shape shape_;
 
-    MatMul(L l, R r) : lhs(std::move(l)), rhs(std::move(r)), shape_(gemm_output_shape("matmul", lhs.shape(), false, rhs.shape(), false)) {}
+    MatMul(L l, R r);
     [[nodiscard]] const Shape& shape() const { return shape_; }
 };
 
@@ -82,6 +82,15 @@ struct GemmOperand<Transpose<X>> {
     static const X& inner(const Transpose<X>& x) { return x.child; }
 };
 }  // namespace detail
+
+// Shapes are checked on the operands as the GEMM sees them, so an error names a transposed
+// operand's own shape: "rhs (2,3,4,6) (transposed)".
+template <class L, class R>
+MatMul<L, R>::MatMul(L l, R r)
+    : lhs(std::move(l)),
+      rhs(std::move(r)),
+      shape_(gemm_output_shape("matmul", detail::GemmOperand<L>::inner(lhs).shape(), detail::GemmOperand<L>::transposed,
+                               detail::GemmOperand<R>::inner(rhs).shape(), detail::GemmOperand<R>::transposed)) {}
 
 template <class L, class R>
 struct Evaluator<MatMul<L, R>> {

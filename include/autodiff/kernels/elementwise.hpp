@@ -59,9 +59,10 @@ struct Relu {
         using T = typename X::Scalar;
         return (x < T(0)).select(T(0), x);
     }
+    // At a NaN input the gradient passes through (as PyTorch's threshold_backward): never silently zeroed.
     template <class G, class X, class Y> auto backward(const G& dy, const X& x, const Y&) const {
         using T = typename X::Scalar;
-        return (x > T(0)).select(dy, T(0));
+        return (x <= T(0)).select(T(0), dy);
     }
 };
 
@@ -257,7 +258,7 @@ Tensor<T> reduce_to_shape(const Tensor<T>& g, const Shape& target);
 // Pass nullptr for a gradient that is not wanted.
 template <class T, class Op>
 void binary_backward(const Op& op, const Tensor<T>& g, const Tensor<T>& a, const Tensor<T>& b, const Shape& a_shape,
-                     const Shape& b_shape, Tensor<T>* da, Tensor<T>* db) {
+                     const Shape& b_shape, NoDeduce<Tensor<T>>* da, NoDeduce<Tensor<T>>* db) {
     if constexpr (is_linear_binary_v<Op>) {
         (void)op;
         (void)a;

@@ -30,7 +30,7 @@ void strided_batched_gemm(T alpha, const Tensor<T>& A, const Tensor<T>& B, T bet
 // gradient that is not wanted. The gradient with respect to the old C is beta_c·dC (not computed here).
 template <class T>
 void strided_batched_gemm_backward(T alpha, const Tensor<T>& A, const Tensor<T>& B, const Tensor<T>& dC, T beta,
-                                   Tensor<T>* dA, Tensor<T>* dB, GemmFlags flags = {});
+                                   NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, GemmFlags flags = {});
 
 // C = op_a(A)·op_b(B), allocated.
 template <class T>
@@ -42,7 +42,7 @@ Tensor<T> matmul_forward(const Tensor<T>& A, bool trans_a, const Tensor<T>& B, b
 //   op_b(B) = B:  dB = op_a(A)ᵀ·dC      op_b(B) = Bᵀ: dB = dCᵀ·op_a(A)
 // Saved: A (for dB) and B (for dA). Pass nullptr for a gradient that is not wanted.
 template <class T>
-void matmul_backward(Tensor<T>* dA, Tensor<T>* dB, const Tensor<T>& dC, const Tensor<T>& A, bool trans_a,
+void matmul_backward(NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, const Tensor<T>& dC, const Tensor<T>& A, bool trans_a,
                      const Tensor<T>& B, bool trans_b);
 
 }  // namespace autodiff

@@ -19,7 +19,7 @@ Tensor<T> linear_forward(const Tensor<T>& x, const Tensor<T>& W, const Tensor<T>
 // Saved: x (for dW) and W (for dx). dW and db must be allocated (zero them to get the plain gradient);
 // pass nullptr for any gradient that is not wanted.
 template <class T>
-void linear_backward(const Tensor<T>& dy, const Tensor<T>& x, const Tensor<T>& W, Tensor<T>* dx, Tensor<T>* dW,
-                     Tensor<T>* db);
+void linear_backward(const Tensor<T>& dy, const Tensor<T>& x, const Tensor<T>& W, NoDeduce<Tensor<T>>* dx, NoDeduce<Tensor<T>>* dW,
+                     NoDeduce<Tensor<T>>* db);
 
 }  // namespace autodiff

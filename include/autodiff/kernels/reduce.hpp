@@ -17,6 +17,6 @@ T mse_loss_forward(const Tensor<T>& a, const Tensor<T>& b);
 // Backward of loss = mean((a − b)²):   da = dloss·2(a − b)/N,  db = −da.   Saved: a, b.
 // Pass nullptr for a gradient that is not wanted.
 template <class T>
-void mse_loss_backward(T dloss, const Tensor<T>& a, const Tensor<T>& b, Tensor<T>* da, Tensor<T>* db);
+void mse_loss_backward(T dloss, const Tensor<T>& a, const Tensor<T>& b, NoDeduce<Tensor<T>>* da, NoDeduce<Tensor<T>>* db);
 
 }  // namespace autodiff
