@@ -8,6 +8,7 @@ namespace autodiff {
 namespace {
 constexpr std::size_t chunk_bytes = 64 * 1024;
 thread_local bool tls_grad_enabled = true;
+thread_local bool tls_fusion_enabled = true;
 thread_local Tape* tls_current = nullptr;
 
 // Generations are unique across all tapes: a Var of a destroyed tape never matches a new tape that
@@ -87,5 +88,10 @@ NoGradGuard::NoGradGuard() : previous_(tls_grad_enabled) { tls_grad_enabled = fa
 NoGradGuard::~NoGradGuard() { tls_grad_enabled = previous_; }
 
 bool grad_enabled() { return tls_grad_enabled; }
+
+NoFusionGuard::NoFusionGuard() : previous_(tls_fusion_enabled) { tls_fusion_enabled = false; }
+NoFusionGuard::~NoFusionGuard() { tls_fusion_enabled = previous_; }
+
+bool fusion_enabled() { return tls_fusion_enabled; }
 
 }  // namespace autodiff

@@ -9,6 +9,7 @@
 #include "autodiff/shape.hpp"
 #include "autodiff/tensor.hpp"
 
+#include "autodiff/kernels/attention.hpp"
 #include "autodiff/kernels/dropout.hpp"
 #include "autodiff/kernels/elementwise.hpp"
 #include "autodiff/kernels/gemm.hpp"
@@ -19,6 +20,7 @@
 
 #include "autodiff/tape.hpp"
 
+#include "autodiff/expr/attention.hpp"
 #include "autodiff/expr/elementwise.hpp"
 #include "autodiff/expr/layout.hpp"
 #include "autodiff/expr/matmul.hpp"

@@ -138,6 +138,20 @@ private:
 };
 bool grad_enabled();
 
+// While alive, expressions that match a fused pattern are evaluated node by node instead (to
+// compare the two paths, or to debug one).
+class NoFusionGuard {
+public:
+    NoFusionGuard();
+    ~NoFusionGuard();
+    NoFusionGuard(const NoFusionGuard&) = delete;
+    NoFusionGuard& operator=(const NoFusionGuard&) = delete;
+
+private:
+    bool previous_;
+};
+bool fusion_enabled();
+
 // ---- template definitions ------------------------------------------------------------------------
 
 template <class T, class Backward>

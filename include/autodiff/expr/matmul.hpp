@@ -92,8 +92,10 @@ MatMul<L, R>::MatMul(L l, R r)
       shape_(gemm_output_shape("matmul", detail::GemmOperand<L>::inner(lhs).shape(), detail::GemmOperand<L>::transposed,
                                detail::GemmOperand<R>::inner(rhs).shape(), detail::GemmOperand<R>::transposed)) {}
 
+namespace detail {
+// The node-by-node evaluation of a matmul; a fused evaluator falls back to it.
 template <class L, class R>
-struct Evaluator<MatMul<L, R>> {
+struct GenericMatMul {
     using T = typename L::value_type;
     using OpA = detail::GemmOperand<L>;
     using OpB = detail::GemmOperand<R>;
@@ -112,6 +114,10 @@ struct Evaluator<MatMul<L, R>> {
                       });
     }
 };
+}  // namespace detail
+
+template <class L, class R>
+struct Evaluator<MatMul<L, R>> : detail::GenericMatMul<L, R> {};
 
 // y = x·Wᵀ + b (torch.nn.functional.linear). W is (out, in); b is (out) or absent.
 // Reports no gradient work itself, so that Linear's may_require_grad is defined without a bias.

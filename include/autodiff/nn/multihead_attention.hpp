@@ -146,6 +146,8 @@ private:
     Var<T> forward(const Var<T>& query, const Var<T>& key, const Var<T>& value, const Mask& mask, AddBias&& add_bias_to) {
         check_inputs(query, key, value);
         const std::int64_t E = opt_.embed_dim, H = opt_.num_heads;
+        // Before the projections are recorded: a bad mask must leave the tape as it was.
+        check_softmax_mask("softmax", Shape{query.shape()[0], H, query.shape()[1], key.shape()[1]}, mask, Tensor<T>());
         Var<T> q, k, v;
         const bool self = query.value().shares_storage_with(key.value()) && key.value().shares_storage_with(value.value()) &&
                           query.shape() == key.shape() && key.shape() == value.shape() && packed();

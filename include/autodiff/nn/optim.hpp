@@ -91,18 +91,21 @@ public:
         detail::check_non_negative("Adam", "weight_decay", opt.weight_decay);
         m_.resize(params_.size());
         v_.resize(params_.size());
+        param_steps_.resize(params_.size());
     }
 
     // m = β1·m + (1−β1)·g ; v = β2·v + (1−β2)·g² ; w −= lr·m̂/(√v̂ + eps), m̂ = m/(1−β1ᵗ), v̂ = v/(1−β2ᵗ)
+    // t counts the steps this Param took (torch's per-parameter state['step']), not the calls of step().
     void step() {
         ++t_;
-        const double c1 = 1 - std::pow(opt_.beta1, t_), c2 = 1 - std::pow(opt_.beta2, t_);
         const T b1 = static_cast<T>(opt_.beta1), b2 = static_cast<T>(opt_.beta2), eps = static_cast<T>(opt_.eps);
-        const T step_size = static_cast<T>(opt_.lr / c1), root_c2 = static_cast<T>(std::sqrt(c2));
         const T wd = static_cast<T>(opt_.weight_decay), lr = static_cast<T>(opt_.lr);
         for (std::size_t i = 0; i < params_.size(); ++i) {
             Param<T>& p = params_[i];
             if (!p.has_grad()) continue;
+            const long t = ++param_steps_[i];
+            const double c1 = 1 - std::pow(opt_.beta1, t), c2 = 1 - std::pow(opt_.beta2, t);
+            const T step_size = static_cast<T>(opt_.lr / c1), root_c2 = static_cast<T>(std::sqrt(c2));
             auto w = p.value().array();
             if (!m_[i].defined()) {
                 m_[i] = zeros<T>(p.shape());
@@ -129,6 +132,7 @@ private:
     std::vector<Param<T>> params_;
     AdamOptions opt_;
     std::vector<Tensor<T>> m_, v_;
+    std::vector<long> param_steps_;
     long t_ = 0;
 };
 

@@ -1,0 +1,61 @@
+#pragma once
+// Fused attention, flash style (FlashAttention-2's tiling, on the CPU), with a trainable bias:
+//
+//   S = scale·Q·Kᵀ + bias_scale·bias + additive     (masked entries: −inf)
+//   P = softmax(S) over keys; a row whose keys are all masked gives P = 0
+//   O = dropout(P)·V
+//
+// Shapes: Q (..., Lq, d), K (..., Lk, d), V (..., Lk, dv), equal leading dimensions (rank 2..4);
+// O (..., Lq, dv). bias and additive: any shape broadcastable to the scores (..., Lq, Lk); the bias
+// gradient comes back in the bias's own shape. Masks as in softmax.hpp (true = keep).
+//
+// No L×L buffer is kept: the forward saves O and the per-row log-sum-exp `lse` (..., Lq) (−inf for a
+// fully masked row); the backward recomputes P tile by tile. Dropout decisions are those of the
+// dropout kernel on the (..., Lq, Lk) probabilities, element index ((t·Lq + i)·Lk + j): the fused and
+// the generic path drop the same entries.
+//
+// Threads: work items are (leading index, query block) in the forward and leading indices in the
+// backward; when a broadcast bias is shared by several leading indices, those indices form one
+// group that is processed in a fixed order. No atomics: results are bit-identical for any thread count.
+
+#include "autodiff/kernels/dropout.hpp"
+#include "autodiff/kernels/softmax.hpp"
+#include "autodiff/tensor.hpp"
+
+namespace autodiff {
+
+struct AttentionOptions {
+    double scale = 1.0;       // of Q·Kᵀ
+    double bias_scale = 1.0;  // of the bias (a bias added before scaling is scaled too)
+    Mask mask;
+    DropoutDescriptor dropout;
+};
+
+// Validates the shapes (and the bias, additive and mask shapes) and returns O's shape.
+Shape attention_output_shape(std::string_view op, const Shape& q, const Shape& k, const Shape& v, const Shape* bias,
+                             const Shape* additive, const Mask& mask);
+
+template <class T>
+struct AttentionSaved {
+    Tensor<T> O;    // (..., Lq, dv)
+    Tensor<T> lse;  // (..., Lq): log Σ_j exp(S_ij) over kept keys, −inf for fully masked rows
+};
+
+// bias and additive may be undefined (absent).
+template <class T>
+AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& bias,
+                                    const Tensor<T>& additive, const AttentionOptions& opt);
+
+// Backward, with D_i = rowsum(dO_i ⊙ O_i) and P recomputed from Q, K, bias and lse:
+//   dV = dropout(P)ᵀ·dO
+//   dP = dropout_mask ⊙ (dO·Vᵀ)
+//   dS = P ⊙ (dP − D)
+//   dQ = scale·dS·K,  dK = scale·dSᵀ·Q,  dbias = bias_scale·reduce(dS, bias's shape)
+// Gradients are written (not accumulated); pass nullptr for any that is not wanted.
+template <class T>
+void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDeduce<Tensor<T>>* dV,
+                        NoDeduce<Tensor<T>>* dbias, const Tensor<T>& dO, const Tensor<T>& Q, const Tensor<T>& K,
+                        const Tensor<T>& V, const Tensor<T>& bias, const Tensor<T>& additive,
+                        const AttentionSaved<T>& saved, const AttentionOptions& opt);
+
+}  // namespace autodiff
