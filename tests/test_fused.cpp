@@ -1,0 +1,208 @@
+// The fused attention path: which spellings it recognises, and that it gives the generic path's
+// numbers (the oracle) for every bias shape, mask, dropout and odd size, in double and float.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <vector>
+
+#include <autodiff/autodiff.hpp>
+
+namespace ad = autodiff;
+
+namespace {
+
+using P = ad::Param<double>;
+
+P param(ad::Shape s, std::uint64_t seed, const char* name) { return P(ad::randn<double>(s, seed), name); }
+
+// Runs f() once fused and once generic (NoFusionGuard) with the same seed gradient, and returns the
+// largest difference over the output and every Param's gradient.
+template <class T, class F>
+double fused_vs_generic(F&& f, std::vector<ad::Param<T>> params) {
+    auto run = [&](bool fused) {
+        for (auto& p : params) p.zero_grad();
+        std::optional<ad::NoFusionGuard> guard;
+        if (!fused) guard.emplace();
+        ad::Var<T> out = f();
+        out.backward(ad::randn<T>(out.shape(), 99));
+        std::vector<ad::Tensor<T>> r{out.value().clone()};
+        for (auto& p : params) r.push_back(p.grad().clone());
+        return r;
+    };
+    const auto a = run(true), b = run(false);
+    double worst = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        const double scale = std::max<double>(1.0, b[i].array().abs().maxCoeff());
+        worst = std::max(worst, static_cast<double>(ad::max_abs_diff(a[i], b[i])) / scale);
+    }
+    return worst;
+}
+
+}  // namespace
+
+TEST_CASE("is_fused_v: the natural spellings of attention hit the fused path") {
+    P q = param({2, 2, 4, 8}, 1, "q"), k = param({2, 2, 5, 8}, 2, "k"), v = param({2, 2, 5, 8}, 3, "v"),
+      b = param({2, 4, 5}, 4, "b");
+    const ad::DropoutDescriptor drop{0.1, 1, 0};
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k))), v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.5), v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(0.5 * ad::matmul(q, ad::transpose(k))), v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) / 8.0), v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::matmul(q * 0.5, ad::transpose(k))), v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.5 + b), v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(b + ad::matmul(q, ad::transpose(k)) * 0.5), v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax((ad::matmul(q, ad::transpose(k)) + b) * 0.5), v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::add_bias(ad::matmul(q, ad::transpose(k)), b)), v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::dropout(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.5 + b, ad::causal), drop), v))>);
+    CHECK(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k))), v))>);
+}
+
+TEST_CASE("is_fused_v: variants outside the pattern use the generic path") {
+    P q = param({2, 4, 8}, 1, "q"), k = param({2, 5, 8}, 2, "k"), v = param({2, 5, 8}, 3, "v");
+    // tanh soft-capping, a squared score, attention without the value product, kᵀ given pre-transposed.
+    static_assert(!ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::tanh(ad::matmul(q, ad::transpose(k)))), v))>);
+    static_assert(!ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * ad::matmul(q, ad::transpose(k))), v))>);
+    static_assert(!ad::is_fused_v<decltype(ad::softmax(ad::matmul(q, ad::transpose(k))))>);
+    P kt = param({2, 8, 5}, 4, "kt");
+    static_assert(!ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::matmul(q, kt)), v))>);
+    CHECK_FALSE(ad::is_fused_v<decltype(ad::matmul(q, ad::transpose(k)))>);
+}
+
+TEST_CASE("fused attention is one tape record; the generic path records every node") {
+    P q = param({2, 4, 8}, 1, "q"), k = param({2, 5, 8}, 2, "k"), v = param({2, 5, 8}, 3, "v"), b = param({4, 5}, 4, "b");
+    auto f = [&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.5 + b), v); };
+    ad::Tape tape;
+    ad::TapeGuard guard(tape);
+    ad::Var<double> fused = f();
+    CHECK(tape.size() == 1);
+    ad::NoFusionGuard no_fusion;
+    ad::Var<double> generic = f();
+    CHECK(tape.size() == 1 + 5);  // matmul, scale, add, softmax, matmul
+    CHECK(ad::max_abs_diff(fused.value(), generic.value()) < 1e-14);
+}
+
+TEST_CASE("fused vs generic: every bias shape, odd sizes (Lq=37, Lk=53, d=24, dv=16)") {
+    const std::int64_t n = 2, h = 3, Lq = 37, Lk = 53, d = 24, dv = 16;
+    P q = param({n, h, Lq, d}, 1, "q"), k = param({n, h, Lk, d}, 2, "k"), v = param({n, h, Lk, dv}, 3, "v");
+    const std::vector<ad::Shape> bias_shapes{{n, h, Lq, Lk}, {h, Lq, Lk}, {Lq, Lk}, {n, 1, Lq, Lk}, {1, h, 1, Lk}, {Lk}, {Lq, 1}, {1}};
+    for (const ad::Shape& bs : bias_shapes) {
+        CAPTURE(bs);
+        P b = param(bs, 4, "bias");
+        auto f = [&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) / std::sqrt(double(d)) + b), v); };
+        // Same arithmetic in another order: differences at rounding level of O(1) values.
+        CHECK(fused_vs_generic<double>(f, {q, k, v, b}) < 1e-13);
+        CHECK(b.grad().shape() == bs);
+    }
+}
+
+TEST_CASE("fused vs generic: masks, additive mask, dropout, bias scaled before or after") {
+    const std::int64_t n = 2, h = 2, Lq = 19, Lk = 70;
+    P q = param({n, h, Lq, 8}, 1, "q"), k = param({n, h, Lk, 8}, 2, "k"), v = param({n, h, Lk, 8}, 3, "v"),
+      b = param({h, Lq, Lk}, 4, "b");
+    ad::Tensor<bool> kp = ad::full<bool>({n, Lk}, true);
+    for (std::int64_t j = 50; j < Lk; ++j) kp(1, j) = false;
+    ad::Tensor<bool> keep = ad::full<bool>({Lq, Lk}, true);
+    for (std::int64_t i = 0; i < Lq; ++i) keep(i, (3 * i) % Lk) = false;
+    ad::Tensor<double> additive = ad::randn<double>({1, h, 1, Lk}, 7);
+    const ad::DropoutDescriptor drop{0.3, 11, 5};
+    SUBCASE("causal") { CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) + b, ad::causal), v); }, {q, k, v, b}) < 1e-13); }
+    SUBCASE("key padding and keep mask") {
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) + b, ad::key_padding_mask(kp) | ad::keep_mask(keep)), v); }, {q, k, v, b}) < 1e-13);
+    }
+    SUBCASE("additive mask") {
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) + b, {}, additive), v); }, {q, k, v, b}) < 1e-13);
+    }
+    SUBCASE("dropout: the same entries are dropped on both paths") {
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::dropout(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.3 + b, ad::causal), drop), v); }, {q, k, v, b}) < 1e-13);
+    }
+    SUBCASE("bias added before the scaling is scaled too") {
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax((ad::matmul(q, ad::transpose(k)) + b) * 0.3), v); }, {q, k, v, b}) < 1e-13);
+    }
+    SUBCASE("rank 3 (batch, L, d)") {
+        P q3 = param({3, Lq, 8}, 5, "q3"), k3 = param({3, Lk, 8}, 6, "k3"), v3 = param({3, Lk, 5}, 7, "v3"), b3 = param({3, Lq, Lk}, 8, "b3");
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q3, ad::transpose(k3)) + b3, ad::causal), v3); }, {q3, k3, v3, b3}) < 1e-13);
+    }
+}
+
+TEST_CASE("fused attention: sequences of length 1 and single rows") {
+    for (auto [Lq, Lk] : std::vector<std::pair<std::int64_t, std::int64_t>>{{1, 1}, {1, 9}, {9, 1}, {65, 1}, {1, 130}}) {
+        CAPTURE(Lq);
+        CAPTURE(Lk);
+        P q = param({2, Lq, 4}, 1, "q"), k = param({2, Lk, 4}, 2, "k"), v = param({2, Lk, 3}, 3, "v"), b = param({Lq, Lk}, 4, "b");
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) + b), v); }, {q, k, v, b}) < 1e-13);
+    }
+}
+
+TEST_CASE("fused attention: a fully masked row outputs 0 and passes no gradient (no NaN)") {
+    P q = param({2, 2, 6, 4}, 1, "q"), k = param({2, 2, 6, 4}, 2, "k"), v = param({2, 2, 6, 4}, 3, "v"), b = param({6, 6}, 4, "b");
+    ad::Tensor<bool> kp = ad::full<bool>({2, 6}, false);  // batch 0 keeps nothing
+    for (std::int64_t j = 0; j < 6; ++j) kp(1, j) = j < 2;
+    ad::Var<double> O = ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) + b, ad::key_padding_mask(kp)), v);
+    O.backward(ad::ones<double>(O.shape()));
+    for (std::int64_t h = 0; h < 2; ++h)
+        for (std::int64_t i = 0; i < 6; ++i)
+            for (std::int64_t c = 0; c < 4; ++c) {
+                CHECK(O.value()(0, h, i, c) == 0.0);
+                CHECK(q.grad()(0, h, i, c) == 0.0);
+                CHECK(k.grad()(0, h, i, c) == 0.0);
+            }
+    CHECK(std::isfinite(b.grad().array().sum()));
+    CHECK(b.grad().array().abs().sum() > 0);  // batch 1's rows still pass gradient to the bias
+}
+
+TEST_CASE("fused attention: gradcheck in double through the fused kernels") {
+    P q = param({2, 2, 9, 6}, 1, "q"), k = param({2, 2, 11, 6}, 2, "k"), v = param({2, 2, 11, 5}, 3, "v"), b = param({2, 9, 11}, 4, "b");
+    const ad::DropoutDescriptor drop{0.2, 3, 1};
+    auto f = [&] { return ad::matmul(ad::dropout(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.4 + b, ad::causal), drop), v); };
+    static_assert(ad::is_fused_v<decltype(f())>);
+    const auto report = ad::gradcheck(f, {q, k, v, b});
+    INFO(report.str());
+    CHECK(report.passed);
+    CHECK(report.max_rel_error() < 1e-6);
+}
+
+TEST_CASE("fused attention: float results agree with the double generic path") {
+    const std::int64_t n = 2, h = 2, L = 100, d = 32;
+    ad::Tensor<double> qd = ad::randn<double>({n, h, L, d}, 1), kd = ad::randn<double>({n, h, L, d}, 2),
+                       vd = ad::randn<double>({n, h, L, d}, 3), bd = ad::randn<double>({h, L, L}, 4);
+    auto to_float = [](const ad::Tensor<double>& t) {
+        ad::Tensor<float> f(t.shape());
+        f.array() = t.array().cast<float>();
+        return f;
+    };
+    ad::Param<float> q(to_float(qd)), k(to_float(kd)), v(to_float(vd)), b(to_float(bd));
+    P q64(qd.clone()), k64(kd.clone()), v64(vd.clone()), b64(bd.clone());
+    ad::Var<float> O = ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.2f + b, ad::causal), v);
+    O.backward(ad::ones<float>(O.shape()));
+    ad::NoFusionGuard generic;
+    ad::Var<double> O64 = ad::matmul(ad::softmax(ad::matmul(q64, ad::transpose(k64)) * 0.2 + b64, ad::causal), v64);
+    O64.backward(ad::ones<double>(O64.shape()));
+    // fp32 relative 1e-5 of each tensor's largest value: a few units of float rounding over sums of 100 terms.
+    auto rel = [&](const ad::Tensor<float>& a, const ad::Tensor<double>& ref) {
+        return (a.array().cast<double>() - ref.array()).abs().maxCoeff() / ref.array().abs().maxCoeff();
+    };
+    CHECK(rel(O.value(), O64.value()) < 1e-5);
+    CHECK(rel(q.grad(), q64.grad()) < 1e-5);
+    CHECK(rel(k.grad(), k64.grad()) < 1e-5);
+    CHECK(rel(v.grad(), v64.grad()) < 1e-5);
+    CHECK(rel(b.grad(), b64.grad()) < 1e-5);
+}
+
+TEST_CASE("fused attention: bitwise identical results on 1 and 2 threads, for every bias shape") {
+    const std::int64_t n = 2, h = 4, L = 130, d = 16;
+    ad::Param<float> q(ad::randn<float>({n, h, L, d}, 1)), k(ad::randn<float>({n, h, L, d}, 2)), v(ad::randn<float>({n, h, L, d}, 3));
+    for (const ad::Shape& bs : std::vector<ad::Shape>{{n, h, L, L}, {h, L, L}, {L, L}, {1, h, 1, L}}) {
+        CAPTURE(bs);
+        ad::Param<float> b(ad::randn<float>(bs, 4));
+        auto run = [&](int threads) {
+            ad::set_num_threads(threads);
+            ad::zero_grad(q, k, v, b);
+            ad::Var<float> O = ad::matmul(ad::dropout(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.25f + b, ad::causal), {0.1, 5, 2}), v);
+            O.backward(ad::ones<float>(O.shape()));
+            return std::vector{O.value().clone(), q.grad().clone(), k.grad().clone(), v.grad().clone(), b.grad().clone()};
+        };
+        const auto one = run(1), two = run(2);
+        ad::set_num_threads(2);
+        for (std::size_t i = 0; i < one.size(); ++i) CHECK(ad::max_abs_diff(one[i], two[i]) == 0.0f);
+    }
+}
