@@ -1,0 +1,75 @@
+// Biased attention, forward and forward+backward, timed: the C++ side of bench/attention_vs_torch.py.
+//
+//   bench_attention_step n h L d bias causal dropout reps [generic]
+//     bias: 0 none, 1 a trainable full (n, h, L, L) bias;  generic: evaluate node by node (no fusion)
+// Prints one JSON object: median/min/max milliseconds of the forward and of forward+backward.
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <optional>
+#include <vector>
+
+#include <fmt/core.h>
+
+#include <autodiff/autodiff.hpp>
+
+namespace ad = autodiff;
+
+namespace {
+struct Stats {
+    double median, min, max;
+};
+Stats stats(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return {v[v.size() / 2], v.front(), v.back()};
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 9) {
+        fmt::print(stderr, "usage: {} n h L d bias causal dropout reps [generic]\n", argv[0]);
+        return 2;
+    }
+    const std::int64_t n = std::atoll(argv[1]), h = std::atoll(argv[2]), L = std::atoll(argv[3]), d = std::atoll(argv[4]);
+    const bool with_bias = std::atoi(argv[5]) != 0, causal = std::atoi(argv[6]) != 0;
+    const double rate = std::atof(argv[7]);
+    const int reps = std::atoi(argv[8]);
+    const bool generic = argc > 9 && std::string(argv[9]) == "generic";
+
+    ad::Param<float> Q(ad::randn<float>({n, h, L, d}, 1)), K(ad::randn<float>({n, h, L, d}, 2)), V(ad::randn<float>({n, h, L, d}, 3));
+    ad::Param<float> B(with_bias ? ad::randn<float>({n, h, L, L}, 4) : ad::zeros<float>({1}));
+    const ad::Tensor<float> dO = ad::randn<float>({n, h, L, d}, 5);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    const ad::Mask mask = causal ? ad::causal : ad::Mask{};
+    std::uint64_t step = 0;
+    auto forward = [&] {
+        const ad::DropoutDescriptor drop{rate, 7, step++};
+        if (with_bias) return ad::Var<float>(ad::matmul(ad::dropout(ad::softmax(ad::matmul(Q, ad::transpose(K)) * scale + B, mask), drop), V));
+        return ad::Var<float>(ad::matmul(ad::dropout(ad::softmax(ad::matmul(Q, ad::transpose(K)) * scale, mask), drop), V));
+    };
+    std::optional<ad::NoFusionGuard> no_fusion;
+    if (generic) no_fusion.emplace();
+    std::vector<double> fwd, fwd_bwd;
+    for (int i = 0; i < reps + 2; ++i) {  // the first two warm the pool and the threads
+        ad::zero_grad(Q, K, V, B);
+        auto t0 = std::chrono::steady_clock::now();
+        {
+            ad::NoGradGuard no_grad;
+            ad::Var<float> O = forward();
+        }
+        auto t1 = std::chrono::steady_clock::now();
+        ad::Var<float> O = forward();
+        O.backward(dO);
+        auto t2 = std::chrono::steady_clock::now();
+        if (i >= 2) {
+            fwd.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+            fwd_bwd.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
+        }
+    }
+    const Stats f = stats(fwd), fb = stats(fwd_bwd);
+    fmt::print("{{\"fwd_ms\": {:.4f}, \"fwd_min_ms\": {:.4f}, \"fwd_max_ms\": {:.4f}, \"fwd_bwd_ms\": {:.4f}, \"fwd_bwd_min_ms\": {:.4f}, "
+               "\"fwd_bwd_max_ms\": {:.4f}, \"threads\": {}, \"pool_peak_mib\": {:.1f}}}\n",
+               f.median, f.min, f.max, fb.median, fb.min, fb.max, ad::num_threads(),
+               static_cast<double>(ad::pool::stats().peak_bytes_in_use) / (1 << 20));
+    return 0;
+}
