@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "autodiff/parallel.hpp"
+#include "tile_gemm.hpp"
 
 namespace autodiff {
 
@@ -35,11 +36,6 @@ constexpr std::int64_t block_q = 64, block_k = 64;
 template <class T>
 constexpr T neg_inf = -std::numeric_limits<T>::infinity();
 
-template <class T>
-using CMap = Eigen::Map<const RowMatrix<T>>;
-template <class T>
-using MMap = Eigen::Map<RowMatrix<T>>;
-
 // A broadcast operand of the scores (..., Lq, Lk): data and strides over the padded rank-4 scores.
 template <class U>
 struct Broadcast {
@@ -53,7 +49,28 @@ struct Broadcast {
     explicit operator bool() const { return data != nullptr; }
 };
 
-// One attention problem, everything a tile needs.
+// Per-thread buffers, kept between calls: tiles, the transposed K and V of one leading index, rows.
+// 64-byte aligned: Eigen's vectorised reductions split a row by its alignment, so every thread's
+// buffers must be aligned alike for sums to round alike (bit-identical results for any thread count).
+template <class T>
+using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
+
+template <class T>
+struct Scratch {
+    AlignedVector<T> S, F, Pd, dS, acc, dK, dV, Kt, Vt, m, l, D;
+
+    static Scratch& get() {
+        thread_local Scratch s;
+        return s;
+    }
+};
+
+template <class T>
+void ensure(AlignedVector<T>& v, std::int64_t n) {
+    if (static_cast<std::int64_t>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
+}
+
+// One attention problem: everything a tile needs.
 template <class T>
 struct Problem {
     std::int64_t items, P1, Lq, Lk, d, dv;
@@ -99,17 +116,27 @@ struct Problem {
         return (t / P1) * b.s[0] + (t % P1) * b.s[1];
     }
 
-    // S = scale·Q_i·K_jᵀ + bias_scale·bias + additive for rows [i0, i0+rows) and keys [j0, j0+cols)
-    // of leading index t; −inf where masked.
-    template <class Block>
-    void scores(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, Block&& S) const {
-        const CMap<T> Qi(q + (t * Lq + i0) * d, rows, d), Kj(k + (t * Lk + j0) * d, cols, d);
-        S.noalias() = scale * (Qi * Kj.transpose());
+    // Xt (cols × L) = X_tᵀ for the (L × cols) slice of leading index t: products then read rows of Kᵀ
+    // and Vᵀ contiguously.
+    static void transpose(const T* X, std::int64_t L, std::int64_t cols, AlignedVector<T>& Xt) {
+        ensure(Xt, L * cols);
+        for (std::int64_t j = 0; j < L; ++j)
+            for (std::int64_t c = 0; c < cols; ++c) Xt[static_cast<std::size_t>(c * L + j)] = X[j * cols + c];
+    }
+
+    // S (rows × cols, leading dimension block_k) = scale·Q_i·K_jᵀ + bias_scale·bias + additive for
+    // query rows [i0, i0+rows) and keys [j0, j0+cols) of leading index t; −inf where masked.
+    void scores(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, const T* Kt, T* S) const {
+        detail::tile_gemm<T>(rows, cols, d, scale, q + (t * Lq + i0) * d, d, 1, Kt + j0, Lk, T(0), S, block_k);
         auto add = [&](const Broadcast<T>& b, T factor) {
             if (!b) return;
             for (std::int64_t r = 0; r < rows; ++r) {
                 const T* src = b.data + lead(b, t) + (i0 + r) * b.s[2] + j0 * b.s[3];
-                for (std::int64_t c = 0; c < cols; ++c) S(r, c) += factor * src[c * b.s[3]];
+                T* dst = S + r * block_k;
+                if (b.s[3])
+                    for (std::int64_t c = 0; c < cols; ++c) dst[c] += factor * src[c];
+                else
+                    for (std::int64_t c = 0; c < cols; ++c) dst[c] += factor * src[0];
             }
         };
         add(bias, bias_scale);
@@ -118,22 +145,22 @@ struct Problem {
             if (!b) return;
             for (std::int64_t r = 0; r < rows; ++r) {
                 const bool* src = b.data + lead(b, t) + (i0 + r) * b.s[2] + j0 * b.s[3];
+                T* dst = S + r * block_k;
                 for (std::int64_t c = 0; c < cols; ++c)
-                    if (!src[c * b.s[3]]) S(r, c) = neg_inf<T>;
+                    if (!src[c * b.s[3]]) dst[c] = neg_inf<T>;
             }
         };
         apply_keep(keep);
         apply_keep(key_padding);
         if (causal)
             for (std::int64_t r = 0; r < rows; ++r)
-                for (std::int64_t c = std::max<std::int64_t>(0, i0 + r + 1 - j0); c < cols; ++c) S(r, c) = neg_inf<T>;
+                for (std::int64_t c = std::max<std::int64_t>(0, i0 + r + 1 - j0); c < cols; ++c) S[r * block_k + c] = neg_inf<T>;
     }
 
     // F(r, c) = dropout factor (0 or 1/(1-p)) of element (t, i0+r, j0+c).
-    template <class Block>
-    void dropout_tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, Block&& F) const {
+    void dropout_tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, T* F) const {
         for (std::int64_t r = 0; r < rows; ++r)
-            dropout_factors(drop, static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols, drop_scale, &F(r, 0));
+            dropout_factors(drop, static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols, drop_scale, F + r * block_k);
     }
 
     // The last key a query block [i0, i0+rows) can see, plus one.
@@ -142,26 +169,10 @@ struct Problem {
     }
 };
 
-// Per-thread tile buffers, kept between calls.
 template <class T>
-struct Scratch {
-    RowMatrix<T> S, F, Pd, dP, acc, dK, dV;
-    std::vector<T> m, l, D;
-
-    static Scratch& get(std::int64_t d, std::int64_t dv) {
-        thread_local Scratch s;
-        s.S.resize(block_q, block_k);
-        s.F.resize(block_q, block_k);
-        s.Pd.resize(block_q, block_k);
-        s.dP.resize(block_q, block_k);
-        s.acc.resize(block_q, dv);
-        s.dK.resize(block_k, d);
-        s.dV.resize(block_k, dv);
-        s.m.resize(block_q);
-        s.l.resize(block_q);
-        return s;
-    }
-};
+using RowMap = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
+template <class T>
+using ConstRowMap = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
 
 }  // namespace
 
@@ -175,51 +186,69 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
         fail("attention", "scale ({}) and bias_scale ({}) must be finite", opt.scale, opt.bias_scale);
     const Problem<T> p(Q, K, V, bias, additive, opt);
     AttentionSaved<T> saved{Tensor<T>(out), Tensor<T>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1))};
+    if (out.numel() == 0) return saved;
     const std::int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
+    // Work items run over (leading index, query block); consecutive items of one thread share the
+    // leading index, so its Kᵀ is transposed once per thread and leading index, not per block.
+    const std::int64_t threads = std::max(1, num_threads());
+    const std::int64_t per_thread = (p.items * q_blocks + threads - 1) / threads;
 
-    parallel_for(p.items * q_blocks, block_q * p.Lk * (p.d + p.dv) * 2, [&](std::int64_t w) {
-        const std::int64_t t = w / q_blocks, i0 = (w % q_blocks) * block_q, rows = std::min(block_q, p.Lq - i0);
-        Scratch<T>& s = Scratch<T>::get(p.d, p.dv);
-        std::fill_n(s.m.begin(), rows, neg_inf<T>);
-        std::fill_n(s.l.begin(), rows, T(0));
-        auto acc = s.acc.topRows(rows);
-        acc.setZero();
-        const std::int64_t j_end = p.key_end(i0, rows);
-        for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {
-            const std::int64_t cols = std::min(block_k, p.Lk - j0);
-            auto S = s.S.topLeftCorner(rows, cols);
-            p.scores(t, i0, rows, j0, cols, S);
-            // Online softmax: running max m and sum l per row; S becomes the unnormalised P.
-            for (std::int64_t r = 0; r < rows; ++r) {
-                auto row = S.row(r);
-                const T mx = row.template maxCoeff<Eigen::PropagateNaN>();
-                const T m_new = (mx > s.m[r] || std::isnan(mx)) ? mx : s.m[r];
-                if (m_new == neg_inf<T>) {  // nothing kept so far in this row
-                    row.setZero();
-                    continue;
+    parallel_for(threads, per_thread * block_q * p.Lk * (p.d + p.dv) * 2, [&](std::int64_t worker) {
+        Scratch<T>& s = Scratch<T>::get();
+        ensure(s.S, block_q * block_k);
+        ensure(s.F, block_q * block_k);
+        ensure(s.acc, block_q * p.dv);
+        ensure(s.m, block_q);
+        ensure(s.l, block_q);
+        std::int64_t transposed_for = -1;
+        for (std::int64_t w = worker * per_thread; w < std::min(p.items * q_blocks, (worker + 1) * per_thread); ++w) {
+            const std::int64_t t = w / q_blocks, i0 = (w % q_blocks) * block_q, rows = std::min(block_q, p.Lq - i0);
+            if (t != transposed_for) {
+                Problem<T>::transpose(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
+                transposed_for = t;
+            }
+            std::fill_n(s.m.begin(), rows, neg_inf<T>);
+            std::fill_n(s.l.begin(), rows, T(0));
+            std::fill_n(s.acc.begin(), rows * p.dv, T(0));
+            const std::int64_t j_end = p.key_end(i0, rows);
+            for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {
+                const std::int64_t cols = std::min(block_k, p.Lk - j0);
+                T* S = s.S.data();
+                p.scores(t, i0, rows, j0, cols, s.Kt.data(), S);
+                // Online softmax: running max m and sum l per row; S becomes the unnormalised P.
+                for (std::int64_t r = 0; r < rows; ++r) {
+                    RowMap<T> row(S + r * block_k, cols);
+                    const T mx = row.template maxCoeff<Eigen::PropagateNaN>();
+                    const T m_new = (mx > s.m[r] || std::isnan(mx)) ? mx : s.m[r];
+                    if (m_new == neg_inf<T>) {  // nothing kept so far in this row
+                        row.setZero();
+                        continue;
+                    }
+                    const T alpha = std::exp(s.m[r] - m_new);
+                    row = (row - m_new).exp();
+                    s.l[r] = s.l[r] * alpha + row.sum();
+                    if (alpha != T(1)) RowMap<T>(s.acc.data() + r * p.dv, p.dv) *= alpha;
+                    s.m[r] = m_new;
                 }
-                const T alpha = std::exp(s.m[r] - m_new);
-                row = (row.array() - m_new).exp();
-                s.l[r] = s.l[r] * alpha + row.sum();
-                acc.row(r) *= alpha;
-                s.m[r] = m_new;
+                if (p.dropout) {
+                    p.dropout_tile(t, i0, rows, j0, cols, s.F.data());
+                    for (std::int64_t r = 0; r < rows; ++r)
+                        RowMap<T>(S + r * block_k, cols) *= RowMap<T>(s.F.data() + r * block_k, cols);
+                }
+                // acc += P·V_j
+                detail::tile_gemm<T>(rows, p.dv, cols, T(1), S, block_k, 1, p.v + (t * p.Lk + j0) * p.dv, p.dv, T(1), s.acc.data(), p.dv);
             }
-            if (p.dropout) {
-                auto F = s.F.topLeftCorner(rows, cols);
-                p.dropout_tile(t, i0, rows, j0, cols, F);
-                S.array() *= F.array();
-            }
-            acc.noalias() += S * CMap<T>(p.v + (t * p.Lk + j0) * p.dv, cols, p.dv);
-        }
-        MMap<T> O(saved.O.data() + (t * p.Lq + i0) * p.dv, rows, p.dv);
-        T* lse = saved.lse.data() + t * p.Lq + i0;
-        for (std::int64_t r = 0; r < rows; ++r) {
-            if (s.m[r] == neg_inf<T>) {  // every key masked: output 0
-                O.row(r).setZero();
-                lse[r] = neg_inf<T>;
-            } else {
-                O.row(r) = acc.row(r) / s.l[r];
-                lse[r] = s.m[r] + std::log(s.l[r]);
+            T* O = saved.O.data() + (t * p.Lq + i0) * p.dv;
+            T* lse = saved.lse.data() + t * p.Lq + i0;
+            for (std::int64_t r = 0; r < rows; ++r) {
+                RowMap<T> o(O + r * p.dv, p.dv);
+                if (s.m[r] == neg_inf<T>) {  // every key masked: output 0
+                    o.setZero();
+                    lse[r] = neg_inf<T>;
+                } else {
+                    o = RowMap<T>(s.acc.data() + r * p.dv, p.dv) / s.l[r];
+                    lse[r] = s.m[r] + std::log(s.l[r]);
+                }
             }
         }
     });
@@ -238,9 +267,10 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     if (dbias && !bias.defined()) fail(op, "a bias gradient was requested but there is no bias");
     const Problem<T> p(Q, K, V, bias, additive, opt);
     if (dQ) *dQ = zeros<T>(Q.shape());
-    if (dK) *dK = Tensor<T>(K.shape());
-    if (dV) *dV = Tensor<T>(V.shape());
+    if (dK) *dK = zeros<T>(K.shape());
+    if (dV) *dV = zeros<T>(V.shape());
     if (dbias) *dbias = zeros<T>(bias.shape());
+    if (out.numel() == 0 || p.Lk == 0) return;
 
     // Leading indices that share a slice of a broadcast bias gradient form one group, processed in
     // order by one thread: the bias gradient is summed in a fixed order without atomics.
@@ -249,62 +279,70 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         if (!dbias) return t;
         return (db_map.s[0] ? t / p.P1 : 0) * p.P1 + (db_map.s[1] ? t % p.P1 : 0);
     };
-    const std::int64_t groups = p.items;  // group ids are < items (unused ids have no members)
-    parallel_for(groups, p.Lq * p.Lk * (p.d + p.dv) * 4, [&](std::int64_t g) {
+    parallel_for(p.items, p.Lq * p.Lk * (p.d + p.dv) * 4, [&](std::int64_t g) {
+        Scratch<T>& s = Scratch<T>::get();
+        for (auto* buf : {&s.S, &s.F, &s.Pd, &s.dS}) ensure(*buf, block_q * block_k);
+        ensure(s.dK, block_k * p.d);
+        ensure(s.dV, block_k * p.dv);
+        ensure(s.D, p.Lq);
         for (std::int64_t t = 0; t < p.items; ++t) {
             if (group_of(t) != g) continue;
-            Scratch<T>& s = Scratch<T>::get(p.d, p.dv);
-            // D_i = rowsum(dO_i ⊙ O_i)
-            s.D.resize(static_cast<std::size_t>(p.Lq));
-            const CMap<T> dO_t(dO.data() + t * p.Lq * p.dv, p.Lq, p.dv), O_t(saved.O.data() + t * p.Lq * p.dv, p.Lq, p.dv);
-            for (std::int64_t i = 0; i < p.Lq; ++i) s.D[static_cast<std::size_t>(i)] = dO_t.row(i).dot(O_t.row(i));
+            Problem<T>::transpose(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
+            Problem<T>::transpose(p.v + t * p.Lk * p.dv, p.Lk, p.dv, s.Vt);
+            const T* dO_t = dO.data() + t * p.Lq * p.dv;
+            const T* O_t = saved.O.data() + t * p.Lq * p.dv;
+            for (std::int64_t i = 0; i < p.Lq; ++i)  // D_i = rowsum(dO_i ⊙ O_i)
+                s.D[static_cast<std::size_t>(i)] = (ConstRowMap<T>(dO_t + i * p.dv, p.dv) * ConstRowMap<T>(O_t + i * p.dv, p.dv)).sum();
             const T* lse = saved.lse.data() + t * p.Lq;
             for (std::int64_t j0 = 0; j0 < p.Lk; j0 += block_k) {
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
-                auto dKj = s.dK.topRows(cols);
-                auto dVj = s.dV.topRows(cols);
-                dKj.setZero();
-                dVj.setZero();
-                const CMap<T> Kj(p.k + (t * p.Lk + j0) * p.d, cols, p.d), Vj(p.v + (t * p.Lk + j0) * p.dv, cols, p.dv);
+                std::fill_n(s.dK.begin(), cols * p.d, T(0));
+                std::fill_n(s.dV.begin(), cols * p.dv, T(0));
+                const T* Kj = p.k + (t * p.Lk + j0) * p.d;
                 // Under a causal mask, rows above j0 see none of these keys.
                 for (std::int64_t i0 = p.causal ? j0 / block_q * block_q : 0; i0 < p.Lq; i0 += block_q) {
                     const std::int64_t rows = std::min(block_q, p.Lq - i0);
-                    auto P = s.S.topLeftCorner(rows, cols);
-                    p.scores(t, i0, rows, j0, cols, P);
+                    T* P = s.S.data();
+                    T* dS = s.dS.data();
+                    p.scores(t, i0, rows, j0, cols, s.Kt.data(), P);
                     for (std::int64_t r = 0; r < rows; ++r) {
-                        if (lse[i0 + r] == neg_inf<T>) P.row(r).setZero();  // fully masked row: P = 0
-                        else P.row(r) = (P.row(r).array() - lse[i0 + r]).exp();
+                        RowMap<T> row(P + r * block_k, cols);
+                        if (lse[i0 + r] == neg_inf<T>) row.setZero();  // fully masked row: P = 0
+                        else row = (row - lse[i0 + r]).exp();
                     }
-                    const CMap<T> dOi(dO.data() + (t * p.Lq + i0) * p.dv, rows, p.dv), Qi(p.q + (t * p.Lq + i0) * p.d, rows, p.d);
-                    auto F = s.F.topLeftCorner(rows, cols);
-                    if (p.dropout) p.dropout_tile(t, i0, rows, j0, cols, F);
-                    if (dV) {  // dV_j += dropout(P)ᵀ·dO_i
-                        if (p.dropout) {
-                            auto Pd = s.Pd.topLeftCorner(rows, cols);
-                            Pd = P.cwiseProduct(F);
-                            dVj.noalias() += Pd.transpose() * dOi;
-                        } else {
-                            dVj.noalias() += P.transpose() * dOi;
-                        }
+                    const T* dOi = dO_t + i0 * p.dv;
+                    const T* Qi = p.q + (t * p.Lq + i0) * p.d;
+                    const T* Pd = P;  // dropout(P)
+                    if (p.dropout) {
+                        p.dropout_tile(t, i0, rows, j0, cols, s.F.data());
+                        for (std::int64_t r = 0; r < rows; ++r)
+                            RowMap<T>(s.Pd.data() + r * block_k, cols) =
+                                RowMap<T>(P + r * block_k, cols) * RowMap<T>(s.F.data() + r * block_k, cols);
+                        Pd = s.Pd.data();
                     }
+                    // dV_j += dropout(P)ᵀ·dO_i
+                    if (dV) detail::tile_gemm<T>(cols, p.dv, rows, T(1), Pd, 1, block_k, dOi, p.dv, T(1), s.dV.data(), p.dv);
                     // dS = P ⊙ (dropout_mask ⊙ (dO_i·V_jᵀ) − D_i)
-                    auto dS = s.dP.topLeftCorner(rows, cols);
-                    dS.noalias() = dOi * Vj.transpose();
-                    if (p.dropout) dS.array() *= F.array();
-                    for (std::int64_t r = 0; r < rows; ++r)
-                        dS.row(r) = P.row(r).cwiseProduct((dS.row(r).array() - s.D[static_cast<std::size_t>(i0 + r)]).matrix());
+                    detail::tile_gemm<T>(rows, cols, p.dv, T(1), dOi, p.dv, 1, s.Vt.data() + j0, p.Lk, T(0), dS, block_k);
+                    for (std::int64_t r = 0; r < rows; ++r) {
+                        RowMap<T> ds(dS + r * block_k, cols);
+                        if (p.dropout) ds *= RowMap<T>(s.F.data() + r * block_k, cols);
+                        ds = RowMap<T>(P + r * block_k, cols) * (ds - s.D[static_cast<std::size_t>(i0 + r)]);
+                    }
                     if (dbias) {
                         for (std::int64_t r = 0; r < rows; ++r) {
                             T* dst = dbias->data() + p.lead(db_map, t) + (i0 + r) * db_map.s[2] + j0 * db_map.s[3];
-                            if (db_map.s[3]) Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(dst, cols) += p.bias_scale * dS.row(r);
-                            else *dst += p.bias_scale * dS.row(r).sum();
+                            RowMap<T> ds(dS + r * block_k, cols);
+                            if (db_map.s[3]) RowMap<T>(dst, cols) += p.bias_scale * ds;
+                            else *dst += p.bias_scale * ds.sum();
                         }
                     }
-                    if (dQ) MMap<T>(dQ->data() + (t * p.Lq + i0) * p.d, rows, p.d).noalias() += p.scale * (dS * Kj);
-                    if (dK) dKj.noalias() += p.scale * (dS.transpose() * Qi);
+                    // dQ_i += scale·dS·K_j ; dK_j += scale·dSᵀ·Q_i
+                    if (dQ) detail::tile_gemm<T>(rows, p.d, cols, p.scale, dS, block_k, 1, Kj, p.d, T(1), dQ->data() + (t * p.Lq + i0) * p.d, p.d);
+                    if (dK) detail::tile_gemm<T>(cols, p.d, rows, p.scale, dS, 1, block_k, Qi, p.d, T(1), s.dK.data(), p.d);
                 }
-                if (dK) MMap<T>(dK->data() + (t * p.Lk + j0) * p.d, cols, p.d) = dKj;
-                if (dV) MMap<T>(dV->data() + (t * p.Lk + j0) * p.dv, cols, p.dv) = dVj;
+                if (dK) std::copy_n(s.dK.begin(), cols * p.d, dK->data() + (t * p.Lk + j0) * p.d);
+                if (dV) std::copy_n(s.dV.begin(), cols * p.dv, dV->data() + (t * p.Lk + j0) * p.dv);
             }
         }
     });
