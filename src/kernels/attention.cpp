@@ -36,6 +36,11 @@ constexpr std::int64_t block_q = 64, block_k = 64;
 template <class T>
 constexpr T neg_inf = -std::numeric_limits<T>::infinity();
 
+template <class T>
+using RowMap = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
+template <class T>
+using ConstRowMap = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
+
 // A broadcast operand of the scores (..., Lq, Lk): data and strides over the padded rank-4 scores.
 template <class U>
 struct Broadcast {
@@ -133,10 +138,8 @@ struct Problem {
             for (std::int64_t r = 0; r < rows; ++r) {
                 const T* src = b.data + lead(b, t) + (i0 + r) * b.s[2] + j0 * b.s[3];
                 T* dst = S + r * block_k;
-                if (b.s[3])
-                    for (std::int64_t c = 0; c < cols; ++c) dst[c] += factor * src[c];
-                else
-                    for (std::int64_t c = 0; c < cols; ++c) dst[c] += factor * src[0];
+                if (b.s[3]) RowMap<T>(dst, cols) += factor * ConstRowMap<T>(src, cols);
+                else RowMap<T>(dst, cols) += factor * src[0];
             }
         };
         add(bias, bias_scale);
@@ -169,10 +172,6 @@ struct Problem {
     }
 };
 
-template <class T>
-using RowMap = Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>;
-template <class T>
-using ConstRowMap = Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>;
 
 }  // namespace
 

@@ -180,8 +180,8 @@ Tensor<T> matmul_forward(const Tensor<T>& A, bool trans_a, const Tensor<T>& B, b
 }
 
 template <class T>
-void strided_batched_gemm_backward(T alpha, const Tensor<T>& A, const Tensor<T>& B, const Tensor<T>& dC, T beta,
-                                   NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, GemmFlags f) {
+void strided_batched_gemm_backward(NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, const Tensor<T>& dC, T alpha,
+                                   const Tensor<T>& A, const Tensor<T>& B, T beta, GemmFlags f) {
     const char* op = "strided_batched_gemm_backward";
     if (!A.defined() || !B.defined() || !dC.defined()) fail(op, "A, B and dC must be allocated tensors");
     Shape c = gemm_output_shape(op, A.shape(), f.trans_a, B.shape(), f.trans_b);
@@ -215,15 +215,15 @@ void matmul_backward(NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, const Ten
                      const Tensor<T>& B, bool trans_b) {
     if (dA) *dA = Tensor<T>(A.shape());
     if (dB) *dB = Tensor<T>(B.shape());
-    strided_batched_gemm_backward<T>(T(1), A, B, dC, T(0), dA, dB, {trans_a, trans_b, false});
+    strided_batched_gemm_backward<T>(dA, dB, dC, T(1), A, B, T(0), {trans_a, trans_b, false});
 }
 
-#define AUTODIFF_INSTANTIATE(T)                                                                               \
-    template void strided_batched_gemm<T>(T, const Tensor<T>&, const Tensor<T>&, T, Tensor<T>&, GemmFlags);    \
-    template void strided_batched_gemm_backward<T>(T, const Tensor<T>&, const Tensor<T>&, const Tensor<T>&, T,   \
-                                                   Tensor<T>*, Tensor<T>*, GemmFlags);                         \
-    template Tensor<T> matmul_forward<T>(const Tensor<T>&, bool, const Tensor<T>&, bool);                     \
-    template void matmul_backward<T>(Tensor<T>*, Tensor<T>*, const Tensor<T>&, const Tensor<T>&, bool,        \
+#define AUTODIFF_INSTANTIATE(T)                                                                                   \
+    template void strided_batched_gemm<T>(T, const Tensor<T>&, const Tensor<T>&, T, Tensor<T>&, GemmFlags);       \
+    template void strided_batched_gemm_backward<T>(Tensor<T>*, Tensor<T>*, const Tensor<T>&, T, const Tensor<T>&, \
+                                                   const Tensor<T>&, T, GemmFlags);                               \
+    template Tensor<T> matmul_forward<T>(const Tensor<T>&, bool, const Tensor<T>&, bool);                         \
+    template void matmul_backward<T>(Tensor<T>*, Tensor<T>*, const Tensor<T>&, const Tensor<T>&, bool,            \
                                      const Tensor<T>&, bool);
 AUTODIFF_INSTANTIATE(float)
 AUTODIFF_INSTANTIATE(double)

@@ -34,8 +34,8 @@ Tensor<T> linear_forward(const Tensor<T>& x, const Tensor<T>& W, const Tensor<T>
 }
 
 template <class T>
-void linear_backward(const Tensor<T>& dy, const Tensor<T>& x, const Tensor<T>& W, NoDeduce<Tensor<T>>* dx, NoDeduce<Tensor<T>>* dW,
-                     NoDeduce<Tensor<T>>* db) {
+void linear_backward(NoDeduce<Tensor<T>>* dx, NoDeduce<Tensor<T>>* dW, NoDeduce<Tensor<T>>* db, const Tensor<T>& dy,
+                     const Tensor<T>& x, const Tensor<T>& W) {
     const char* op = "linear_backward";
     const Shape y = linear_output_shape(op, x.shape(), W.shape(), nullptr);
     if (dy.shape() != y) fail(op, "dy must have the output's shape {}, got {}", y, dy.shape());
@@ -53,7 +53,7 @@ void linear_backward(const Tensor<T>& dy, const Tensor<T>& x, const Tensor<T>& W
 
 #define AUTODIFF_INSTANTIATE(T)                                                                 \
     template Tensor<T> linear_forward<T>(const Tensor<T>&, const Tensor<T>&, const Tensor<T>&); \
-    template void linear_backward<T>(const Tensor<T>&, const Tensor<T>&, const Tensor<T>&, NoDeduce<Tensor<T>>*, NoDeduce<Tensor<T>>*, NoDeduce<Tensor<T>>*);
+    template void linear_backward<T>(Tensor<T>*, Tensor<T>*, Tensor<T>*, const Tensor<T>&, const Tensor<T>&, const Tensor<T>&);
 AUTODIFF_INSTANTIATE(float)
 AUTODIFF_INSTANTIATE(double)
 #undef AUTODIFF_INSTANTIATE

@@ -43,7 +43,7 @@ T mse_loss_forward(const Tensor<T>& a, const Tensor<T>& b) {
 }
 
 template <class T>
-void mse_loss_backward(T dloss, const Tensor<T>& a, const Tensor<T>& b, NoDeduce<Tensor<T>>* da, NoDeduce<Tensor<T>>* db) {
+void mse_loss_backward(NoDeduce<Tensor<T>>* da, NoDeduce<Tensor<T>>* db, T dloss, const Tensor<T>& a, const Tensor<T>& b) {
     check_same("mse_loss_backward", a.shape(), b.shape());
     const T k = dloss * T(2) / static_cast<T>(a.numel());
     Tensor<T> g(a.shape());
@@ -80,7 +80,7 @@ Tensor<T> reduce_to_shape(const Tensor<T>& g, const Shape& target) {
 #define AUTODIFF_INSTANTIATE(T)                                                                         \
     template T sum_forward<T>(const Tensor<T>&);                                                        \
     template T mse_loss_forward<T>(const Tensor<T>&, const Tensor<T>&);                                 \
-    template void mse_loss_backward<T>(T, const Tensor<T>&, const Tensor<T>&, Tensor<T>*, Tensor<T>*);  \
+    template void mse_loss_backward<T>(Tensor<T>*, Tensor<T>*, T, const Tensor<T>&, const Tensor<T>&);  \
     template Tensor<T> reduce_to_shape<T>(const Tensor<T>&, const Shape&);
 AUTODIFF_INSTANTIATE(float)
 AUTODIFF_INSTANTIATE(double)

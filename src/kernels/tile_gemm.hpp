@@ -4,8 +4,8 @@
 // C (m×n) = beta·C + alpha·op(A)·B, where op(A)(r, p) = A[r·a_row + p·a_col] (so a transposed A costs
 // nothing: its elements are broadcast one at a time anyway) and B is row-major with leading
 // dimension ldb. The micro-kernel keeps a block of 6 rows × 4 vectors of C in registers across the
-// whole k loop (24 accumulators: 6×64 floats with AVX-512), loads 4 vectors of a row of B and
-// broadcasts 6 elements of A per step, and never packs its operands: Eigen's GEMM re-packs both
+// whole k loop (24 accumulators: 6×64 floats with AVX-512; 6 × 2 vectors with 16 registers), loads
+// the vectors of a row of B and broadcasts 6 elements of A per step, and never packs its operands: Eigen's GEMM re-packs both
 // operands on every call, which at attention's 64×64 tiles costs more than the arithmetic.
 // GCC/Clang vector extensions pick the widest registers the target has (-march=native).
 
@@ -14,10 +14,21 @@
 
 namespace autodiff::detail {
 
+// The target's widest vector registers. With 32 of them (AVX-512) a 6-row block holds 4 vectors per
+// row in 24 accumulators; with 16 (AVX2, SSE) it holds 2, which keeps 12 accumulators, 2 rows of B
+// and 1 broadcast in registers.
+#if defined(__AVX512F__)
+inline constexpr int simd_bytes = 64, block_vectors = 4;
+#elif defined(__AVX__)
+inline constexpr int simd_bytes = 32, block_vectors = 2;
+#else
+inline constexpr int simd_bytes = 16, block_vectors = 2;
+#endif
+
 template <class T>
 struct Simd {
-    using type [[gnu::vector_size(64)]] = T;
-    static constexpr int lanes = 64 / sizeof(T);
+    using type [[gnu::vector_size(simd_bytes)]] = T;
+    static constexpr int lanes = simd_bytes / sizeof(T);
 };
 
 template <class T>
@@ -56,13 +67,15 @@ inline void micro_kernel(std::int64_t k, T alpha, const T* A, std::int64_t a_row
         }
 }
 
-// Rows [r0, r0 + MR) of C for every column: full 4-vector blocks, then single vectors, then scalars.
+// Rows [r0, r0 + MR) of C for every column: full blocks of block_vectors vectors, then single
+// vectors, then scalars.
 template <class T, int MR>
 inline void row_block(std::int64_t n, std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col,
                       const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
     constexpr int W = Simd<T>::lanes;
     std::int64_t c = 0;
-    for (; c + 4 * W <= n; c += 4 * W) micro_kernel<T, MR, 4>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
+    constexpr int NV = block_vectors;
+    for (; c + NV * W <= n; c += NV * W) micro_kernel<T, MR, NV>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
     for (; c + W <= n; c += W) micro_kernel<T, MR, 1>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
     for (; c < n; ++c)
         for (int r = 0; r < MR; ++r) {
