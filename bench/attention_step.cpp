@@ -9,11 +9,19 @@
 #include <optional>
 #include <vector>
 
+#include <sys/resource.h>
+
 #include <fmt/core.h>
 
 #include <autodiff/autodiff.hpp>
 
 namespace ad = autodiff;
+
+static double peak_rss_mib() {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
 
 namespace {
 struct Stats {
@@ -68,8 +76,8 @@ int main(int argc, char** argv) {
     }
     const Stats f = stats(fwd), fb = stats(fwd_bwd);
     fmt::print("{{\"fwd_ms\": {:.4f}, \"fwd_min_ms\": {:.4f}, \"fwd_max_ms\": {:.4f}, \"fwd_bwd_ms\": {:.4f}, \"fwd_bwd_min_ms\": {:.4f}, "
-               "\"fwd_bwd_max_ms\": {:.4f}, \"threads\": {}, \"pool_peak_mib\": {:.1f}}}\n",
-               f.median, f.min, f.max, fb.median, fb.min, fb.max, ad::num_threads(),
+               "\"fwd_bwd_max_ms\": {:.4f}, \"threads\": {}, \"rss_mib\": {:.1f}, \"pool_peak_mib\": {:.1f}}}\n",
+               f.median, f.min, f.max, fb.median, fb.min, fb.max, ad::num_threads(), peak_rss_mib(),
                static_cast<double>(ad::pool::stats().peak_bytes_in_use) / (1 << 20));
     return 0;
 }

@@ -7,12 +7,20 @@
 #include <cstdlib>
 #include <vector>
 
+#include <sys/resource.h>
+
 #include <fmt/core.h>
 #include <fmt/format.h>
 
 #include <autodiff/autodiff.hpp>
 
 namespace ad = autodiff;
+
+static double peak_rss_mib() {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
 
 int main(int argc, char** argv) {
     if (argc != 7) {
@@ -41,8 +49,8 @@ int main(int argc, char** argv) {
         ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     }
     std::sort(ms.begin(), ms.end());
-    fmt::print("{{\"median_ms\": {:.4f}, \"min_ms\": {:.4f}, \"max_ms\": {:.4f}, \"threads\": {}, \"peak_pool_mib\": {:.1f}}}\n",
-               ms[ms.size() / 2], ms.front(), ms.back(), ad::num_threads(),
+    fmt::print("{{\"median_ms\": {:.4f}, \"min_ms\": {:.4f}, \"max_ms\": {:.4f}, \"threads\": {}, \"rss_mib\": {:.1f}, \"peak_pool_mib\": {:.1f}}}\n",
+               ms[ms.size() / 2], ms.front(), ms.back(), ad::num_threads(), peak_rss_mib(),
                static_cast<double>(ad::pool::stats().peak_bytes_in_use) / (1 << 20));
     return 0;
 }
