@@ -396,16 +396,16 @@ TEST_CASE("linear kernels: bad gradient buffers and shapes are rejected") {
     const Tensor x = any({5, 7}), W = any({3, 7}), dy = any({5, 3});
     SUBCASE("linear_backward with dW of the wrong shape") {
         Tensor dW = any({7, 3});
-        check_error([&] { ad::linear_backward<double>(dy, x, W, nullptr, &dW, nullptr); }, "linear_backward",
+        check_error([&] { ad::linear_backward<double>(nullptr, &dW, nullptr, dy, x, W); }, "linear_backward",
                     {"dW", "(3,7)", "got (7,3)"});
     }
     SUBCASE("linear_backward with db of the wrong shape") {
         Tensor db = any({4});
-        check_error([&] { ad::linear_backward<double>(dy, x, W, nullptr, nullptr, &db); }, "linear_backward", {"db", "(3)", "got (4)"});
+        check_error([&] { ad::linear_backward<double>(nullptr, nullptr, &db, dy, x, W); }, "linear_backward", {"db", "(3)", "got (4)"});
     }
     SUBCASE("linear_backward with dy of the wrong shape") {
         Tensor dx;
-        check_error([&] { ad::linear_backward<double>(any({5, 4}), x, W, &dx, nullptr, nullptr); }, "linear_backward",
+        check_error([&] { ad::linear_backward<double>(&dx, nullptr, nullptr, any({5, 4}), x, W); }, "linear_backward",
                     {"dy", "(5,3)", "got (5,4)"});
     }
     SUBCASE("linear_forward with input features that differ") {
@@ -419,7 +419,7 @@ TEST_CASE("reduction, dropout and layout kernels: bad arguments are rejected") {
     }
     SUBCASE("mse_loss_backward with different shapes") {
         Tensor da;
-        check_error([&] { ad::mse_loss_backward<double>(1.0, any({2, 3}), any({3, 2}), &da, nullptr); }, "mse_loss_backward",
+        check_error([&] { ad::mse_loss_backward<double>(&da, nullptr, 1.0, any({2, 3}), any({3, 2})); }, "mse_loss_backward",
                     {"input (2,3)", "target (3,2)"});
     }
     SUBCASE("dropout_forward with rate 1") {

@@ -253,7 +253,7 @@ TEST_CASE("strided_batched_gemm_backward: every flag, alpha and beta, batched an
                     const Tensor dB0 = beta == 0 ? ad::full<double>(B.shape(), qnan) : randn(B.shape(), 15);
                     const auto [dA_want, dB_want] = naive_gemm_backward(alpha, A, B, dC, beta, dA0, dB0, f);
                     Tensor dA = dA0.clone(), dB = dB0.clone();
-                    ad::strided_batched_gemm_backward<double>(alpha, A, B, dC, beta, &dA, &dB, gemm_flags(f));
+                    ad::strided_batched_gemm_backward<double>(&dA, &dB, dC, alpha, A, B, beta, gemm_flags(f));
                     check_close(dA, dA_want);
                     check_close(dB, dB_want);
                 }
@@ -281,7 +281,7 @@ TEST_CASE("strided_batched_gemm_backward: equals central differences of the forw
             const Tensor dA_numeric = central_differences_of_linear(A, f_of_AB);
             const Tensor dB_numeric = central_differences_of_linear(B, f_of_AB);
             Tensor dA(A.shape()), dB(B.shape());
-            ad::strided_batched_gemm_backward<double>(alpha, A, B, dC, 0.0, &dA, &dB, gemm_flags(f));
+            ad::strided_batched_gemm_backward<double>(&dA, &dB, dC, alpha, A, B, 0.0, gemm_flags(f));
             check_close(dA, dA_numeric);
             check_close(dB, dB_numeric);
         }
@@ -295,10 +295,10 @@ TEST_CASE("strided_batched_gemm_backward: beta = 1 accumulates, so two calls fro
         const Tensor A = randn(matrix_shape({2}, 3, 4, f.ta), 31), B = randn(matrix_shape({2}, 4, 5, f.tb), 32);
         const Tensor dC = randn(matrix_shape({2}, 3, 5, f.tc), 33);
         Tensor dA_once(A.shape()), dB_once(B.shape());
-        ad::strided_batched_gemm_backward<double>(0.5, A, B, dC, 0.0, &dA_once, &dB_once, gemm_flags(f));
+        ad::strided_batched_gemm_backward<double>(&dA_once, &dB_once, dC, 0.5, A, B, 0.0, gemm_flags(f));
         Tensor dA = ad::zeros<double>(A.shape()), dB = ad::zeros<double>(B.shape());
-        ad::strided_batched_gemm_backward<double>(0.5, A, B, dC, 1.0, &dA, &dB, gemm_flags(f));
-        ad::strided_batched_gemm_backward<double>(0.5, A, B, dC, 1.0, &dA, &dB, gemm_flags(f));
+        ad::strided_batched_gemm_backward<double>(&dA, &dB, dC, 0.5, A, B, 1.0, gemm_flags(f));
+        ad::strided_batched_gemm_backward<double>(&dA, &dB, dC, 0.5, A, B, 1.0, gemm_flags(f));
         check_close(dA, scaled(dA_once, 2.0));
         check_close(dB, scaled(dB_once, 2.0));
     }
@@ -312,16 +312,16 @@ TEST_CASE("strided_batched_gemm_backward: nullptr skips that gradient and leaves
     const auto [dA_want, dB_want] = naive_gemm_backward(1.0, A, B, dC, 0.0, nan_A, nan_B, f);
     SUBCASE("only dA") {
         Tensor dA(A.shape());
-        ad::strided_batched_gemm_backward<double>(1.0, A, B, dC, 0.0, &dA, nullptr, gemm_flags(f));
+        ad::strided_batched_gemm_backward<double>(&dA, nullptr, dC, 1.0, A, B, 0.0, gemm_flags(f));
         check_close(dA, dA_want);
     }
     SUBCASE("only dB") {
         Tensor dB(B.shape());
-        ad::strided_batched_gemm_backward<double>(1.0, A, B, dC, 0.0, nullptr, &dB, gemm_flags(f));
+        ad::strided_batched_gemm_backward<double>(nullptr, &dB, dC, 1.0, A, B, 0.0, gemm_flags(f));
         check_close(dB, dB_want);
     }
     SUBCASE("neither: nothing to do, and no error") {
-        CHECK_NOTHROW(ad::strided_batched_gemm_backward<double>(1.0, A, B, dC, 0.0, nullptr, nullptr, gemm_flags(f)));
+        CHECK_NOTHROW(ad::strided_batched_gemm_backward<double>(nullptr, nullptr, dC, 1.0, A, B, 0.0, gemm_flags(f)));
     }
 }
 
@@ -330,24 +330,24 @@ TEST_CASE("strided_batched_gemm_backward: dA, dB or dC of the wrong shape throws
     const char* op = "strided_batched_gemm_backward";
     SUBCASE("dA") {
         Tensor dA = ad::zeros<double>({2, 4, 3}), dB = ad::zeros<double>(B.shape());
-        CHECK_THROWS_WITH_AS(ad::strided_batched_gemm_backward<double>(1.0, A, B, dC, 0.0, &dA, &dB),
+        CHECK_THROWS_WITH_AS(ad::strided_batched_gemm_backward<double>(&dA, &dB, dC, 1.0, A, B, 0.0),
                              fmt::format("{}: dA must have A's shape (2,3,4), got (2,4,3)", op).c_str(), ad::Error);
     }
     SUBCASE("dB") {
         Tensor dB = ad::zeros<double>({4, 5});  // B's matrix shape without the batch
-        CHECK_THROWS_WITH_AS(ad::strided_batched_gemm_backward<double>(1.0, A, B, dC, 0.0, nullptr, &dB),
+        CHECK_THROWS_WITH_AS(ad::strided_batched_gemm_backward<double>(nullptr, &dB, dC, 1.0, A, B, 0.0),
                              fmt::format("{}: dB must have B's shape (2,4,5), got (4,5)", op).c_str(), ad::Error);
     }
     SUBCASE("dC: C is (2,5,3) when trans_c is set") {
         Tensor dA(A.shape());
-        CHECK_THROWS_WITH_AS(ad::strided_batched_gemm_backward<double>(1.0, A, B, dC, 0.0, &dA, nullptr, {false, false, true}),
+        CHECK_THROWS_WITH_AS(ad::strided_batched_gemm_backward<double>(&dA, nullptr, dC, 1.0, A, B, 0.0, {false, false, true}),
                              fmt::format("{}: dC has shape (2,3,5) but C of A (2,3,4) and B (2,4,5) has shape (2,5,3)", op).c_str(),
                              ad::Error);
     }
     SUBCASE("dC summed over the batch (the forward's rank-2 C) is not a backward mode") {
         Tensor dA(A.shape());
         const Tensor dC2 = randn({3, 5}, 54);
-        CHECK_THROWS_WITH_AS(ad::strided_batched_gemm_backward<double>(1.0, A, B, dC2, 0.0, &dA, nullptr),
+        CHECK_THROWS_WITH_AS(ad::strided_batched_gemm_backward<double>(&dA, nullptr, dC2, 1.0, A, B, 0.0),
                              fmt::format("{}: dC has shape (3,5) but C of A (2,3,4) and B (2,4,5) has shape (2,3,5)", op).c_str(),
                              ad::Error);
     }
@@ -402,7 +402,7 @@ TEST_CASE("linear_forward and linear_backward give bitwise the engine's linear v
 
             const Tensor y_functional = with_bias ? ad::linear_forward(x.value(), W.value(), b.value()) : ad::linear_forward(x.value(), W.value());
             Tensor dx, dW = ad::zeros<double>(W.shape()), db = ad::zeros<double>(b.shape());
-            ad::linear_backward(dy, x.value(), W.value(), &dx, &dW, with_bias ? &db : nullptr);
+            ad::linear_backward(&dx, &dW, with_bias ? &db : nullptr, dy, x.value(), W.value());
             check_bitwise(y.value(), y_functional);
             check_bitwise(x.grad(), dx);
             check_bitwise(W.grad(), dW);
@@ -421,8 +421,8 @@ TEST_CASE("linear_backward accumulates dW and db like the engine's second backwa
     ad::Var<double>(ad::linear(x2, W, b)).backward(dy2);
 
     Tensor dW = ad::zeros<double>(W.shape()), db = ad::zeros<double>(b.shape());
-    ad::linear_backward<double>(dy1, x1, W.value(), nullptr, &dW, &db);
-    ad::linear_backward<double>(dy2, x2, W.value(), nullptr, &dW, &db);
+    ad::linear_backward<double>(nullptr, &dW, &db, dy1, x1, W.value());
+    ad::linear_backward<double>(nullptr, &dW, &db, dy2, x2, W.value());
     // The engine adds the second gradient (computed from zeros) to the first; linear_backward adds the
     // second product straight into dW inside the GEMM: one rounding apart, so compared to 1e-12.
     check_close(W.grad(), dW);
@@ -522,7 +522,7 @@ TEST_CASE("mse_loss_forward and mse_loss_backward give bitwise the engine's mse 
         loss.backward();
         const double loss_functional = ad::mse_loss_forward(a.value(), b.value());
         Tensor da, db;
-        ad::mse_loss_backward(1.0, a.value(), b.value(), &da, &db);
+        ad::mse_loss_backward(&da, &db, 1.0, a.value(), b.value());
         CHECK(std::memcmp(&loss.value().data()[0], &loss_functional, sizeof(double)) == 0);
         check_bitwise(a.grad(), da);
         check_bitwise(b.grad(), db);
@@ -587,27 +587,27 @@ AttentionGradients functional_attention(const AttentionWeights& w, const Tensor&
 
     // Backward.
     Tensor dOout;
-    ad::mse_loss_backward<double>(1.0, Oout, target, &dOout, nullptr);
+    ad::mse_loss_backward<double>(&dOout, nullptr, 1.0, Oout, target);
     Tensor dOm;
     g.dWo = ad::zeros<double>(w.Wo.shape());
     g.dbo = ad::zeros<double>(w.bo.shape());
-    ad::linear_backward(dOout, Om, w.Wo, &dOm, &g.dWo, &g.dbo);
+    ad::linear_backward(&dOm, &g.dWo, &g.dbo, dOout, Om, w.Wo);
     const Tensor dO = split_heads(dOm, H);
     Tensor dPd(Pd.shape()), dV(V.shape());
-    ad::strided_batched_gemm_backward<double>(1.0, Pd, V, dO, 0.0, &dPd, &dV);
+    ad::strided_batched_gemm_backward<double>(&dPd, &dV, dO, 1.0, Pd, V, 0.0);
     const Tensor dP = ad::dropout_backward(drop, dPd);
     const Tensor dS = ad::softmax_backward(dP, P);
     Tensor dQ(Q.shape()), dK(K.shape());
-    ad::strided_batched_gemm_backward<double>(alpha, Q, K, dS, 0.0, &dQ, &dK, {false, true, false});
+    ad::strided_batched_gemm_backward<double>(&dQ, &dK, dS, alpha, Q, K, 0.0, {false, true, false});
     g.dWq = ad::zeros<double>(w.Wq.shape());
     g.dbq = ad::zeros<double>(w.bq.shape());
     g.dWk = ad::zeros<double>(w.Wk.shape());
     g.dbk = ad::zeros<double>(w.bk.shape());
     g.dWv = ad::zeros<double>(w.Wv.shape());
     g.dbv = ad::zeros<double>(w.bv.shape());
-    ad::linear_backward(merge_heads(dQ), Qin, w.Wq, &g.dQin, &g.dWq, &g.dbq);
-    ad::linear_backward(merge_heads(dK), Kin, w.Wk, &g.dKin, &g.dWk, &g.dbk);
-    ad::linear_backward(merge_heads(dV), Vin, w.Wv, &g.dVin, &g.dWv, &g.dbv);
+    ad::linear_backward(&g.dQin, &g.dWq, &g.dbq, merge_heads(dQ), Qin, w.Wq);
+    ad::linear_backward(&g.dKin, &g.dWk, &g.dbk, merge_heads(dK), Kin, w.Wk);
+    ad::linear_backward(&g.dVin, &g.dWv, &g.dbv, merge_heads(dV), Vin, w.Wv);
     return g;
 }
 

@@ -958,7 +958,7 @@ TEST_CASE("linear_backward: dx = dy·W, dW = dyᵀ·x and db = colsum(dy) for x 
         const Tensor dy = randn(ys, 6);
         const LinearGrads want = naive_linear_backward(dy, x, W);
         Tensor dx, dW = ad::zeros<double>({3, 5}), db = ad::zeros<double>({3});
-        ad::linear_backward(dy, x, W, &dx, &dW, &db);
+        ad::linear_backward(&dx, &dW, &db, dy, x, W);
         check_close(dx, want.dx);
         check_close(dW, want.dW);
         check_close(db, want.db);
@@ -970,8 +970,8 @@ TEST_CASE("linear_backward: dW and db accumulate (called twice: twice the gradie
     const LinearGrads want = naive_linear_backward(dy, x, W);
     Tensor dx = ad::full<double>(x.shape(), qnan);  // garbage: must not be read
     Tensor dW = ad::zeros<double>(W.shape()), db = ad::zeros<double>({4});
-    ad::linear_backward(dy, x, W, &dx, &dW, &db);
-    ad::linear_backward(dy, x, W, &dx, &dW, &db);
+    ad::linear_backward(&dx, &dW, &db, dy, x, W);
+    ad::linear_backward(&dx, &dW, &db, dy, x, W);
     check_close(dx, want.dx);
     check_close(dW, ad::unary_forward(ad::Scale<double>{2.0}, want.dW));
     check_close(db, ad::unary_forward(ad::Scale<double>{2.0}, want.db));
@@ -979,7 +979,7 @@ TEST_CASE("linear_backward: dW and db accumulate (called twice: twice the gradie
     SUBCASE("accumulation onto existing values") {
         const Tensor dW0 = randn(W.shape(), 10), db0 = randn({4}, 11);
         Tensor dW1 = dW0.clone(), db1 = db0.clone();
-        ad::linear_backward<double>(dy, x, W, nullptr, &dW1, &db1);
+        ad::linear_backward<double>(nullptr, &dW1, &db1, dy, x, W);
         Tensor dW_want = dW0.clone(), db_want = db0.clone();
         dW_want.array() += want.dW.array();
         db_want.array() += want.db.array();
@@ -992,10 +992,10 @@ TEST_CASE("linear_backward: a null gradient pointer skips that gradient") {
     const Tensor W = randn({3, 5}, 12), x = randn({4, 5}, 13), dy = randn({4, 3}, 14);
     const LinearGrads want = naive_linear_backward(dy, x, W);
     Tensor dx;
-    ad::linear_backward<double>(dy, x, W, &dx, nullptr, nullptr);
+    ad::linear_backward<double>(&dx, nullptr, nullptr, dy, x, W);
     check_close(dx, want.dx);
     Tensor db = ad::zeros<double>({3});
-    ad::linear_backward<double>(dy, x, W, nullptr, nullptr, &db);
+    ad::linear_backward<double>(nullptr, nullptr, &db, dy, x, W);
     check_close(db, want.db);
 }
 
@@ -1006,8 +1006,8 @@ TEST_CASE("linear: shape errors name the input, the weight and the bias") {
     CHECK_THROWS_WITH_AS((void)ad::linear_forward(ad::zeros<double>({2, 5}), W, ad::zeros<double>({5})),
                          "linear: bias must have shape (3) for weight (3,5), got (5)", ad::Error);
     Tensor dW = ad::zeros<double>({5, 3});
-    CHECK_THROWS_WITH_AS(ad::linear_backward<double>(ad::zeros<double>({2, 3}), ad::zeros<double>({2, 5}), W, nullptr,
-                                                     &dW, nullptr),
+    CHECK_THROWS_WITH_AS(ad::linear_backward<double>(nullptr, &dW, nullptr, ad::zeros<double>({2, 3}),
+                                                     ad::zeros<double>({2, 5}), W),
                          "linear_backward: dW must have W's shape (3,5), got (5,3)", ad::Error);
 }
 
@@ -1408,12 +1408,12 @@ TEST_CASE("mse_loss_backward: da = dloss·2(a − b)/N, db = −da") {
     const Tensor a = randn({3, 4, 5}, 64), b = randn({3, 4, 5}, 65);
     const double dloss = 0.7;
     Tensor da, db;
-    ad::mse_loss_backward(dloss, a, b, &da, &db);
+    ad::mse_loss_backward(&da, &db, dloss, a, b);
     const Tensor want = map(ad::binary_forward(ad::Sub{}, a, b, a.shape()), [&](double d) { return dloss * 2 * d / 60; });
     check_close(da, want);
     check_close(db, ad::unary_forward(ad::Neg{}, want));
     Tensor db_only;
-    ad::mse_loss_backward<double>(dloss, a, b, nullptr, &db_only);
+    ad::mse_loss_backward<double>(nullptr, &db_only, dloss, a, b);
     check_close(db_only, ad::unary_forward(ad::Neg{}, want));
 }
 
@@ -1424,7 +1424,7 @@ TEST_CASE("mse_loss: different shapes or empty inputs throw") {
     CHECK_THROWS_WITH_AS((void)ad::mse_loss_forward(ad::zeros<double>({0}), ad::zeros<double>({0})),
                          "mse_loss: inputs are empty (0)", ad::Error);
     Tensor da;
-    CHECK_THROWS_WITH_AS(ad::mse_loss_backward<double>(1.0, ad::zeros<double>({2}), ad::zeros<double>({3}), &da, nullptr),
+    CHECK_THROWS_WITH_AS(ad::mse_loss_backward<double>(&da, nullptr, 1.0, ad::zeros<double>({2}), ad::zeros<double>({3})),
                          "mse_loss_backward: input and target must have the same shape, got input (2) and target (3)",
                          ad::Error);
 }

@@ -168,6 +168,15 @@ TEST_CASE("nn::Linear: parameters() are the weight and the bias, named after the
     CHECK(params[1].state() == lin.bias().state());
 }
 
+TEST_CASE("nn::Linear: a const layer gives read access to the same weight and bias") {
+    ad::nn::Linear<double> lin(4, 3);
+    const ad::nn::Linear<double>& view = lin;
+    CHECK(view.weight().state() == lin.weight().state());
+    CHECK(view.bias().state() == lin.bias().state());
+    const ad::nn::Linear<double> no_bias(4, 3, false);
+    check_error([&] { (void)no_bias.bias(); }, "nn::Linear", {"this layer has no bias"});
+}
+
 TEST_CASE("nn::Linear: bad construction and bias() on a layer without bias throw") {
     check_error([] { ad::nn::Linear<double>(0, 3); }, "nn::Linear", {"in_features (0) and out_features (3) must be >= 1"});
     check_error([] { ad::nn::Linear<double>(3, -1); }, "nn::Linear", {"in_features (3) and out_features (-1) must be >= 1"});
@@ -296,6 +305,37 @@ TEST_CASE("MultiHeadAttention: train() with dropout > 0 draws a new mask on ever
     CHECK_FALSE(bitwise_equal(first, second));
     CHECK_FALSE(bitwise_equal(first, evaluated));
     CHECK_FALSE(bitwise_equal(second, evaluated));
+}
+
+TEST_CASE("MultiHeadAttention: dropout_descriptor() is the next call's dropout: the options' rate and seed, offset = calls so far, the mode") {
+    MHA mha = module({.embed_dim = 8, .num_heads = 2, .dropout = 0.25, .seed = 9});
+    const MHA& view = mha;
+    const ad::Var<double> x(randn({2, 5, 8}, 22));
+    auto check_descriptor = [&](std::uint64_t offset, bool training) {
+        const ad::DropoutDescriptor d = view.dropout_descriptor();
+        CHECK(d.rate == 0.25);
+        CHECK(d.seed == 9);
+        CHECK(d.offset == offset);
+        CHECK(d.training == training);
+    };
+    check_descriptor(0, true);
+    (void)mha(x, x, x);
+    check_descriptor(1, true);
+    (void)mha(x, x, x, randn({2, 5, 5}, 23), ad::causal);  // the overload with an attention bias counts too
+    check_descriptor(2, true);
+    SUBCASE("eval() clears the training flag, and calls in eval mode still advance the offset") {
+        mha.eval();
+        check_descriptor(2, false);
+        (void)mha(x, x, x);
+        check_descriptor(3, false);
+        mha.train();
+        check_descriptor(3, true);
+    }
+    SUBCASE("a call rejected for bad input leaves the offset where it was") {
+        const ad::Var<double> q2(randn({5, 8}, 24));
+        CHECK_THROWS_AS((void)mha(q2, x, x), ad::Error);
+        check_descriptor(2, true);
+    }
 }
 
 TEST_CASE("MultiHeadAttention with a causal mask: the output at position i does not depend on inputs after i") {
@@ -475,11 +515,16 @@ TEST_CASE("MultiHeadAttention: bad inputs are rejected before anything is record
         const ad::Var<double> k(randn({2, 6, 8}, 74)), v(randn({2, 7, 8}, 75));
         check_error([&] { (void)mha(x, k, v); }, op, {"key (2,6,8) and value (2,7,8) must have the same length"});
     }
-    SUBCASE("key-padding mask of the wrong shape: the softmax error") {
+    SUBCASE("key-padding mask of the wrong shape") {
         const ad::Var<double> kv(randn({2, 6, 8}, 76));
         const ad::Mask mask = ad::key_padding_mask(ad::Tensor<bool>(ad::Shape{2, 5}));
-        check_error([&] { (void)mha(x, kv, kv, mask); }, "softmax",
+        check_error([&] { (void)mha(x, kv, kv, mask); }, op,
                     {"key-padding mask must have shape (2,6) (batch, Lk) for logits (2,2,5,6), got (2,5)"});
+    }
+    SUBCASE("keep mask that does not broadcast to (B, H, Lq, Lk)") {
+        const ad::Var<double> kv(randn({2, 6, 8}, 76));
+        const ad::Mask mask = ad::keep_mask(ad::full<bool>({5, 7}, true));
+        check_error([&] { (void)mha(x, kv, kv, mask); }, op, {"keep mask (5,7) does not broadcast to the logits (2,2,5,6)"});
     }
     SUBCASE("attention bias that does not broadcast to (B, H, Lq, Lk)") {
         const ad::Var<double> kv(randn({2, 6, 8}, 77));

@@ -169,7 +169,7 @@ struct Evaluator<Linear<X, W, B>> {
                           Tensor<T> dx;
                           Tensor<T> dW = wt ? zeros<T>(W_.shape()) : Tensor<T>();
                           Tensor<T> db = bt ? zeros<T>({W_.dim(0)}) : Tensor<T>();
-                          linear_backward(dy, X_, W_, xt ? &dx : nullptr, wt ? &dW : nullptr, bt ? &db : nullptr);
+                          linear_backward(xt ? &dx : nullptr, wt ? &dW : nullptr, bt ? &db : nullptr, dy, X_, W_);
                           if (xt) tape.accumulate(xt, std::move(dx));
                           if (wt) tape.accumulate(wt, std::move(dW));
                           if (bt) tape.accumulate(bt, std::move(db));

@@ -74,7 +74,7 @@ struct Evaluator<MseLoss<A, B>> {
         return finish(ctx, full<T>({}, mse_loss_forward(a.value, b.value)), a.target || b.target,
                       [at = a.target, bt = b.target, A_ = a.value, B_ = b.value](const Tensor<T>& dy, Tape& tape) {
                           Tensor<T> da, db;
-                          mse_loss_backward(dy.item(), A_, B_, at ? &da : nullptr, bt ? &db : nullptr);
+                          mse_loss_backward(at ? &da : nullptr, bt ? &db : nullptr, dy.item(), A_, B_);
                           if (at) tape.accumulate(at, std::move(da));
                           if (bt) tape.accumulate(bt, std::move(db));
                       });

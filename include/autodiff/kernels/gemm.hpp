@@ -25,12 +25,15 @@ template <class T>
 void strided_batched_gemm(T alpha, const Tensor<T>& A, const Tensor<T>& B, T beta, Tensor<T>& C, GemmFlags flags = {});
 
 // Backward of C = beta_c·C + alpha·op_c(op_a(A)·op_b(B)) (the cuDNN-style pair of the forward):
+//   dC (C's shape) -> dA (A's shape), dB (B's shape); a broadcast operand's gradient is summed over the batch.
 //   dA = beta·dA + alpha·∂(op_c(op_a(A)·op_b(B)))/∂A applied to dC, and likewise dB.
-// dA and dB must be allocated with A's and B's shapes (beta = 0: not read); pass nullptr for a
-// gradient that is not wanted. The gradient with respect to the old C is beta_c·dC (not computed here).
+// Saved: A (for dB) and B (for dA). dA and dB must be preallocated with A's and B's shapes; they are
+// scaled by beta and accumulated into (beta = 0 overwrites them without reading, beta = 1 accumulates).
+// Pass nullptr for a gradient that is not wanted. The gradient with respect to the old C is beta_c·dC
+// (not computed here).
 template <class T>
-void strided_batched_gemm_backward(T alpha, const Tensor<T>& A, const Tensor<T>& B, const Tensor<T>& dC, T beta,
-                                   NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, GemmFlags flags = {});
+void strided_batched_gemm_backward(NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, const Tensor<T>& dC, T alpha,
+                                   const Tensor<T>& A, const Tensor<T>& B, T beta, GemmFlags flags = {});
 
 // C = op_a(A)·op_b(B), allocated.
 template <class T>
@@ -40,7 +43,8 @@ Tensor<T> matmul_forward(const Tensor<T>& A, bool trans_a, const Tensor<T>& B, b
 //   dC (..., M, N) -> dA (A's shape), dB (B's shape); a broadcast operand's gradient is summed over the batch.
 //   op_a(A) = A:  dA = dC·op_b(B)ᵀ      op_a(A) = Aᵀ: dA = op_b(B)·dCᵀ
 //   op_b(B) = B:  dB = op_a(A)ᵀ·dC      op_b(B) = Bᵀ: dB = dCᵀ·op_a(A)
-// Saved: A (for dB) and B (for dA). Pass nullptr for a gradient that is not wanted.
+// Saved: A (for dB) and B (for dA). dA and dB are allocated here (any previous content is replaced);
+// pass nullptr for a gradient that is not wanted.
 template <class T>
 void matmul_backward(NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, const Tensor<T>& dC, const Tensor<T>& A, bool trans_a,
                      const Tensor<T>& B, bool trans_b);

@@ -13,13 +13,14 @@ template <class T>
 Tensor<T> linear_forward(const Tensor<T>& x, const Tensor<T>& W, const Tensor<T>& b = {});
 
 // Backward of y = x·Wᵀ + b:
-//   dx  = dy·W             (written)        dy (..., out), W (out, in) -> dx (..., in)
-//   dW += dyᵀ·x            (accumulated)    summed over every leading index of x
-//   db += colsum(dy)       (accumulated)
-// Saved: x (for dW) and W (for dx). dW and db must be allocated (zero them to get the plain gradient);
-// pass nullptr for any gradient that is not wanted.
+//   dx  = dy·W             (allocated)      dy (..., out), W (out, in) -> dx (..., in)
+//   dW += dyᵀ·x            (accumulated)    (out, in), summed over every leading index of x
+//   db += colsum(dy)       (accumulated)    (out)
+// Saved: x (for dW) and W (for dx). dx is allocated here (any previous content is replaced); dW and db
+// must be preallocated and are accumulated into, as eigenMHA does (zero them to get the plain gradient).
+// Pass nullptr for any gradient that is not wanted.
 template <class T>
-void linear_backward(const Tensor<T>& dy, const Tensor<T>& x, const Tensor<T>& W, NoDeduce<Tensor<T>>* dx, NoDeduce<Tensor<T>>* dW,
-                     NoDeduce<Tensor<T>>* db);
+void linear_backward(NoDeduce<Tensor<T>>* dx, NoDeduce<Tensor<T>>* dW, NoDeduce<Tensor<T>>* db, const Tensor<T>& dy,
+                     const Tensor<T>& x, const Tensor<T>& W);
 
 }  // namespace autodiff

@@ -14,9 +14,11 @@ T sum_forward(const Tensor<T>& x);
 template <class T>
 T mse_loss_forward(const Tensor<T>& a, const Tensor<T>& b);
 
-// Backward of loss = mean((a − b)²):   da = dloss·2(a − b)/N,  db = −da.   Saved: a, b.
-// Pass nullptr for a gradient that is not wanted.
+// Backward of loss = mean((a − b)²):   da = dloss·2(a − b)/N,  db = −da.
+//   dloss (scalar), a, b (same shape) -> da, db (that shape). Saved: a, b.
+// da and db are allocated here (any previous content is replaced); pass nullptr for a gradient that
+// is not wanted.
 template <class T>
-void mse_loss_backward(T dloss, const Tensor<T>& a, const Tensor<T>& b, NoDeduce<Tensor<T>>* da, NoDeduce<Tensor<T>>* db);
+void mse_loss_backward(NoDeduce<Tensor<T>>* da, NoDeduce<Tensor<T>>* db, T dloss, const Tensor<T>& a, const Tensor<T>& b);
 
 }  // namespace autodiff

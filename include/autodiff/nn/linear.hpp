@@ -33,10 +33,8 @@ public:
     [[nodiscard]] const Param<T>& weight() const { return *weight_; }
     [[nodiscard]] bool has_bias() const { return bias_.has_value(); }
     // Throws when the layer was built without a bias.
-    [[nodiscard]] Param<T>& bias() {
-        if (!bias_) fail("nn::Linear", "this layer has no bias");
-        return *bias_;
-    }
+    [[nodiscard]] Param<T>& bias() { return get_bias(*this); }
+    [[nodiscard]] const Param<T>& bias() const { return get_bias(*this); }
     [[nodiscard]] std::vector<Param<T>> parameters() const {
         std::vector<Param<T>> p{*weight_};
         if (bias_) p.push_back(*bias_);
@@ -44,6 +42,12 @@ public:
     }
 
 private:
+    template <class Self>
+    static auto& get_bias(Self& self) {
+        if (!self.bias_) fail("nn::Linear", "this layer has no bias");
+        return *self.bias_;
+    }
+
     std::optional<Param<T>> weight_;
     std::optional<Param<T>> bias_;
 };

@@ -15,8 +15,11 @@
 // Masks use this library's convention, true = keep: torch's key_padding_mask (true = ignore) is
 // the negation of our key_padding_mask. The attention bias is any expression broadcastable to
 // (B, H, Lq, Lk): a Param for a trainable (Evoformer-style pair) bias, a Tensor or Const otherwise.
-// Dropout acts on the attention probabilities in training mode; each forward call draws a new
-// Philox offset, so two calls never share a mask.
+// Dropout acts on the attention probabilities in training mode. Its Philox stream is
+// (seed = options().seed, offset = number of forward calls so far): the n-th call (from 0) uses
+// offset n, so two calls never share a mask, and dropout_descriptor() tells the one the next call
+// uses (to reproduce it with the functional API). Every call advances the offset, in eval mode too;
+// a call rejected for bad input does not.
 
 #include <cmath>
 #include <optional>
@@ -81,6 +84,8 @@ public:
     void train(bool on = true) { training_ = on; }
     void eval() { training_ = false; }
     [[nodiscard]] bool training() const { return training_; }
+    // The dropout of the next forward call: {options().dropout, options().seed, forward calls so far, training()}.
+    [[nodiscard]] DropoutDescriptor dropout_descriptor() const { return DropoutDescriptor{opt_.dropout, opt_.seed, calls_, training_}; }
 
     [[nodiscard]] std::vector<Param<T>> parameters() const {
         std::vector<Param<T>> p;
@@ -147,7 +152,7 @@ private:
         check_inputs(query, key, value);
         const std::int64_t E = opt_.embed_dim, H = opt_.num_heads;
         // Before the projections are recorded: a bad mask must leave the tape as it was.
-        check_softmax_mask("softmax", Shape{query.shape()[0], H, query.shape()[1], key.shape()[1]}, mask, Tensor<T>());
+        check_softmax_mask("nn::MultiHeadAttention", Shape{query.shape()[0], H, query.shape()[1], key.shape()[1]}, mask, Tensor<T>());
         Var<T> q, k, v;
         const bool self = query.value().shares_storage_with(key.value()) && key.value().shares_storage_with(value.value()) &&
                           query.shape() == key.shape() && key.shape() == value.shape() && packed();
@@ -162,7 +167,8 @@ private:
             v = project(value, 2);
         }
         const T scale = T(1) / std::sqrt(static_cast<T>(E / H));
-        const DropoutDescriptor drop{opt_.dropout, opt_.seed, calls_++, training_};
+        const DropoutDescriptor drop = dropout_descriptor();
+        ++calls_;
         auto scores = matmul(split_heads(q, H), transpose(split_heads(k, H))) * scale;
         Var<T> attended = matmul(dropout(softmax(add_bias_to(scores), mask), drop), split_heads(v, H));
         return out_proj_(merge_heads(attended));
