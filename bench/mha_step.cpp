@@ -7,7 +7,8 @@
 #include <cstdlib>
 #include <vector>
 
-#include <sys/resource.h>
+#include <fstream>
+#include <string>
 
 #include <fmt/core.h>
 #include <fmt/format.h>
@@ -16,10 +17,13 @@
 
 namespace ad = autodiff;
 
+// Peak resident memory of this process image (VmHWM). Not getrusage's ru_maxrss: that survives
+// exec, so a child of a large Python process would report the parent's size.
 static double peak_rss_mib() {
-    rusage u{};
-    getrusage(RUSAGE_SELF, &u);
-    return static_cast<double>(u.ru_maxrss) / 1024.0;
+    std::ifstream status("/proc/self/status");
+    for (std::string line; std::getline(status, line);)
+        if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+    return -1.0;
 }
 
 int main(int argc, char** argv) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side per-call overhead: the blog post's biased attention, forward + backward, at tiny
-shapes, ours (bench_overhead, generic path) against PyTorch eager, 1 thread, in separate processes
-run alternately (BENCHMARKING.md: never in one process, never trust one timing).
+shapes, ours (bench_overhead: generic path and fused path) against PyTorch eager, 1 thread, in
+separate processes run alternately (BENCHMARKING.md: never in one process, never trust one timing).
 
     pip install torch numpy
     python3 bench/overhead_vs_torch.py --build build [--reps 5] [--no-limits]
@@ -53,8 +53,8 @@ def ours(build):
                           "--benchmark_min_time=0.5"], check=True, capture_output=True, text=True, env=env_one_thread())
     res = {}
     for b in json.loads(out.stdout)["benchmarks"]:
-        args = tuple(int(x) for x in b["name"].split("/")[1:5])
-        res[args] = (b["real_time"], b["heap_allocs_per_iter"])
+        path, *args = b["name"].split("/")
+        res[(path.removeprefix("BM_"), tuple(int(x) for x in args[:4]))] = (b["real_time"], b["heap_allocs_per_iter"])
     return res
 
 
@@ -78,22 +78,25 @@ def main():
         limits = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "machine-limits", "run.sh")
         if os.path.exists(limits):
             print(subprocess.run(["bash", limits], capture_output=True, text=True).stdout)
-    ours_t = {s: [] for s in SHAPES}
+    paths = ("generic", "fused")
+    ours_t = {(p, s): [] for p in paths for s in SHAPES}
     torch_t = {s: [] for s in SHAPES}
     allocs = {}
     for r in range(a.reps):
         res = ours(a.build)
+        for key in ours_t:
+            ours_t[key].append(res[key][0])
+            allocs[key] = res[key][1]
         for s in SHAPES:
-            ours_t[s].append(res[s][0])
-            allocs[s] = res[s][1]
             torch_t[s].append(torch_us(s))
         print(f"repetition {r + 1}/{a.reps} done", file=sys.stderr)
-    print("| shape (n,h,l,d) | ours µs median (min–max) | PyTorch µs median (min–max) | speed-up (median) | heap allocs / iter (ours) |")
-    print("|---|---|---|---|---|")
+    print("| shape (n,h,l,d) | path | ours µs median (min–max) | PyTorch eager µs median (min–max) | speed-up (median) | heap allocs / iter (ours) |")
+    print("|---|---|---|---|---|---|")
     for s in SHAPES:
-        o, t = ours_t[s], torch_t[s]
-        print(f"| {s} | {statistics.median(o):.2f} ({min(o):.2f}–{max(o):.2f}) | {statistics.median(t):.1f} "
-              f"({min(t):.1f}–{max(t):.1f}) | {statistics.median(t) / statistics.median(o):.1f}× | {allocs[s]:.0f} |")
+        for p in paths:
+            o, t = ours_t[(p, s)], torch_t[s]
+            print(f"| {s} | {p} | {statistics.median(o):.2f} ({min(o):.2f}–{max(o):.2f}) | {statistics.median(t):.1f} "
+                  f"({min(t):.1f}–{max(t):.1f}) | {statistics.median(t) / statistics.median(o):.1f}× | {allocs[(p, s)]:.0f} |")
 
 
 if __name__ == "__main__":

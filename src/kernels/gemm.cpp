@@ -6,6 +6,7 @@
 
 #include "autodiff/kernels/layout.hpp"
 #include "autodiff/parallel.hpp"
+#include "tile_gemm.hpp"
 
 namespace autodiff {
 
@@ -31,11 +32,10 @@ using MMap = Eigen::Map<RowMatrix<T>>;
 // multiplying; the loops of small_gemm do not pack (attention's per-head products at short sequences).
 constexpr std::int64_t small_product = 24 * 24 * 24;
 
-// C = beta·C + alpha·op(A)·op(B) for small matrices, as axpy loops over contiguous rows of C and
-// op(B) (op(B) = Bᵀ is first transposed into a per-thread scratch buffer).
+// C = beta·C + alpha·op(A)·op(B) for small matrices with the attention tile kernel (tile_gemm.hpp);
+// op(B) = Bᵀ is first transposed into a per-thread scratch buffer, since that kernel reads rows of op(B).
 template <class T>
 bool small_gemm(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T beta, MMap<T>& C) {
-    if (ta && tb) return false;
     const std::int64_t m = C.rows(), n = C.cols(), k = ta ? A.rows() : A.cols();
     if (m * n * k > small_product) return false;
     const T* b = B.data();
@@ -46,25 +46,8 @@ bool small_gemm(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T
             for (std::int64_t p = 0; p < k; ++p) scratch[static_cast<std::size_t>(p * n + j)] = b[j * k + p];
         b = scratch.data();
     }
-    // Each row of C is built in blocks of W columns held in registers across the whole k loop.
-    constexpr std::int64_t W = 8;
-    using Block = Eigen::Array<T, W, 1>;
-    const T* a = A.data();
-    auto a_at = [&](std::int64_t i, std::int64_t p) { return alpha * (ta ? a[p * m + i] : a[i * k + p]); };
-    for (std::int64_t i = 0; i < m; ++i) {
-        T* ci = C.data() + i * n;
-        std::int64_t j = 0;
-        for (; j + W <= n; j += W) {
-            Block acc = beta == T(0) ? Block::Zero().eval() : (beta * Eigen::Map<const Block>(ci + j)).eval();
-            for (std::int64_t p = 0; p < k; ++p) acc += a_at(i, p) * Eigen::Map<const Block>(b + p * n + j);
-            Eigen::Map<Block>(ci + j) = acc;
-        }
-        for (; j < n; ++j) {
-            T acc = beta == T(0) ? T(0) : beta * ci[j];
-            for (std::int64_t p = 0; p < k; ++p) acc += a_at(i, p) * b[p * n + j];
-            ci[j] = acc;
-        }
-    }
+    // op(A)(i, p) = A[i·a_row + p·a_col]: a transposed A is read through its strides.
+    detail::tile_gemm<T>(m, n, k, alpha, A.data(), ta ? 1 : k, ta ? m : 1, b, n, beta, C.data(), n);
     return true;
 }
 

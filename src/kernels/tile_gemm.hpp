@@ -25,35 +25,36 @@ inline constexpr int simd_bytes = 32, block_vectors = 2;
 inline constexpr int simd_bytes = 16, block_vectors = 2;
 #endif
 
-template <class T>
+// A vector of Bytes/sizeof(T) lanes; narrower ones serve the columns left over by the widest.
+template <class T, int Bytes>
 struct Simd {
-    using type [[gnu::vector_size(simd_bytes)]] = T;
-    static constexpr int lanes = simd_bytes / sizeof(T);
+    using type [[gnu::vector_size(Bytes)]] = T;
+    static constexpr int lanes = Bytes / static_cast<int>(sizeof(T));
 };
 
-template <class T>
-inline typename Simd<T>::type load(const T* p) {
-    typename Simd<T>::type v;
+template <class V, class T>
+inline V load(const T* p) {
+    V v;
     std::memcpy(&v, p, sizeof(v));
     return v;
 }
-template <class T>
-inline void store(T* p, typename Simd<T>::type v) {
+template <class V, class T>
+inline void store(T* p, V v) {
     std::memcpy(p, &v, sizeof(v));
 }
 
-// MR rows × NV vectors of C.
-template <class T, int MR, int NV>
+// MR rows × NV vectors (of Bytes bytes) of C.
+template <class T, int MR, int NV, int Bytes = simd_bytes>
 inline void micro_kernel(std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col, const T* B,
                          std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
-    using V = typename Simd<T>::type;
-    constexpr int W = Simd<T>::lanes;
+    using V = typename Simd<T, Bytes>::type;
+    constexpr int W = Simd<T, Bytes>::lanes;
     V acc[MR][NV];
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) acc[r][v] = V{};
     for (std::int64_t p = 0; p < k; ++p) {
         V b[NV];
-        for (int v = 0; v < NV; ++v) b[v] = load(B + p * ldb + v * W);
+        for (int v = 0; v < NV; ++v) b[v] = load<V>(B + p * ldb + v * W);
         for (int r = 0; r < MR; ++r) {
             const V a = V{} + A[r * a_row + p * a_col];
             for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
@@ -62,21 +63,35 @@ inline void micro_kernel(std::int64_t k, T alpha, const T* A, std::int64_t a_row
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) {
             V c = acc[r][v] * alpha;
-            if (beta != T(0)) c += load(C + r * ldc + v * W) * beta;
+            if (beta != T(0)) c += load<V>(C + r * ldc + v * W) * beta;
             store(C + r * ldc + v * W, c);
         }
 }
 
-// Rows [r0, r0 + MR) of C for every column: full blocks of block_vectors vectors, then single
-// vectors, then scalars.
+// Rows [r0, r0 + MR) of C for every column: blocks of block_vectors full-width vectors, then single
+// vectors of halving width (down to 16 bytes), then scalars.
 template <class T, int MR>
 inline void row_block(std::int64_t n, std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col,
                       const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
-    constexpr int W = Simd<T>::lanes;
-    std::int64_t c = 0;
+    constexpr int W = Simd<T, simd_bytes>::lanes;
     constexpr int NV = block_vectors;
+    std::int64_t c = 0;
     for (; c + NV * W <= n; c += NV * W) micro_kernel<T, MR, NV>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
     for (; c + W <= n; c += W) micro_kernel<T, MR, 1>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
+    if constexpr (simd_bytes >= 64) {
+        constexpr int W2 = Simd<T, 32>::lanes;
+        if (c + W2 <= n) {
+            micro_kernel<T, MR, 1, 32>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
+            c += W2;
+        }
+    }
+    if constexpr (simd_bytes >= 32) {
+        constexpr int W4 = Simd<T, 16>::lanes;
+        if (c + W4 <= n) {
+            micro_kernel<T, MR, 1, 16>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
+            c += W4;
+        }
+    }
     for (; c < n; ++c)
         for (int r = 0; r < MR; ++r) {
             T s = 0;
