@@ -9,23 +9,15 @@
 #include <optional>
 #include <vector>
 
-#include <fstream>
-#include <string>
 
 #include <fmt/core.h>
 
 #include <autodiff/autodiff.hpp>
 
+#include "peak_rss.hpp"
+
 namespace ad = autodiff;
 
-// Peak resident memory of this process image (VmHWM). Not getrusage's ru_maxrss: that survives
-// exec, so a child of a large Python process would report the parent's size.
-static double peak_rss_mib() {
-    std::ifstream status("/proc/self/status");
-    for (std::string line; std::getline(status, line);)
-        if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-    return -1.0;
-}
 
 namespace {
 struct Stats {
@@ -81,7 +73,7 @@ int main(int argc, char** argv) {
     const Stats f = stats(fwd), fb = stats(fwd_bwd);
     fmt::print("{{\"fwd_ms\": {:.4f}, \"fwd_min_ms\": {:.4f}, \"fwd_max_ms\": {:.4f}, \"fwd_bwd_ms\": {:.4f}, \"fwd_bwd_min_ms\": {:.4f}, "
                "\"fwd_bwd_max_ms\": {:.4f}, \"threads\": {}, \"rss_mib\": {:.1f}, \"pool_peak_mib\": {:.1f}}}\n",
-               f.median, f.min, f.max, fb.median, fb.min, fb.max, ad::num_threads(), peak_rss_mib(),
+               f.median, f.min, f.max, fb.median, fb.min, fb.max, ad::num_threads(), bench::peak_rss_mib(),
                static_cast<double>(ad::pool::stats().peak_bytes_in_use) / (1 << 20));
     return 0;
 }

@@ -13,11 +13,11 @@ Reports median (min-max) ms of forward and forward+backward, GFLOP/s (4·n·h·L
     python3 bench/attention_vs_torch.py --build build --lengths 256 512 1024 2048 [--threads 1 2] [--rounds 3]
 """
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
+
+from benchlib import print_machine, run_json
 
 TORCH = r"""
 import json, sys, time, torch
@@ -53,17 +53,6 @@ print(json.dumps({"fwd_ms": f[len(f) // 2], "fwd_bwd_ms": fb[len(fb) // 2], "rss
 """
 
 
-def env(t):
-    e = dict(os.environ)
-    e.update(OMP_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t), OMP_WAIT_POLICY="passive")
-    return e
-
-
-def run(cmd, t):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env(t))
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
@@ -78,12 +67,8 @@ def main():
     import torch
 
     n, h, d = 2, 8, 64
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
-    print(f"CPU: {cpu}\ntorch {torch.__version__}; n={n}, h={h}, d={d}, fp32; {a.rounds} alternating rounds x {a.reps} steps\n")
-    if not a.no_limits:
-        limits = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "machine-limits", "run.sh")
-        if os.path.exists(limits):
-            print("```\n" + subprocess.run(["bash", limits], capture_output=True, text=True).stdout + "```\n")
+    print_machine(a.no_limits)
+    print(f"torch {torch.__version__}; n={n}, h={h}, d={d}, fp32; {a.rounds} alternating rounds x {a.reps} steps\n")
     ours = os.path.join(a.build, "bench", "bench_attention_step")
     print("| case | threads | L | side | fwd ms | fwd+bwd ms (min–max) | fwd+bwd GFLOP/s | peak RSS MiB | speed-up fwd+bwd vs ours |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -99,7 +84,7 @@ def main():
                 res = {s: [] for s in sides}
                 for _ in range(a.rounds):
                     for s, cmd in sides.items():
-                        res[s].append(run(cmd, t))
+                        res[s].append(run_json(cmd, t))
                 flops = (12 if case == "bias" else 6) * n * h * L * L * d
                 base = statistics.median(r["fwd_bwd_ms"] for r in res["ours"])
                 for s, rs in res.items():

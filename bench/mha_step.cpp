@@ -7,24 +7,16 @@
 #include <cstdlib>
 #include <vector>
 
-#include <fstream>
-#include <string>
 
 #include <fmt/core.h>
 #include <fmt/format.h>
 
 #include <autodiff/autodiff.hpp>
 
+#include "peak_rss.hpp"
+
 namespace ad = autodiff;
 
-// Peak resident memory of this process image (VmHWM). Not getrusage's ru_maxrss: that survives
-// exec, so a child of a large Python process would report the parent's size.
-static double peak_rss_mib() {
-    std::ifstream status("/proc/self/status");
-    for (std::string line; std::getline(status, line);)
-        if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-    return -1.0;
-}
 
 int main(int argc, char** argv) {
     if (argc != 7) {
@@ -54,7 +46,7 @@ int main(int argc, char** argv) {
     }
     std::sort(ms.begin(), ms.end());
     fmt::print("{{\"median_ms\": {:.4f}, \"min_ms\": {:.4f}, \"max_ms\": {:.4f}, \"threads\": {}, \"rss_mib\": {:.1f}, \"peak_pool_mib\": {:.1f}}}\n",
-               ms[ms.size() / 2], ms.front(), ms.back(), ad::num_threads(), peak_rss_mib(),
+               ms[ms.size() / 2], ms.front(), ms.back(), ad::num_threads(), bench::peak_rss_mib(),
                static_cast<double>(ad::pool::stats().peak_bytes_in_use) / (1 << 20));
     return 0;
 }

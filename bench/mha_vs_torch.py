@@ -9,11 +9,11 @@ threads. Each configuration runs both sides in separate processes, alternating, 
     python3 bench/mha_vs_torch.py --build build [--rounds 3] [--no-limits]
 """
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
+
+from benchlib import print_machine, run_json
 
 TORCH_SNIPPET = r"""
 import json, sys, time, torch
@@ -40,17 +40,6 @@ print(json.dumps({"median_ms": ms[len(ms) // 2], "min_ms": ms[0], "max_ms": ms[-
 """
 
 
-def env_threads(t):
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t), OMP_WAIT_POLICY="passive")
-    return env
-
-
-def run(cmd, t):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env_threads(t))
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
@@ -60,12 +49,8 @@ def main():
     a = ap.parse_args()
     import torch
 
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
-    print(f"CPU: {cpu}\ntorch {torch.__version__}; E=512, heads=8, batch 2, fp32; {a.rounds} alternating rounds x {a.reps} steps\n")
-    if not a.no_limits:
-        limits = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "machine-limits", "run.sh")
-        if os.path.exists(limits):
-            print("```\n" + subprocess.run(["bash", limits], capture_output=True, text=True).stdout + "```\n")
+    print_machine(a.no_limits)
+    print(f"torch {torch.__version__}; E=512, heads=8, batch 2, fp32; {a.rounds} alternating rounds x {a.reps} steps\n")
     ours_bin = os.path.join(a.build, "bench", "bench_mha_step")
     print("| threads | L | dropout | ours ms median (min–max) | torch ms median (min–max) | speed-up | ours pool peak MiB |")
     print("|---|---|---|---|---|---|---|")
@@ -75,9 +60,9 @@ def main():
                 args = ["512", "8", "2", str(L), str(p), str(a.reps)]
                 ours, theirs = [], []
                 for _ in range(a.rounds):
-                    o = run([ours_bin, *args], t)
+                    o = run_json([ours_bin, *args], t)
                     ours.append(o["median_ms"])
-                    theirs.append(run([sys.executable, "-c", TORCH_SNIPPET, *args, str(t)], t)["median_ms"])
+                    theirs.append(run_json([sys.executable, "-c", TORCH_SNIPPET, *args, str(t)], t)["median_ms"])
                 mo, mt = statistics.median(ours), statistics.median(theirs)
                 print(f"| {t} | {L} | {p} | {mo:.1f} ({min(ours):.1f}–{max(ours):.1f}) | {mt:.1f} ({min(theirs):.1f}–{max(theirs):.1f}) "
                       f"| {mt / mo:.2f}× | {o['peak_pool_mib']:.0f} |", flush=True)

@@ -15,6 +15,8 @@ import statistics
 import subprocess
 import sys
 
+from benchlib import env_threads, print_machine
+
 SHAPES = [(2, 4, 8, 16), (1, 1, 8, 16)]
 
 TORCH_SNIPPET = r"""
@@ -42,15 +44,9 @@ print(min(best))
 """
 
 
-def env_one_thread():
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_WAIT_POLICY="passive")
-    return env
-
-
 def ours(build):
     out = subprocess.run([os.path.join(build, "bench", "bench_overhead"), "--benchmark_format=json",
-                          "--benchmark_min_time=0.5"], check=True, capture_output=True, text=True, env=env_one_thread())
+                          "--benchmark_min_time=0.5"], check=True, capture_output=True, text=True, env=env_threads(1))
     res = {}
     for b in json.loads(out.stdout)["benchmarks"]:
         path, *args = b["name"].split("/")
@@ -60,7 +56,7 @@ def ours(build):
 
 def torch_us(shape):
     out = subprocess.run([sys.executable, "-c", TORCH_SNIPPET, *map(str, shape)], check=True, capture_output=True,
-                         text=True, env=env_one_thread())
+                         text=True, env=env_threads(1))
     return float(out.stdout.strip())
 
 
@@ -72,12 +68,8 @@ def main():
     a = ap.parse_args()
     import torch  # noqa: F401  (fail early with a clear message if missing)
 
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
-    print(f"CPU: {cpu}\ntorch {torch.__version__}, 1 thread, {a.reps} alternating repetitions\n")
-    if not a.no_limits:
-        limits = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "machine-limits", "run.sh")
-        if os.path.exists(limits):
-            print(subprocess.run(["bash", limits], capture_output=True, text=True).stdout)
+    print_machine(a.no_limits)
+    print(f"torch {torch.__version__}, 1 thread, {a.reps} alternating repetitions\n")
     paths = ("generic", "fused")
     ours_t = {(p, s): [] for p in paths for s in SHAPES}
     torch_t = {s: [] for s in SHAPES}

@@ -13,6 +13,8 @@
 
 #include <autodiff/autodiff.hpp>
 
+#include "check_error.hpp"
+
 namespace ad = autodiff;
 using Tensor = ad::Tensor<double>;
 
@@ -21,30 +23,7 @@ namespace {
 constexpr double not_a_number = std::numeric_limits<double>::quiet_NaN();
 constexpr double inf = std::numeric_limits<double>::infinity();
 
-// Checks that f throws ad::Error whose message starts with "<op>: " and contains every fragment,
-// and that the current tape has as many records afterwards as before.
-template <class F>
-void check_error(F&& f, std::string_view op, std::initializer_list<std::string_view> fragments,
-                 std::source_location where = std::source_location::current()) {
-    INFO("checked at line ", where.line());
-    const std::size_t records = ad::current_tape().size();
-    std::string message;
-    bool threw = false;
-    try {
-        f();
-    } catch (const ad::Error& e) {
-        threw = true;
-        message = e.what();
-    }
-    INFO("message: \"", message, "\"");
-    REQUIRE_MESSAGE(threw, "expected an autodiff::Error from ", op);
-    CHECK(message.starts_with(std::string(op) + ": "));
-    for (std::string_view part : fragments) {
-        INFO("expected fragment: \"", std::string(part), "\"");
-        CHECK(message.find(part) != std::string::npos);
-    }
-    CHECK(ad::current_tape().size() == records);
-}
+using test::check_error;
 
 // Tensors whose contents do not matter: builders check shapes only.
 Tensor any(const ad::Shape& s) { return ad::zeros<double>(s); }
