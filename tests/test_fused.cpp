@@ -106,6 +106,11 @@ TEST_CASE("fused vs generic: masks, additive mask, dropout, bias scaled before o
     ad::Tensor<double> additive = ad::randn<double>({1, h, 1, Lk}, 7);
     const ad::DropoutDescriptor drop{0.3, 11, 5};
     SUBCASE("causal") { CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) + b, ad::causal), v); }, {q, k, v, b}) < 1e-13); }
+    SUBCASE("causal with a full (n,h,Lq,Lk) bias: skipped tiles of the bias gradient are zero") {
+        P bf = param({n, h, Lq, Lk}, 9, "bias_full");
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) + bf, ad::causal), v); }, {q, k, v, bf}) < 1e-13);
+        CHECK(bf.grad()(1, 1, 3, 60) == 0.0);  // key 60 is after query 3
+    }
     SUBCASE("key padding and keep mask") {
         CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) + b, ad::key_padding_mask(kp) | ad::keep_mask(keep)), v); }, {q, k, v, b}) < 1e-13);
     }

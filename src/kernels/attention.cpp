@@ -121,18 +121,27 @@ struct Problem {
         return (t / P1) * b.s[0] + (t % P1) * b.s[1];
     }
 
-    // Xt (cols × L) = X_tᵀ for the (L × cols) slice of leading index t: products then read rows of Kᵀ
-    // and Vᵀ contiguously.
-    static void transpose(const T* X, std::int64_t L, std::int64_t cols, AlignedVector<T>& Xt) {
-        ensure(Xt, L * cols);
-        for (std::int64_t j = 0; j < L; ++j)
-            for (std::int64_t c = 0; c < cols; ++c) Xt[static_cast<std::size_t>(c * L + j)] = X[j * cols + c];
+    // X_tᵀ for the (L × cols) slice of leading index t, stored as one contiguous (cols × block_k)
+    // tile per key block: the products read rows of Kᵀ and Vᵀ contiguously, and a tile's rows are
+    // 256 bytes apart instead of L·4 (with L a multiple of 1024 those rows would all fall into the
+    // same few L1 sets and evict each other).
+    static void transpose_blocked(const T* X, std::int64_t L, std::int64_t cols, AlignedVector<T>& Xt) {
+        ensure(Xt, (L + block_k - 1) / block_k * block_k * cols);
+        for (std::int64_t j = 0; j < L; ++j) {
+            T* tile = Xt.data() + (j / block_k) * cols * block_k + j % block_k;
+            for (std::int64_t c = 0; c < cols; ++c) tile[c * block_k] = X[j * cols + c];
+        }
+    }
+    // The tile of key block j0 in a transpose_blocked layout with `cols` rows.
+    static const T* tile_of(const AlignedVector<T>& Xt, std::int64_t j0, std::int64_t cols) {
+        return Xt.data() + (j0 / block_k) * cols * block_k;
     }
 
     // S (rows × cols, leading dimension block_k) = scale·Q_i·K_jᵀ + bias_scale·bias + additive for
     // query rows [i0, i0+rows) and keys [j0, j0+cols) of leading index t; −inf where masked.
+    // Kt is the key block's tile of Kᵀ (d × block_k).
     void scores(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, const T* Kt, T* S) const {
-        detail::tile_gemm<T>(rows, cols, d, scale, q + (t * Lq + i0) * d, d, 1, Kt + j0, Lk, T(0), S, block_k);
+        detail::tile_gemm<T>(rows, cols, d, scale, q + (t * Lq + i0) * d, d, 1, Kt, block_k, T(0), S, block_k);
         auto add = [&](const Broadcast<T>& b, T factor) {
             if (!b) return;
             for (std::int64_t r = 0; r < rows; ++r) {
@@ -203,7 +212,7 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
         for (std::int64_t w = worker * per_thread; w < std::min(p.items * q_blocks, (worker + 1) * per_thread); ++w) {
             const std::int64_t t = w / q_blocks, i0 = (w % q_blocks) * block_q, rows = std::min(block_q, p.Lq - i0);
             if (t != transposed_for) {
-                Problem<T>::transpose(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
+                Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
                 transposed_for = t;
             }
             std::fill_n(s.m.begin(), rows, neg_inf<T>);
@@ -213,7 +222,7 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
             for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
                 T* S = s.S.data();
-                p.scores(t, i0, rows, j0, cols, s.Kt.data(), S);
+                p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), S);
                 // Online softmax: running max m and sum l per row; S becomes the unnormalised P.
                 for (std::int64_t r = 0; r < rows; ++r) {
                     RowMap<T> row(S + r * block_k, cols);
@@ -268,8 +277,16 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     if (dQ) *dQ = zeros<T>(Q.shape());
     if (dK) *dK = zeros<T>(K.shape());
     if (dV) *dV = zeros<T>(V.shape());
-    if (dbias) *dbias = zeros<T>(bias.shape());
-    if (out.numel() == 0 || p.Lk == 0) return;
+    // A full-shape bias gradient is written exactly once per element (plain stores: no zero fill,
+    // no read-modify-write, a third of the memory traffic); a broadcast one is summed into zeros.
+    Shape scores = Q.shape();
+    scores[scores.rank() - 1] = p.Lk;
+    const bool full_dbias = dbias && bias.shape() == scores;
+    if (dbias) *dbias = full_dbias ? Tensor<T>(bias.shape()) : zeros<T>(bias.shape());
+    if (out.numel() == 0 || p.Lk == 0) {
+        if (dbias) dbias->fill(T(0));
+        return;
+    }
 
     // Leading indices that share a slice of a broadcast bias gradient form one group, processed in
     // order by one thread: the bias gradient is summed in a fixed order without atomics.
@@ -286,8 +303,8 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         ensure(s.D, p.Lq);
         for (std::int64_t t = 0; t < p.items; ++t) {
             if (group_of(t) != g) continue;
-            Problem<T>::transpose(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
-            Problem<T>::transpose(p.v + t * p.Lk * p.dv, p.Lk, p.dv, s.Vt);
+            Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
+            Problem<T>::transpose_blocked(p.v + t * p.Lk * p.dv, p.Lk, p.dv, s.Vt);
             const T* dO_t = dO.data() + t * p.Lq * p.dv;
             const T* O_t = saved.O.data() + t * p.Lq * p.dv;
             for (std::int64_t i = 0; i < p.Lq; ++i)  // D_i = rowsum(dO_i ⊙ O_i)
@@ -298,12 +315,16 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                 std::fill_n(s.dK.begin(), cols * p.d, T(0));
                 std::fill_n(s.dV.begin(), cols * p.dv, T(0));
                 const T* Kj = p.k + (t * p.Lk + j0) * p.d;
-                // Under a causal mask, rows above j0 see none of these keys.
-                for (std::int64_t i0 = p.causal ? j0 / block_q * block_q : 0; i0 < p.Lq; i0 += block_q) {
+                // Under a causal mask, rows above j0 see none of these keys (their dS is 0).
+                const std::int64_t i_first = p.causal ? std::min(p.Lq, j0 / block_q * block_q) : 0;
+                if (full_dbias)
+                    for (std::int64_t i = 0; i < i_first; ++i)
+                        std::fill_n(dbias->data() + (t * p.Lq + i) * p.Lk + j0, cols, T(0));
+                for (std::int64_t i0 = i_first; i0 < p.Lq; i0 += block_q) {
                     const std::int64_t rows = std::min(block_q, p.Lq - i0);
                     T* P = s.S.data();
                     T* dS = s.dS.data();
-                    p.scores(t, i0, rows, j0, cols, s.Kt.data(), P);
+                    p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), P);
                     for (std::int64_t r = 0; r < rows; ++r) {
                         RowMap<T> row(P + r * block_k, cols);
                         if (lse[i0 + r] == neg_inf<T>) row.setZero();  // fully masked row: P = 0
@@ -322,7 +343,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     // dV_j += dropout(P)ᵀ·dO_i
                     if (dV) detail::tile_gemm<T>(cols, p.dv, rows, T(1), Pd, 1, block_k, dOi, p.dv, T(1), s.dV.data(), p.dv);
                     // dS = P ⊙ (dropout_mask ⊙ (dO_i·V_jᵀ) − D_i)
-                    detail::tile_gemm<T>(rows, cols, p.dv, T(1), dOi, p.dv, 1, s.Vt.data() + j0, p.Lk, T(0), dS, block_k);
+                    detail::tile_gemm<T>(rows, cols, p.dv, T(1), dOi, p.dv, 1, Problem<T>::tile_of(s.Vt, j0, p.dv), block_k, T(0), dS, block_k);
                     for (std::int64_t r = 0; r < rows; ++r) {
                         RowMap<T> ds(dS + r * block_k, cols);
                         if (p.dropout) ds *= RowMap<T>(s.F.data() + r * block_k, cols);
@@ -332,7 +353,8 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         for (std::int64_t r = 0; r < rows; ++r) {
                             T* dst = dbias->data() + p.lead(db_map, t) + (i0 + r) * db_map.s[2] + j0 * db_map.s[3];
                             RowMap<T> ds(dS + r * block_k, cols);
-                            if (db_map.s[3]) RowMap<T>(dst, cols) += p.bias_scale * ds;
+                            if (full_dbias) RowMap<T>(dst, cols) = p.bias_scale * ds;
+                            else if (db_map.s[3]) RowMap<T>(dst, cols) += p.bias_scale * ds;
                             else *dst += p.bias_scale * ds.sum();
                         }
                     }
