@@ -1428,3 +1428,22 @@ TEST_CASE("mse_loss: different shapes or empty inputs throw") {
                          "mse_loss_backward: input and target must have the same shape, got input (2) and target (3)",
                          ad::Error);
 }
+
+TEST_CASE("softmax and exp: a masked (−inf) entry is exactly 0 in every SIMD lane, float and double") {
+    // Eigen's vectorised exp clamps its argument: e^−∞ would be ~1e-38 (float) or ~1e-308 (double)
+    // in vectorised lanes. Masked keys must contribute nothing at all.
+    auto check = [](auto zero) {
+        using T = decltype(zero);
+        const std::int64_t L = 67;  // vector lanes and a scalar tail
+        ad::Tensor<T> x = ad::randn<T>({2, L, L}, 3);
+        const ad::Tensor<T> y = ad::softmax_forward(x, ad::causal);
+        for (std::int64_t b = 0; b < 2; ++b)
+            for (std::int64_t i = 0; i < L; ++i)
+                for (std::int64_t j = i + 1; j < L; ++j) CHECK(y(b, i, j) == T(0));
+        ad::Tensor<T> minus_inf = ad::full<T>({L}, -std::numeric_limits<T>::infinity());
+        const ad::Tensor<T> e = ad::unary_forward(ad::Exp{}, minus_inf);
+        for (std::int64_t j = 0; j < L; ++j) CHECK(e(j) == T(0));
+    };
+    check(0.0f);
+    check(0.0);
+}

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "autodiff/kernels/elementwise.hpp"
 #include "autodiff/parallel.hpp"
 
 namespace autodiff {
@@ -92,7 +93,7 @@ Tensor<T> softmax_forward(const Tensor<T>& x, const Mask& mask, const Tensor<T>&
             row.setZero();
             return;
         }
-        row = (row - m).exp();
+        row = exact_exp(row - m);  // masked entries (−∞) become exactly 0
         row /= row.sum();
     });
     return y;

@@ -10,6 +10,7 @@
 // The gradient table in docs/GRADIENTS.md lists the same formulas.
 
 #include <cmath>
+#include <limits>
 #include <numbers>
 
 #include "autodiff/parallel.hpp"
@@ -17,12 +18,20 @@
 
 namespace autodiff {
 
+// e^x with e^−∞ = 0 exactly. Eigen's vectorised exp clamps its argument, so a −∞ (a masked logit)
+// would give ~1e-38 in float and ~1e-308 in double instead of 0, and only in vectorised lanes.
+template <class X>
+auto exact_exp(const X& x) {
+    using T = typename X::Scalar;
+    return (x == -std::numeric_limits<T>::infinity()).select(T(0), x.exp());
+}
+
 // ---- unary ops --------------------------------------------------------------------------------
 
 struct Exp {
     static constexpr const char* name = "exp";
     static constexpr bool needs_input = false, needs_output = true;
-    template <class X> auto forward(const X& x) const { return x.exp(); }
+    template <class X> auto forward(const X& x) const { return exact_exp(x); }
     template <class G, class X, class Y> auto backward(const G& dy, const X&, const Y& y) const { return dy * y; }
 };
 
