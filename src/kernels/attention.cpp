@@ -234,7 +234,7 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
                         continue;
                     }
                     const T alpha = std::exp(s.m[r] - m_new);
-                    row = exact_exp(row - m_new);  // masked entries (−∞) become exactly 0
+                    exp_shifted_inplace(S + r * block_k, cols, m_new);  // masked entries (−∞) become exactly 0
                     s.l[r] = s.l[r] * alpha + row.sum();
                     if (alpha != T(1)) RowMap<T>(s.acc.data() + r * p.dv, p.dv) *= alpha;
                     s.m[r] = m_new;
@@ -329,7 +329,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     for (std::int64_t r = 0; r < rows; ++r) {
                         RowMap<T> row(P + r * block_k, cols);
                         if (lse[i0 + r] == neg_inf<T>) row.setZero();  // fully masked row: P = 0
-                        else row = exact_exp(row - lse[i0 + r]);
+                        else exp_shifted_inplace(P + r * block_k, cols, lse[i0 + r]);
                     }
                     const T* dOi = dO_t + i0 * p.dv;
                     const T* Qi = p.q + (t * p.Lq + i0) * p.d;

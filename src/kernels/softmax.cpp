@@ -93,7 +93,7 @@ Tensor<T> softmax_forward(const Tensor<T>& x, const Mask& mask, const Tensor<T>&
             row.setZero();
             return;
         }
-        row = exact_exp(row - m);  // masked entries (−∞) become exactly 0
+        exp_shifted_inplace(yr, lk, m);  // masked entries (−∞) become exactly 0
         row /= row.sum();
     });
     return y;

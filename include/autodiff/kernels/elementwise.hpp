@@ -9,6 +9,7 @@
 // needs_input / needs_output say which values the backward reads, so the tape saves only those.
 // The gradient table in docs/GRADIENTS.md lists the same formulas.
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numbers>
@@ -20,10 +21,25 @@ namespace autodiff {
 
 // e^x with e^−∞ = 0 exactly. Eigen's vectorised exp clamps its argument, so a −∞ (a masked logit)
 // would give ~1e-38 in float and ~1e-308 in double instead of 0, and only in vectorised lanes.
+// (Eigen's select() is not vectorised: use exp_shifted_inplace on hot rows.)
 template <class X>
 auto exact_exp(const X& x) {
     using T = typename X::Scalar;
     return (x == -std::numeric_limits<T>::infinity()).select(T(0), x.exp());
+}
+
+// row[c] = e^(row[c] − shift) for c < n, with e^−∞ = 0 exactly: Eigen's vectorised exp into a small
+// buffer, then a blend the compiler vectorises.
+template <class T>
+void exp_shifted_inplace(T* row, std::int64_t n, T shift) {
+    constexpr std::int64_t chunk = 64;
+    alignas(64) T e[chunk];
+    for (std::int64_t c0 = 0; c0 < n; c0 += chunk) {
+        const std::int64_t len = std::min(chunk, n - c0);
+        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>, Eigen::Aligned64>(e, len) = (ConstArrayMap<T>(row + c0, len) - shift).exp();
+        T* r = row + c0;
+        for (std::int64_t c = 0; c < len; ++c) r[c] = r[c] == -std::numeric_limits<T>::infinity() ? T(0) : e[c];
+    }
 }
 
 // ---- unary ops --------------------------------------------------------------------------------
