@@ -182,7 +182,6 @@ struct Problem {
     }
 };
 
-
 }  // namespace
 
 template <class T>
