@@ -6,7 +6,6 @@
 #include <cmath>
 #include <initializer_list>
 #include <limits>
-#include <source_location>
 #include <string>
 #include <string_view>
 #include <utility>

@@ -130,7 +130,8 @@ TEST_CASE("fused vs generic: masks, additive mask, dropout, bias scaled before o
 }
 
 TEST_CASE("fused attention: sequences of length 1 and single rows") {
-    for (auto [Lq, Lk] : std::vector<std::pair<std::int64_t, std::int64_t>>{{1, 1}, {1, 9}, {9, 1}, {65, 1}, {1, 130}}) {
+    for (const auto& sizes : std::vector<std::pair<std::int64_t, std::int64_t>>{{1, 1}, {1, 9}, {9, 1}, {65, 1}, {1, 130}}) {
+        const std::int64_t Lq = sizes.first, Lk = sizes.second;  // not a structured binding: CAPTURE uses a lambda
         CAPTURE(Lq);
         CAPTURE(Lk);
         P q = param({2, Lq, 4}, 1, "q"), k = param({2, Lk, 4}, 2, "k"), v = param({2, Lk, 3}, 3, "v"), b = param({Lq, Lk}, 4, "b");

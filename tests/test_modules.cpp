@@ -14,7 +14,6 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
-#include <source_location>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -217,9 +216,11 @@ TEST_CASE("MultiHeadAttention: xavier-uniform in-projections, zero biases, out_p
     }
     SUBCASE("separate: each weight (E, in) within sqrt(6/(E + in))") {
         MHA mha({.embed_dim = E, .num_heads = 4, .kdim = 6, .vdim = 40, .seed = 5});
-        for (auto [p, in] : {std::pair{&mha.q_proj_weight(), E}, std::pair{&mha.k_proj_weight(), std::int64_t{6}},
-                             std::pair{&mha.v_proj_weight(), std::int64_t{40}}}) {
-            CAPTURE(p->name());
+        for (const auto& entry : {std::pair{&mha.q_proj_weight(), E}, std::pair{&mha.k_proj_weight(), std::int64_t{6}},
+                                  std::pair{&mha.v_proj_weight(), std::int64_t{40}}}) {
+            const auto [p, in] = entry;
+            const std::string name = p->name();  // CAPTURE uses a lambda, which cannot capture a binding in Clang 14
+            CAPTURE(name);
             const double bound = std::sqrt(6.0 / static_cast<double>(E + in));
             CHECK(max_abs(p->value()) <= bound);
             CHECK(max_abs(p->value()) > bound / 2);
@@ -356,7 +357,8 @@ TEST_CASE("MultiHeadAttention with a key-padding mask: padded keys and values do
         return p;
     };
     SUBCASE("changing a padded key or value leaves the output bitwise unchanged") {
-        for (auto [b, j] : {std::pair<std::int64_t, std::int64_t>{0, 3}, {0, 4}, {1, 1}, {1, 3}}) {
+        for (const auto& key : {std::pair<std::int64_t, std::int64_t>{0, 3}, {0, 4}, {1, 1}, {1, 3}}) {
+            const std::int64_t b = key.first, j = key.second;  // not a binding: CAPTURE uses a lambda
             CAPTURE(b);
             CAPTURE(j);
             CHECK(bitwise_equal(run(perturbed(k, b, j), v), out));

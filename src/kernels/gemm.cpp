@@ -136,7 +136,8 @@ void strided_batched_gemm(T alpha, const Tensor<T>& A, const Tensor<T>& B, T bet
                     MMap<T>(C.data(), m, n), false);
         return;
     }
-    const auto [cr, cc] = C.matrix_dims();
+    // Plain variables, not a structured binding: lambdas below capture them (Clang 14 cannot capture bindings).
+    const std::int64_t cr = C.matrix_dims().first, cc = C.matrix_dims().second;
     if (reduce) {  // sequential over the batch: a fixed summation order
         if (batch == 0) {  // the sum over an empty batch is 0: C = beta·C, and C is not read when beta == 0
             MMap<T> c(C.data(), cr, cc);
