@@ -89,7 +89,9 @@ int main(int argc, char** argv) {
 
     // Held-out evaluation without dropout.
     model.eval();
-    auto [Xe, Ye] = make_batch<float>(batch, 1'000'000);
+    const auto held_out = make_batch<float>(batch, 1'000'000);
+    const ad::Tensor<float>& Xe = held_out.first;
+    const ad::Tensor<float>& Ye = held_out.second;
     const float eval_loss = [&] {
         ad::NoGradGuard no_grad;
         return ad::Var<float>(ad::mse(model(Xe, Xe, Xe, bias, ad::causal), Ye)).item();
@@ -108,7 +110,9 @@ int main(int argc, char** argv) {
     std::vector<ad::Param<double>> params64 = model64.parameters();
     params64.push_back(bias64);
     copy_parameters(params, params64);
-    auto [X64, Y64] = make_batch<double>(2, 42);
+    const auto check_batch = make_batch<double>(2, 42);
+    const ad::Tensor<double>& X64 = check_batch.first;
+    const ad::Tensor<double>& Y64 = check_batch.second;
     const ad::GradcheckReport report =
         ad::gradcheck([&] { return ad::mse(model64(X64, X64, X64, bias64, ad::causal), Y64); }, params64);
     fmt::print("== Gradient check of the loss at the trained parameters (double, central differences)\n{}", report.str());
