@@ -498,7 +498,21 @@ TEST_CASE("a Var whose tape was destroyed is not taken for a Var of a new tape a
     INFO(message);
     CHECK(contains(message, "detach()"));
     CHECK(tape->size() == 0);
-    CHECK(contains(error_of([&] { orphan.backward(ad::ones<double>({3})); }), "already freed"));
+    CHECK(contains(error_of([&] { orphan.backward(ad::ones<double>({3})); }), "has been destroyed"));
+    CHECK_FALSE(x.has_grad());
+}
+
+TEST_CASE("backward on a Var whose explicit Tape was destroyed throws instead of touching freed memory") {
+    ad::Param<double> x(normal({3}, 1));
+    std::optional<ad::Var<double>> orphan;
+    {
+        ad::Tape tape;
+        orphan.emplace(ad::sum(ad::exp(x)), tape);
+    }
+    const std::string message = error_of([&] { orphan->backward(); });
+    INFO(message);
+    CHECK(message.starts_with("backward: "));
+    CHECK(contains(message, "Tape this Var was recorded on has been destroyed"));
     CHECK_FALSE(x.has_grad());
 }
 

@@ -64,6 +64,8 @@ public:
     [[nodiscard]] std::size_t size() const { return records_.size(); }
     // Changed by clear(), and unique across all tapes: a Var remembers the generation it was recorded in.
     [[nodiscard]] std::uint64_t generation() const { return generation_; }
+    // Expires when the tape is destroyed: a Var checks it before touching its tape.
+    [[nodiscard]] std::weak_ptr<const void> liveness() const { return alive_; }
 
     // The state before an evaluation, to undo its records if it throws.
     struct Checkpoint {
@@ -108,6 +110,7 @@ private:
     std::size_t chunk_ = 0;  // current chunk
     std::size_t used_ = 0;   // bytes used in it
     std::uint64_t generation_ = 0;
+    std::shared_ptr<const int> alive_ = std::make_shared<const int>(0);
 };
 
 // The tape that new Vars of this thread record on (a per-thread default unless a TapeGuard is active).

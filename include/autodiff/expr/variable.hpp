@@ -154,6 +154,7 @@ public:
         }
         if (target_) {
             tape_ = &tape;
+            tape_alive_ = tape.liveness();
             generation_ = tape.generation();
             record_end_ = tape.size();
         }
@@ -181,6 +182,9 @@ public:
         if (!target_)
             fail("backward", "this Var does not require grad: its expression has no Param, or it was "
                              "evaluated under NoGradGuard");
+        if (tape_alive_.expired())
+            fail("backward", "the Tape this Var was recorded on has been destroyed; keep an explicit Tape alive "
+                             "until backward()");
         if (tape_->generation() != generation_)
             fail("backward", "the graph of this Var was already freed by an earlier backward(); pass "
                              "retain_graph = true to the first backward() to differentiate it again");
@@ -199,6 +203,7 @@ private:
     Tensor<T> value_;
     GradTarget<T> target_;
     Tape* tape_ = nullptr;
+    std::weak_ptr<const void> tape_alive_;
     std::uint64_t generation_ = 0;
     std::size_t record_end_ = 0;
 };
