@@ -417,6 +417,52 @@ TEST_CASE("reduction, dropout and layout kernels: bad arguments are rejected") {
 
 // ---- no side effects ----------------------------------------------------------------------------
 
+TEST_CASE("attention kernels: bad shapes, masks, scales and buffers are rejected") {
+    const Tensor q = any({2, 3, 5, 8}), k = any({2, 3, 7, 8}), v = any({2, 3, 7, 4}), none;
+    const ad::AttentionOptions opt;
+    SUBCASE("ranks differ") {
+        check_error([&] { (void)ad::attention_forward(q, any({3, 7, 8}), v, none, none, opt); }, "attention",
+                    {"same rank", "q (2,3,5,8)", "k (3,7,8)"});
+    }
+    SUBCASE("leading dimensions differ") {
+        check_error([&] { (void)ad::attention_forward(q, any({2, 4, 7, 8}), any({2, 4, 7, 4}), none, none, opt); }, "attention",
+                    {"leading dimensions differ", "(2,4,7,8)"});
+    }
+    SUBCASE("head dimensions differ") {
+        check_error([&] { (void)ad::attention_forward(q, any({2, 3, 7, 6}), v, none, none, opt); }, "attention",
+                    {"same head dimension", "q (2,3,5,8)", "k (2,3,7,6)"});
+    }
+    SUBCASE("keys and values differ in number") {
+        check_error([&] { (void)ad::attention_forward(q, k, any({2, 3, 6, 4}), none, none, opt); }, "attention",
+                    {"same number of keys", "k (2,3,7,8)", "v (2,3,6,4)"});
+    }
+    SUBCASE("a bias that does not broadcast to the scores") {
+        check_error([&] { (void)ad::attention_forward(q, k, v, any({5, 6}), none, opt); }, "attention",
+                    {"bias (5,6)", "scores (2,3,5,7)"});
+    }
+    SUBCASE("a key-padding mask of the wrong shape") {
+        ad::AttentionOptions bad = opt;
+        bad.mask = ad::key_padding_mask(ad::full<bool>({2, 5}, true));
+        check_error([&] { (void)ad::attention_forward(q, k, v, none, none, bad); }, "attention", {"key-padding", "(2,7)", "(2,5)"});
+    }
+    SUBCASE("a dropout rate of 1 and a non-finite scale") {
+        ad::AttentionOptions bad = opt;
+        bad.dropout.rate = 1.0;
+        check_error([&] { (void)ad::attention_forward(q, k, v, none, none, bad); }, "attention", {"rate must be in [0, 1)"});
+        ad::AttentionOptions nan_scale = opt;
+        nan_scale.scale = not_a_number;
+        check_error([&] { (void)ad::attention_forward(q, k, v, none, none, nan_scale); }, "attention", {"must be finite"});
+    }
+    SUBCASE("backward: dO of the wrong shape, and a bias gradient without a bias") {
+        const auto saved = ad::attention_forward(q, k, v, none, none, opt);
+        Tensor dQ, dbias;
+        check_error([&] { ad::attention_backward<double>(&dQ, nullptr, nullptr, nullptr, any({2, 3, 5, 8}), q, k, v, none, none, saved, opt); },
+                    "attention_backward", {"dO (2,3,5,8)", "(2,3,5,4)"});
+        check_error([&] { ad::attention_backward<double>(nullptr, nullptr, nullptr, &dbias, any({2, 3, 5, 4}), q, k, v, none, none, saved, opt); },
+                    "attention_backward", {"no bias"});
+    }
+}
+
 TEST_CASE("a builder that throws inside a bigger expression records nothing and touches no gradient") {
     ad::Param<double> x(ad::randn<double>({3, 5}, 1)), w(ad::randn<double>({5, 4}, 2));
     ad::Var<double> pending = ad::exp(x);  // a record already on the tape
