@@ -454,7 +454,7 @@ TEST_CASE("attention kernels: bad shapes, masks, scales and buffers are rejected
         check_error([&] { (void)ad::attention_forward(q, k, v, none, none, nan_scale); }, "attention", {"must be finite"});
     }
     SUBCASE("backward: dO of the wrong shape, and a bias gradient without a bias") {
-        const auto saved = ad::attention_forward(q, k, v, none, none, opt);
+        auto saved = ad::attention_forward(q, k, v, none, none, opt);
         Tensor dQ, dbias;
         check_error([&] { ad::attention_backward<double>(&dQ, nullptr, nullptr, nullptr, any({2, 3, 5, 8}), q, k, v, none, none, saved, opt); },
                     "attention_backward", {"dO (2,3,5,8)", "(2,3,5,4)"});

@@ -3,6 +3,8 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <limits>
+#include <string>
 #include <vector>
 
 #include <autodiff/autodiff.hpp>
@@ -211,4 +213,78 @@ TEST_CASE("fused attention: bitwise identical results on 1 and 2 threads, for ev
         ad::set_num_threads(2);
         for (std::size_t i = 0; i < one.size(); ++i) CHECK(ad::max_abs_diff(one[i], two[i]) == 0.0f);
     }
+}
+
+TEST_CASE("kept scores: the backward that reads the forward's scores equals, bitwise, the one that recomputes them") {
+    using T = float;
+    const std::int64_t n = 2, h = 3, Lq = 70, Lk = 130, d = 24;  // several tiles, partial ones on both axes
+    const ad::Tensor<T> q = ad::randn<T>({n, h, Lq, d}, 1), k = ad::randn<T>({n, h, Lk, d}, 2), v = ad::randn<T>({n, h, Lk, 16}, 3);
+    const ad::Tensor<T> dO = ad::randn<T>({n, h, Lq, 16}, 5), none;
+    ad::Tensor<bool> kp = ad::full<bool>({n, Lk}, true);
+    for (std::int64_t j = 100; j < Lk; ++j) kp(1, j) = false;
+    ad::Tensor<bool> keep = ad::full<bool>({Lq, Lk}, true);
+    for (std::int64_t j = 0; j < Lk; ++j) keep(3, j) = false;  // a fully masked row
+    struct Case {
+        const char* name;
+        ad::Mask mask;
+        ad::DropoutDescriptor drop;
+    };
+    for (const Case& c : {Case{"no mask", {}, {}}, Case{"causal", ad::causal, {}},
+                          Case{"key padding and keep", ad::key_padding_mask(kp) | ad::keep_mask(keep), {}},
+                          Case{"causal and dropout", ad::causal, {0.2, 9, 4}}}) {
+        for (const ad::Shape& bs : std::vector<ad::Shape>{{n, h, Lq, Lk}, {h, Lq, Lk}}) {
+            const std::string name = c.name;
+            CAPTURE(name);
+            CAPTURE(bs);
+            const ad::Tensor<T> b = ad::randn<T>(bs, 4);
+            ad::AttentionOptions opt{0.3, 1.5, c.mask, c.drop};
+            auto ref = ad::attention_forward(q, k, v, b, none, opt);
+            CHECK_FALSE(ref.scores.defined());
+            opt.keep_scores = true;
+            auto kept = ad::attention_forward(q, k, v, b, none, opt);
+            REQUIRE(kept.scores.defined());
+            CHECK(kept.scores.shape() == ad::Shape{n, h, Lq, Lk});
+            CHECK(ad::max_abs_diff(ref.O, kept.O) == 0.0f);
+            CHECK(ad::max_abs_diff(ref.lse, kept.lse) == 0.0f);
+            const bool row_masked = kept.scores(0, 1, 3, 2) == -std::numeric_limits<T>::infinity();
+            CHECK(row_masked == c.mask.keep.defined());
+            ad::Tensor<T> gr[4], gk[4];
+            ad::attention_backward<T>(&gr[0], &gr[1], &gr[2], &gr[3], dO, q, k, v, b, none, ref, opt);
+            ad::attention_backward<T>(&gk[0], &gk[1], &gk[2], &gk[3], dO, q, k, v, b, none, kept, opt);
+            for (int i = 0; i < 4; ++i) CHECK(ad::max_abs_diff(gr[i], gk[i]) == 0.0f);
+            // A full bias gradient takes over the scores' buffer; a broadcast one leaves the scores kept.
+            CHECK(kept.scores.defined() == (bs.rank() == 3));
+            if (kept.scores.defined()) {
+                ad::Tensor<T> again;
+                ad::attention_backward<T>(nullptr, nullptr, nullptr, &again, dO, q, k, v, b, none, kept, opt);
+                CHECK(ad::max_abs_diff(again, gr[3]) == 0.0f);
+            }
+        }
+    }
+}
+
+TEST_CASE("kept scores: a second backward (retain_graph) recomputes the scores the first one consumed") {
+    P q = param({2, 2, 67, 8}, 1, "q"), k = param({2, 2, 67, 8}, 2, "k"), v = param({2, 2, 67, 8}, 3, "v"),
+      b = param({2, 2, 67, 67}, 4, "b");
+    ad::Var<double> O = ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.3 + b, ad::causal), v);
+    const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 8);
+    O.backward(seed, true);
+    std::vector<ad::Tensor<double>> once{q.grad().clone(), k.grad().clone(), v.grad().clone(), b.grad().clone()};
+    O.backward(seed);
+    const std::vector<ad::Tensor<double>> twice{q.grad(), k.grad(), v.grad(), b.grad()};
+    for (std::size_t i = 0; i < once.size(); ++i) {
+        once[i].array() *= 2.0;  // x + x == 2x exactly
+        CHECK(ad::max_abs_diff(once[i], twice[i]) == 0.0);
+    }
+}
+
+TEST_CASE("kept scores: the wrong shape is refused by the backward") {
+    const ad::Tensor<double> q = ad::randn<double>({1, 5, 4}, 1), none;
+    ad::AttentionOptions opt;
+    opt.keep_scores = true;
+    auto saved = ad::attention_forward(q, q, q, none, none, opt);
+    saved.scores = ad::zeros<double>({1, 5, 6});
+    ad::Tensor<double> dQ;
+    CHECK_THROWS_WITH_AS(ad::attention_backward<double>(&dQ, nullptr, nullptr, nullptr, q, q, q, q, none, none, saved, opt),
+                         doctest::Contains("saved scores (1,5,6) must have the scores' shape (1,5,5)"), ad::Error);
 }

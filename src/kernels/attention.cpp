@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "autodiff/kernels/elementwise.hpp"
@@ -170,6 +171,12 @@ struct Problem {
                 for (std::int64_t c = std::max<std::int64_t>(0, i0 + r + 1 - j0); c < cols; ++c) S[r * block_k + c] = neg_inf<T>;
     }
 
+    // Prefetches the tile of a bias or additive operand that scores() will read next.
+    void prefetch_tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols) const {
+        for (const Broadcast<T>* b : {&bias, &additive})
+            if (*b && b->s[3] == 1) detail::prefetch_rows(b->data + lead(*b, t) + i0 * b->s[2] + j0, b->s[2] ? rows : 1, cols, b->s[2]);
+    }
+
     // F(r, c) = dropout factor (0 or 1/(1-p)) of element (t, i0+r, j0+c).
     void dropout_tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, T* F) const {
         for (std::int64_t r = 0; r < rows; ++r)
@@ -193,7 +200,12 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
     if (!std::isfinite(opt.scale) || !std::isfinite(opt.bias_scale))
         fail("attention", "scale ({}) and bias_scale ({}) must be finite", opt.scale, opt.bias_scale);
     const Problem<T> p(Q, K, V, bias, additive, opt);
-    AttentionSaved<T> saved{Tensor<T>(out), Tensor<T>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1))};
+    AttentionSaved<T> saved{Tensor<T>(out), Tensor<T>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1)), {}};
+    if (opt.keep_scores) {
+        Shape scores = Q.shape();
+        scores[scores.rank() - 1] = p.Lk;
+        saved.scores = Tensor<T>(scores);
+    }
     if (out.numel() == 0) return saved;
     const std::int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
     // Work items run over (leading index, query block); consecutive items of one thread share the
@@ -222,7 +234,11 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
             for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
                 T* S = s.S.data();
+                if (j0 + block_k < j_end) p.prefetch_tile(t, i0, rows, j0 + block_k, std::min(block_k, p.Lk - j0 - block_k));
                 p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), S);
+                if (opt.keep_scores)  // read again only by the backward: stream past the caches
+                    for (std::int64_t r = 0; r < rows; ++r)
+                        detail::stream_row(saved.scores.data() + (t * p.Lq + i0 + r) * p.Lk + j0, S + r * block_k, cols);
                 // Online softmax: running max m and sum l per row; S becomes the unnormalised P.
                 for (std::int64_t r = 0; r < rows; ++r) {
                     RowMap<T> row(S + r * block_k, cols);
@@ -259,6 +275,7 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
                 }
             }
         }
+        detail::stream_fence();
     });
     return saved;
 }
@@ -267,7 +284,7 @@ template <class T>
 void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDeduce<Tensor<T>>* dV,
                         NoDeduce<Tensor<T>>* dbias, const Tensor<T>& dO, const Tensor<T>& Q, const Tensor<T>& K,
                         const Tensor<T>& V, const Tensor<T>& bias, const Tensor<T>& additive,
-                        const AttentionSaved<T>& saved, const AttentionOptions& opt) {
+                        AttentionSaved<T>& saved, const AttentionOptions& opt) {
     const char* op = "attention_backward";
     const Shape out = attention_output_shape(op, Q.shape(), K.shape(), V.shape(), bias.defined() ? &bias.shape() : nullptr,
                                              additive.defined() ? &additive.shape() : nullptr, opt.mask);
@@ -281,8 +298,12 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     // no read-modify-write, a third of the memory traffic); a broadcast one is summed into zeros.
     Shape scores = Q.shape();
     scores[scores.rank() - 1] = p.Lk;
+    if (saved.scores.defined() && saved.scores.shape() != scores)
+        fail(op, "saved scores {} must have the scores' shape {}", saved.scores.shape(), scores);
     const bool full_dbias = dbias && bias.shape() == scores;
-    if (dbias) *dbias = full_dbias ? Tensor<T>(bias.shape()) : zeros<T>(bias.shape());
+    // P is read from the saved scores when there are some; a full bias gradient then overwrites them.
+    const T* kept = saved.scores.defined() ? saved.scores.data() : nullptr;
+    if (dbias) *dbias = !full_dbias ? zeros<T>(bias.shape()) : kept ? std::exchange(saved.scores, Tensor<T>()) : Tensor<T>(scores);
     if (out.numel() == 0 || p.Lk == 0) {
         if (dbias) dbias->fill(T(0));
         return;
@@ -324,11 +345,19 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     const std::int64_t rows = std::min(block_q, p.Lq - i0);
                     T* P = s.S.data();
                     T* dS = s.dS.data();
-                    p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), P);
+                    const std::int64_t next_i = i0 + block_q, next_rows = std::min(block_q, p.Lq - next_i);
+                    // S: from the forward's buffer (the forward wrote every tile this loop visits) or recomputed.
+                    const T* S = kept ? kept + (t * p.Lq + i0) * p.Lk + j0 : P;
+                    const std::int64_t lds = kept ? p.Lk : block_k;
+                    if (kept) {
+                        if (next_i < p.Lq) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
+                    } else {
+                        if (next_i < p.Lq) p.prefetch_tile(t, next_i, next_rows, j0, cols);
+                        p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), P);
+                    }
                     for (std::int64_t r = 0; r < rows; ++r) {
-                        RowMap<T> row(P + r * block_k, cols);
-                        if (lse[i0 + r] == neg_inf<T>) row.setZero();  // fully masked row: P = 0
-                        else exp_shifted_inplace(P + r * block_k, cols, lse[i0 + r]);
+                        if (lse[i0 + r] == neg_inf<T>) RowMap<T>(P + r * block_k, cols).setZero();  // fully masked row: P = 0
+                        else exp_shifted(S + r * lds, P + r * block_k, cols, lse[i0 + r]);
                     }
                     const T* dOi = dO_t + i0 * p.dv;
                     const T* Qi = p.q + (t * p.Lq + i0) * p.d;
@@ -374,7 +403,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                                                     const Tensor<T>&, const Tensor<T>&, const AttentionOptions&);      \
     template void attention_backward<T>(Tensor<T>*, Tensor<T>*, Tensor<T>*, Tensor<T>*, const Tensor<T>&,             \
                                         const Tensor<T>&, const Tensor<T>&, const Tensor<T>&, const Tensor<T>&,        \
-                                        const Tensor<T>&, const AttentionSaved<T>&, const AttentionOptions&);
+                                        const Tensor<T>&, AttentionSaved<T>&, const AttentionOptions&);
 AUTODIFF_INSTANTIATE(float)
 AUTODIFF_INSTANTIATE(double)
 #undef AUTODIFF_INSTANTIATE

@@ -11,6 +11,9 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace autodiff::detail {
 
@@ -41,6 +44,45 @@ inline V load(const T* p) {
 template <class V, class T>
 inline void store(T* p, V v) {
     std::memcpy(p, &v, sizeof(v));
+}
+
+// dst[0, n) = src[0, n) with non-temporal stores where dst is vector-aligned: for data written once
+// and read much later (it bypasses the caches instead of evicting the working set). Call
+// stream_fence() before other threads read what was streamed.
+template <class T>
+inline void stream_row(T* dst, const T* src, std::int64_t n) {
+    std::int64_t c = 0;
+#if defined(__SSE2__)
+    constexpr int W = Simd<T, simd_bytes>::lanes;
+    if (reinterpret_cast<std::uintptr_t>(dst) % simd_bytes == 0)
+        for (; c + W <= n; c += W) {
+#if defined(__AVX512F__)
+            if constexpr (sizeof(T) == 4) _mm512_stream_ps(reinterpret_cast<float*>(dst + c), _mm512_loadu_ps(reinterpret_cast<const float*>(src + c)));
+            else _mm512_stream_pd(reinterpret_cast<double*>(dst + c), _mm512_loadu_pd(reinterpret_cast<const double*>(src + c)));
+#elif defined(__AVX__)
+            if constexpr (sizeof(T) == 4) _mm256_stream_ps(reinterpret_cast<float*>(dst + c), _mm256_loadu_ps(reinterpret_cast<const float*>(src + c)));
+            else _mm256_stream_pd(reinterpret_cast<double*>(dst + c), _mm256_loadu_pd(reinterpret_cast<const double*>(src + c)));
+#else
+            if constexpr (sizeof(T) == 4) _mm_stream_ps(reinterpret_cast<float*>(dst + c), _mm_loadu_ps(reinterpret_cast<const float*>(src + c)));
+            else _mm_stream_pd(reinterpret_cast<double*>(dst + c), _mm_loadu_pd(reinterpret_cast<const double*>(src + c)));
+#endif
+        }
+#endif
+    for (; c < n; ++c) dst[c] = src[c];
+}
+inline void stream_fence() {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
+// Prefetches `rows` rows of `n` elements, `stride` elements apart, into the caches: a tile of a
+// large row-major matrix, whose rows are too far apart for the hardware prefetchers to follow.
+template <class T>
+inline void prefetch_rows(const T* p, std::int64_t rows, std::int64_t n, std::int64_t stride) {
+    constexpr std::int64_t line = 64 / sizeof(T);
+    for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t c = 0; c < n; c += line) __builtin_prefetch(p + r * stride + c, 0, 3);
 }
 
 // MR rows × NV vectors (of Bytes bytes) of C.

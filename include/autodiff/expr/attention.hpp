@@ -129,12 +129,16 @@ struct Evaluator<MatMul<L, R>> {
         Value<T> b;
         if constexpr (Scores::biased) b = evaluate(Scores::bias(sm.child), ctx);
         Value<T> v = evaluate(e.rhs, ctx);
-        const AttentionOptions opt{Scores::scale(sm.child), Scores::bias_scale(sm.child), sm.mask, Pattern::dropout(e)};
+        // A trainable full-shape bias: its gradient is an L×L buffer anyway, so the forward leaves the
+        // scores in it and the backward does not recompute them (attention.hpp, docs/ARCHITECTURE.md).
+        const bool keep_scores = b.target && b.value.shape() == scores_shape(q.value.shape(), k.value.shape());
+        const AttentionOptions opt{Scores::scale(sm.child), Scores::bias_scale(sm.child), sm.mask, Pattern::dropout(e), keep_scores};
         AttentionSaved<T> saved = attention_forward(q.value, k.value, v.value, b.value, sm.additive, opt);
         Tensor<T> O = saved.O;
-        // O = dropout(softmax(S))·V ; dQ, dK, dV, dbias by attention_backward (attention.hpp)
+        // O = dropout(softmax(S))·V ; dQ, dK, dV, dbias by attention_backward (attention.hpp). The first
+        // backward consumes the kept scores; another one (retain_graph) recomputes them.
         auto backward = [qt = q.target, kt = k.target, vt = v.target, bt = b.target, Q = q.value, K = k.value, V = v.value,
-                         B = b.value, A = sm.additive, saved = std::move(saved), opt](const Tensor<T>& dO, Tape& tape) {
+                         B = b.value, A = sm.additive, saved = std::move(saved), opt](const Tensor<T>& dO, Tape& tape) mutable {
             Tensor<T> dQ, dK, dV, dB;
             attention_backward(qt ? &dQ : nullptr, kt ? &dK : nullptr, vt ? &dV : nullptr, bt ? &dB : nullptr, dO, Q, K, V, B,
                                A, saved, opt);
@@ -155,12 +159,15 @@ struct Evaluator<MatMul<L, R>> {
         if (q.rank() != k.rank() || q.rank() != v.rank()) return false;
         for (int i = 0; i + 2 < q.rank(); ++i)
             if (q[i] != k[i] || q[i] != v[i]) return false;
-        if constexpr (Scores::biased) {
-            Shape scores = q;
-            scores[scores.rank() - 1] = k.dim_from_end(2);
-            if (!broadcasts_to(Scores::bias(sm.child).shape(), scores)) return false;
-        }
+        if constexpr (Scores::biased)
+            if (!broadcasts_to(Scores::bias(sm.child).shape(), scores_shape(q, k))) return false;
         return true;
+    }
+
+    static Shape scores_shape(const Shape& q, const Shape& k) {
+        Shape scores = q;
+        scores[scores.rank() - 1] = k.dim_from_end(2);
+        return scores;
     }
 };
 

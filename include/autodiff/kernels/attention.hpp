@@ -9,8 +9,12 @@
 // O (..., Lq, dv). bias and additive: any shape broadcastable to the scores (..., Lq, Lk); the bias
 // gradient comes back in the bias's own shape. Masks as in softmax.hpp (true = keep).
 //
-// No L×L buffer is kept: the forward saves O and the per-row log-sum-exp `lse` (..., Lq) (−inf for a
-// fully masked row); the backward recomputes P tile by tile. Dropout decisions are those of the
+// No L×L buffer is kept by default: the forward saves O and the per-row log-sum-exp `lse` (..., Lq)
+// (−inf for a fully masked row); the backward recomputes P tile by tile from Q, K and the bias.
+// With a trainable full-shape bias the bias gradient is an L×L buffer anyway: `keep_scores` lets the
+// forward write the masked scores S into that buffer, and the backward reads P = e^(S − lse) from it
+// and overwrites it with the bias gradient, skipping the recomputation of Q·Kᵀ + bias (one of the
+// backward's five tile products) at no extra peak memory. Both ways give bit-identical results. Dropout decisions are those of the
 // dropout kernel on the (..., Lq, Lk) probabilities, element index ((t·Lq + i)·Lk + j): the fused and
 // the generic path drop the same entries.
 //
@@ -29,6 +33,9 @@ struct AttentionOptions {
     double bias_scale = 1.0;  // of the bias (a bias added before scaling is scaled too)
     Mask mask;
     DropoutDescriptor dropout;
+    // The forward also returns the masked scores S (..., Lq, Lk) in AttentionSaved::scores, for the
+    // backward to use instead of recomputing them (see above).
+    bool keep_scores = false;
 };
 
 // Validates the shapes (and the bias, additive and mask shapes) and returns O's shape.
@@ -39,6 +46,9 @@ template <class T>
 struct AttentionSaved {
     Tensor<T> O;    // (..., Lq, dv)
     Tensor<T> lse;  // (..., Lq): log Σ_j exp(S_ij) over kept keys, −inf for fully masked rows
+    // With AttentionOptions::keep_scores: S (..., Lq, Lk), −inf where masked. Only the tiles the
+    // forward visits are written (under a causal mask, not those wholly above the diagonal).
+    Tensor<T> scores;
 };
 
 // bias and additive may be undefined (absent).
@@ -46,16 +56,20 @@ template <class T>
 AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& bias,
                                     const Tensor<T>& additive, const AttentionOptions& opt);
 
-// Backward, with D_i = rowsum(dO_i ⊙ O_i) and P recomputed from Q, K, bias and lse:
+// Backward, with D_i = rowsum(dO_i ⊙ O_i) and P = e^(S − lse), S recomputed from Q, K and the bias
+// or read from saved.scores:
 //   dV = dropout(P)ᵀ·dO
 //   dP = dropout_mask ⊙ (dO·Vᵀ)
 //   dS = P ⊙ (dP − D)
 //   dQ = scale·dS·K,  dK = scale·dSᵀ·Q,  dbias = bias_scale·reduce(dS, bias's shape)
-// Gradients are written (not accumulated); pass nullptr for any that is not wanted.
+// Gradients are written (not accumulated); pass nullptr for any that is not wanted. When saved.scores
+// is defined and a full-shape bias gradient is requested, the gradient is written into the scores'
+// buffer, which *dbias then holds and saved.scores releases (a later backward from the same saved
+// values recomputes the scores). Otherwise saved is left as it is.
 template <class T>
 void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDeduce<Tensor<T>>* dV,
                         NoDeduce<Tensor<T>>* dbias, const Tensor<T>& dO, const Tensor<T>& Q, const Tensor<T>& K,
                         const Tensor<T>& V, const Tensor<T>& bias, const Tensor<T>& additive,
-                        const AttentionSaved<T>& saved, const AttentionOptions& opt);
+                        AttentionSaved<T>& saved, const AttentionOptions& opt);
 
 }  // namespace autodiff
