@@ -1447,3 +1447,110 @@ TEST_CASE("softmax and exp: a masked (−inf) entry is exactly 0 in every SIMD l
     check(0.0f);
     check(0.0);
 }
+
+// ---- SIMD row helpers (src/kernels/simd.hpp, internal to the kernels) ----------------------------
+
+#include "../src/kernels/simd.hpp"
+#include "../src/kernels/tile_gemm.hpp"
+
+namespace {
+// Largest error of detail::exp_shifted against std::exp in long double, in units of T's epsilon,
+// over [lo, hi] in `count` steps; lengths 1..3·lanes+1 exercise the vector body and the tail.
+template <class T>
+double exp_ulp_error(double lo, double hi, int count) {
+    std::vector<T> x(static_cast<std::size_t>(count)), y(x.size());
+    for (int i = 0; i < count; ++i) x[static_cast<std::size_t>(i)] = static_cast<T>(lo + (hi - lo) * i / (count - 1));
+    double worst = 0;
+    for (std::size_t off = 0; off < x.size(); off += 37) {
+        const std::int64_t n = static_cast<std::int64_t>(std::min<std::size_t>(37, x.size() - off));
+        autodiff::detail::exp_shifted(x.data() + off, y.data() + off, n, T(0));
+    }
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        const long double e = std::exp(static_cast<long double>(x[i]));
+        worst = std::max(worst, static_cast<double>(std::abs(y[i] - e) / e / std::numeric_limits<T>::epsilon()));
+    }
+    return worst;
+}
+}  // namespace
+
+TEST_CASE("simd exp: within 2 ulp of std::exp over the whole normal range, float and double") {
+    CHECK(exp_ulp_error<float>(-86.5, 88.7, 200001) <= 2.0);
+    CHECK(exp_ulp_error<float>(-1.0, 1.0, 100001) <= 2.0);
+    CHECK(exp_ulp_error<double>(-707.0, 709.7, 200001) <= 2.0);
+    CHECK(exp_ulp_error<double>(-1.0, 1.0, 100001) <= 2.0);
+}
+
+TEST_CASE("simd exp: e^-inf = 0 exactly, NaN propagates, overflow gives +inf, e^0 = 1, in every lane and the tail") {
+    for (std::int64_t n : {1, 3, 8, 16, 17, 35}) {
+        CAPTURE(n);
+        for (std::int64_t at = 0; at < n; ++at) {
+            std::vector<double> x(static_cast<std::size_t>(n), 0.0), y(x.size());
+            x[static_cast<std::size_t>(at)] = -std::numeric_limits<double>::infinity();
+            if (n > 2) x[static_cast<std::size_t>((at + 1) % n)] = std::numeric_limits<double>::quiet_NaN();
+            if (n > 2) x[static_cast<std::size_t>((at + 2) % n)] = 1e4;
+            const double sum = autodiff::detail::exp_shifted_sum(x.data(), y.data(), n, 0.0);
+            CHECK(y[static_cast<std::size_t>(at)] == 0.0);
+            if (n > 2) {
+                CHECK(std::isnan(y[static_cast<std::size_t>((at + 1) % n)]));
+                CHECK(y[static_cast<std::size_t>((at + 2) % n)] == std::numeric_limits<double>::infinity());
+                CHECK(std::isnan(sum));
+            } else {
+                CHECK(sum == static_cast<double>(n - 1));  // the other entries are e^0 = 1
+            }
+        }
+    }
+    float tiny[2] = {-200.0f, -90.0f}, out[2];
+    autodiff::detail::exp_shifted(tiny, out, 2, 0.0f);
+    CHECK(out[0] == 0.0f);
+    CHECK(out[1] < 1e-38f);
+}
+
+TEST_CASE("simd exp_shifted_sum: dst = e^(src - shift) in place, and returns its sum") {
+    std::vector<float> x(53);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.7f * static_cast<float>(i)) * 4.0f;
+    std::vector<float> ref = x;
+    const float sum = autodiff::detail::exp_shifted_sum(x.data(), x.data(), 53, 1.5f);
+    double ref_sum = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        CHECK(x[i] == doctest::Approx(std::exp(ref[i] - 1.5f)).epsilon(3e-7));
+        ref_sum += std::exp(static_cast<double>(ref[i]) - 1.5);
+    }
+    CHECK(sum == doctest::Approx(ref_sum).epsilon(1e-6));
+}
+
+TEST_CASE("simd row_max: the maximum over any length, NaN anywhere gives NaN, empty gives -inf") {
+    for (std::int64_t n : {1, 5, 16, 23, 64, 70}) {
+        CAPTURE(n);
+        std::vector<float> x(static_cast<std::size_t>(n));
+        for (std::int64_t at = 0; at < n; ++at) {
+            for (std::int64_t i = 0; i < n; ++i) x[static_cast<std::size_t>(i)] = -100.0f + static_cast<float>((i * 7) % 13);
+            x[static_cast<std::size_t>(at)] = 50.0f;
+            CHECK(autodiff::detail::row_max(x.data(), n) == 50.0f);
+            x[static_cast<std::size_t>(at)] = std::numeric_limits<float>::quiet_NaN();
+            CHECK(std::isnan(autodiff::detail::row_max(x.data(), n)));
+        }
+    }
+    CHECK(autodiff::detail::row_max<float>(nullptr, 0) == -std::numeric_limits<float>::infinity());
+}
+
+TEST_CASE("tile_gemm: every row count 1..13 and column count (vector blocks, halves, scalars) equals the loops") {
+    for (std::int64_t m = 1; m <= 13; ++m)
+        for (std::int64_t n : {1, 3, 4, 8, 16, 17, 33, 64, 71}) {
+            CAPTURE(m);
+            CAPTURE(n);
+            const std::int64_t k = 19;
+            std::vector<double> A(static_cast<std::size_t>(m * k)), B(static_cast<std::size_t>(k * n)), C(static_cast<std::size_t>(m * n), 1.0);
+            for (std::size_t i = 0; i < A.size(); ++i) A[i] = std::cos(0.3 * static_cast<double>(i));
+            for (std::size_t i = 0; i < B.size(); ++i) B[i] = std::sin(0.2 * static_cast<double>(i));
+            // op(A) = Aᵀ read through strides: A stored (k × m)
+            autodiff::detail::tile_gemm<double>(m, n, k, 0.5, A.data(), 1, m, B.data(), n, 2.0, C.data(), n);
+            double worst = 0;
+            for (std::int64_t r = 0; r < m; ++r)
+                for (std::int64_t c = 0; c < n; ++c) {
+                    double s = 0;
+                    for (std::int64_t p = 0; p < k; ++p) s += A[static_cast<std::size_t>(p * m + r)] * B[static_cast<std::size_t>(p * n + c)];
+                    worst = std::max(worst, std::abs(C[static_cast<std::size_t>(r * n + c)] - (0.5 * s + 2.0)));
+                }
+            CHECK(worst < 1e-12);
+        }
+}

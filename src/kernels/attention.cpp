@@ -64,7 +64,7 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
 template <class T>
 struct Scratch {
-    AlignedVector<T> S, F, Pd, dS, acc, dK, dV, Kt, Vt, m, l, D;
+    AlignedVector<T> S, F, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D;
 
     static Scratch& get() {
         thread_local Scratch s;
@@ -189,6 +189,37 @@ struct Problem {
     }
 };
 
+// One key tile of the online softmax (FlashAttention-2): for each row r of S (rows × cols, leading
+// dimension block_k), the running max m[r] becomes m_new = max(m[r], max_c S[r, c]), S[r, ·] becomes
+// e^(S[r, ·] − m_new) (masked entries exactly 0), and the running sum l[r] and the accumulated output
+// row acc[r, ·] are rescaled by e^(m[r] − m_new). A row with nothing kept yet stays 0. The rescale
+// factors are computed block_q rows at a time, in vectors: a scalar exp per row cost as much as
+// the row's 64 exponentials.
+template <class T>
+void online_softmax_tile(T* S, std::int64_t rows, std::int64_t cols, Scratch<T>& s, std::int64_t dv) {
+    using V = typename detail::Simd<T, detail::simd_bytes>::type;
+    constexpr int W = detail::Simd<T, detail::simd_bytes>::lanes;
+    static_assert(block_q % W == 0);
+    T *m = s.m.data(), *l = s.l.data(), *m_new = s.m_new.data(), *alpha = s.alpha.data();
+    for (std::int64_t r = 0; r < rows; ++r) m_new[r] = detail::row_max(S + r * block_k, cols);
+    for (std::int64_t r = 0; r < rows; r += W) {  // lanes past `rows` compute unused values
+        const V m_old = detail::load<V>(m + r), m_max = detail::nan_max(m_old, detail::load<V>(m_new + r));
+        const auto nothing_kept = m_max == (V{} + neg_inf<T>);  // −∞ − −∞ would be NaN
+        detail::store(alpha + r, detail::vexp<T, detail::simd_bytes>(detail::select(nothing_kept, V{}, m_old - m_max)));
+        detail::store(m_new + r, m_max);
+    }
+    for (std::int64_t r = 0; r < rows; ++r) {
+        T* row = S + r * block_k;
+        if (m_new[r] == neg_inf<T>) {
+            std::fill_n(row, cols, T(0));
+            continue;
+        }
+        l[r] = l[r] * alpha[r] + detail::exp_shifted_sum(row, row, cols, m_new[r]);
+        if (alpha[r] != T(1)) RowMap<T>(s.acc.data() + r * dv, dv) *= alpha[r];
+        m[r] = m_new[r];
+    }
+}
+
 }  // namespace
 
 template <class T>
@@ -218,8 +249,7 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
         ensure(s.S, block_q * block_k);
         ensure(s.F, block_q * block_k);
         ensure(s.acc, block_q * p.dv);
-        ensure(s.m, block_q);
-        ensure(s.l, block_q);
+        for (auto* buf : {&s.m, &s.l, &s.m_new, &s.alpha}) ensure(*buf, block_q);
         std::int64_t transposed_for = -1;
         for (std::int64_t w = worker * per_thread; w < std::min(p.items * q_blocks, (worker + 1) * per_thread); ++w) {
             const std::int64_t t = w / q_blocks, i0 = (w % q_blocks) * block_q, rows = std::min(block_q, p.Lq - i0);
@@ -227,8 +257,9 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
                 Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
                 transposed_for = t;
             }
-            std::fill_n(s.m.begin(), rows, neg_inf<T>);
-            std::fill_n(s.l.begin(), rows, T(0));
+            std::fill_n(s.m.begin(), block_q, neg_inf<T>);
+            std::fill_n(s.l.begin(), block_q, T(0));
+            std::fill_n(s.m_new.begin(), block_q, neg_inf<T>);
             std::fill_n(s.acc.begin(), rows * p.dv, T(0));
             const std::int64_t j_end = p.key_end(i0, rows);
             for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {
@@ -239,21 +270,7 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
                 if (opt.keep_scores)  // read again only by the backward: stream past the caches
                     for (std::int64_t r = 0; r < rows; ++r)
                         detail::stream_row(saved.scores.data() + (t * p.Lq + i0 + r) * p.Lk + j0, S + r * block_k, cols);
-                // Online softmax: running max m and sum l per row; S becomes the unnormalised P.
-                for (std::int64_t r = 0; r < rows; ++r) {
-                    RowMap<T> row(S + r * block_k, cols);
-                    const T mx = row.template maxCoeff<Eigen::PropagateNaN>();
-                    const T m_new = (mx > s.m[r] || std::isnan(mx)) ? mx : s.m[r];
-                    if (m_new == neg_inf<T>) {  // nothing kept so far in this row
-                        row.setZero();
-                        continue;
-                    }
-                    const T alpha = std::exp(s.m[r] - m_new);
-                    exp_shifted_inplace(S + r * block_k, cols, m_new);  // masked entries (−∞) become exactly 0
-                    s.l[r] = s.l[r] * alpha + row.sum();
-                    if (alpha != T(1)) RowMap<T>(s.acc.data() + r * p.dv, p.dv) *= alpha;
-                    s.m[r] = m_new;
-                }
+                online_softmax_tile(S, rows, cols, s, p.dv);  // S becomes the unnormalised P
                 if (p.dropout) {
                     p.dropout_tile(t, i0, rows, j0, cols, s.F.data());
                     for (std::int64_t r = 0; r < rows; ++r)
@@ -357,7 +374,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     }
                     for (std::int64_t r = 0; r < rows; ++r) {
                         if (lse[i0 + r] == neg_inf<T>) RowMap<T>(P + r * block_k, cols).setZero();  // fully masked row: P = 0
-                        else exp_shifted(S + r * lds, P + r * block_k, cols, lse[i0 + r]);
+                        else detail::exp_shifted(S + r * lds, P + r * block_k, cols, lse[i0 + r]);
                     }
                     const T* dOi = dO_t + i0 * p.dv;
                     const T* Qi = p.q + (t * p.Lq + i0) * p.d;

@@ -5,6 +5,7 @@
 
 #include "autodiff/kernels/elementwise.hpp"
 #include "autodiff/parallel.hpp"
+#include "simd.hpp"
 
 namespace autodiff {
 
@@ -88,13 +89,12 @@ Tensor<T> softmax_forward(const Tensor<T>& x, const Mask& mask, const Tensor<T>&
         apply_keep(kp, kp_strides);
 
         ArrayMap<T> row(yr, lk);
-        const T m = row.template maxCoeff<Eigen::PropagateNaN>();
+        const T m = detail::row_max(yr, lk);
         if (m == neg_inf) {  // every key masked: output 0 (and so gradient 0)
             row.setZero();
             return;
         }
-        exp_shifted_inplace(yr, lk, m);  // masked entries (−∞) become exactly 0
-        row /= row.sum();
+        row /= detail::exp_shifted_sum(yr, yr, lk, m);  // masked entries (−∞) become exactly 0
     });
     return y;
 }

@@ -9,81 +9,9 @@
 // operands on every call, which at attention's 64×64 tiles costs more than the arithmetic.
 // GCC/Clang vector extensions pick the widest registers the target has (-march=native).
 
-#include <cstdint>
-#include <cstring>
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
+#include "simd.hpp"
 
 namespace autodiff::detail {
-
-// The target's widest vector registers. With 32 of them (AVX-512) a 6-row block holds 4 vectors per
-// row in 24 accumulators; with 16 (AVX2, SSE) it holds 2, which keeps 12 accumulators, 2 rows of B
-// and 1 broadcast in registers.
-#if defined(__AVX512F__)
-inline constexpr int simd_bytes = 64, block_vectors = 4;
-#elif defined(__AVX__)
-inline constexpr int simd_bytes = 32, block_vectors = 2;
-#else
-inline constexpr int simd_bytes = 16, block_vectors = 2;
-#endif
-
-// A vector of Bytes/sizeof(T) lanes; narrower ones serve the columns left over by the widest.
-template <class T, int Bytes>
-struct Simd {
-    using type [[gnu::vector_size(Bytes)]] = T;
-    static constexpr int lanes = Bytes / static_cast<int>(sizeof(T));
-};
-
-template <class V, class T>
-inline V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-template <class V, class T>
-inline void store(T* p, V v) {
-    std::memcpy(p, &v, sizeof(v));
-}
-
-// dst[0, n) = src[0, n) with non-temporal stores where dst is vector-aligned: for data written once
-// and read much later (it bypasses the caches instead of evicting the working set). Call
-// stream_fence() before other threads read what was streamed.
-template <class T>
-inline void stream_row(T* dst, const T* src, std::int64_t n) {
-    std::int64_t c = 0;
-#if defined(__SSE2__)
-    constexpr int W = Simd<T, simd_bytes>::lanes;
-    if (reinterpret_cast<std::uintptr_t>(dst) % simd_bytes == 0)
-        for (; c + W <= n; c += W) {
-#if defined(__AVX512F__)
-            if constexpr (sizeof(T) == 4) _mm512_stream_ps(reinterpret_cast<float*>(dst + c), _mm512_loadu_ps(reinterpret_cast<const float*>(src + c)));
-            else _mm512_stream_pd(reinterpret_cast<double*>(dst + c), _mm512_loadu_pd(reinterpret_cast<const double*>(src + c)));
-#elif defined(__AVX__)
-            if constexpr (sizeof(T) == 4) _mm256_stream_ps(reinterpret_cast<float*>(dst + c), _mm256_loadu_ps(reinterpret_cast<const float*>(src + c)));
-            else _mm256_stream_pd(reinterpret_cast<double*>(dst + c), _mm256_loadu_pd(reinterpret_cast<const double*>(src + c)));
-#else
-            if constexpr (sizeof(T) == 4) _mm_stream_ps(reinterpret_cast<float*>(dst + c), _mm_loadu_ps(reinterpret_cast<const float*>(src + c)));
-            else _mm_stream_pd(reinterpret_cast<double*>(dst + c), _mm_loadu_pd(reinterpret_cast<const double*>(src + c)));
-#endif
-        }
-#endif
-    for (; c < n; ++c) dst[c] = src[c];
-}
-inline void stream_fence() {
-#if defined(__SSE2__)
-    _mm_sfence();
-#endif
-}
-
-// Prefetches `rows` rows of `n` elements, `stride` elements apart, into the caches: a tile of a
-// large row-major matrix, whose rows are too far apart for the hardware prefetchers to follow.
-template <class T>
-inline void prefetch_rows(const T* p, std::int64_t rows, std::int64_t n, std::int64_t stride) {
-    constexpr std::int64_t line = 64 / sizeof(T);
-    for (std::int64_t r = 0; r < rows; ++r)
-        for (std::int64_t c = 0; c < n; c += line) __builtin_prefetch(p + r * stride + c, 0, 3);
-}
 
 // MR rows × NV vectors (of Bytes bytes) of C.
 template <class T, int MR, int NV, int Bytes = simd_bytes>
@@ -96,9 +24,16 @@ inline void micro_kernel(std::int64_t k, T alpha, const T* A, std::int64_t a_row
         for (int v = 0; v < NV; ++v) acc[r][v] = V{};
     for (std::int64_t p = 0; p < k; ++p) {
         V b[NV];
-        for (int v = 0; v < NV; ++v) b[v] = load<V>(B + p * ldb + v * W);
+        for (int v = 0; v < NV; ++v) {
+            b[v] = load<V>(B + p * ldb + v * W);
+#if defined(__x86_64__) || defined(__i386__)
+            // Keeps b in a register: with few rows GCC folds the load into every FMA instead, which
+            // makes a 4-row block load-bound (half speed on Zen 4).
+            asm("" : "+v"(b[v]));
+#endif
+        }
         for (int r = 0; r < MR; ++r) {
-            const V a = V{} + A[r * a_row + p * a_col];
+            const V a = A[r * a_row + p * a_col] - V{};  // a broadcast (x − 0 is x, also for −0: it folds; 0 + x does not)
             for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
         }
     }

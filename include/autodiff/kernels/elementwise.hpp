@@ -28,23 +28,6 @@ auto exact_exp(const X& x) {
     return (x == -std::numeric_limits<T>::infinity()).select(T(0), x.exp());
 }
 
-// dst[c] = e^(src[c] − shift) for c < n, with e^−∞ = 0 exactly: Eigen's vectorised exp into a small
-// buffer, then a blend the compiler vectorises. dst may be src.
-template <class T>
-void exp_shifted(const T* src, T* dst, std::int64_t n, T shift) {
-    constexpr std::int64_t chunk = 64;
-    alignas(64) T e[chunk];
-    for (std::int64_t c0 = 0; c0 < n; c0 += chunk) {
-        const std::int64_t len = std::min(chunk, n - c0);
-        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>, Eigen::Aligned64>(e, len) = (ConstArrayMap<T>(src + c0, len) - shift).exp();
-        for (std::int64_t c = c0; c < c0 + len; ++c) dst[c] = src[c] == -std::numeric_limits<T>::infinity() ? T(0) : e[c - c0];
-    }
-}
-template <class T>
-void exp_shifted_inplace(T* row, std::int64_t n, T shift) {
-    exp_shifted(row, row, n, shift);
-}
-
 // ---- unary ops --------------------------------------------------------------------------------
 
 struct Exp {
