@@ -1,7 +1,9 @@
 // Biased attention, forward and forward+backward, timed: the C++ side of bench/attention_vs_torch.py.
 //
-//   bench_attention_step n h L d bias causal dropout reps [generic]
-//     bias: 0 none, 1 a trainable full (n, h, L, L) bias;  generic: evaluate node by node (no fusion)
+//   bench_attention_step n h L d bias causal dropout reps [generic] [train-only]
+//     bias: 0 none, 1 a trainable full (n, h, L, L) bias;  generic: evaluate node by node (no fusion);
+//     train-only: skip the separately timed no-grad forward (for -DAUTODIFF_PROFILE_KERNELS=ON runs,
+//     whose phase table then covers forward+backward steps only)
 // Prints one JSON object: median/min/max milliseconds of the forward and of forward+backward.
 #include <algorithm>
 #include <chrono>
@@ -31,14 +33,23 @@ Stats stats(std::vector<double> v) {
 
 int main(int argc, char** argv) {
     if (argc < 9) {
-        fmt::print(stderr, "usage: {} n h L d bias causal dropout reps [generic]\n", argv[0]);
+        fmt::print(stderr, "usage: {} n h L d bias causal dropout reps [generic] [train-only]\n", argv[0]);
         return 2;
     }
     const std::int64_t n = std::atoll(argv[1]), h = std::atoll(argv[2]), L = std::atoll(argv[3]), d = std::atoll(argv[4]);
     const bool with_bias = std::atoi(argv[5]) != 0, causal = std::atoi(argv[6]) != 0;
     const double rate = std::atof(argv[7]);
     const int reps = std::atoi(argv[8]);
-    const bool generic = argc > 9 && std::string(argv[9]) == "generic";
+    bool generic = false, train_only = false;
+    for (int i = 9; i < argc; ++i) {
+        const std::string flag = argv[i];
+        if (flag == "generic") generic = true;
+        else if (flag == "train-only") train_only = true;
+        else {
+            fmt::print(stderr, "unknown flag '{}' (expected generic or train-only)\n", flag);
+            return 2;
+        }
+    }
 
     ad::Param<float> Q(ad::randn<float>({n, h, L, d}, 1)), K(ad::randn<float>({n, h, L, d}, 2)), V(ad::randn<float>({n, h, L, d}, 3));
     ad::Param<float> B(with_bias ? ad::randn<float>({n, h, L, L}, 4) : ad::zeros<float>({1}));
@@ -57,7 +68,7 @@ int main(int argc, char** argv) {
     for (int i = 0; i < reps + 2; ++i) {  // the first two warm the pool and the threads
         ad::zero_grad(Q, K, V, B);
         auto t0 = std::chrono::steady_clock::now();
-        {
+        if (!train_only) {
             ad::NoGradGuard no_grad;
             ad::Var<float> O = forward();
         }

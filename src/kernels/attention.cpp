@@ -8,6 +8,7 @@
 
 #include "autodiff/kernels/elementwise.hpp"
 #include "autodiff/parallel.hpp"
+#include "profile.hpp"
 #include "tile_gemm.hpp"
 
 namespace autodiff {
@@ -143,7 +144,11 @@ struct Problem {
     // query rows [i0, i0+rows) and keys [j0, j0+cols) of leading index t; −inf where masked.
     // Kt is the key block's tile of Kᵀ (d × block_k).
     void scores(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, const T* Kt, T* S) const {
-        detail::tile_gemm<T>(rows, cols, d, scale, q + (t * Lq + i0) * d, d, 1, Kt, block_k, T(0), S, block_k);
+        {
+            AUTODIFF_PHASE(qk_product);
+            detail::tile_gemm<T>(rows, cols, d, scale, q + (t * Lq + i0) * d, d, 1, Kt, block_k, T(0), S, block_k);
+        }
+        AUTODIFF_PHASE(bias_and_masks);
         auto add = [&](const Broadcast<T>& b, T factor) {
             if (!b) return;
             for (std::int64_t r = 0; r < rows; ++r) {
@@ -179,6 +184,7 @@ struct Problem {
 
     // F(r, c) = dropout factor (0 or 1/(1-p)) of element (t, i0+r, j0+c).
     void dropout_tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, T* F) const {
+        AUTODIFF_PHASE(dropout);
         for (std::int64_t r = 0; r < rows; ++r)
             dropout_factors(drop, static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols, drop_scale, F + r * block_k);
     }
@@ -200,6 +206,7 @@ void online_softmax_tile(T* S, std::int64_t rows, std::int64_t cols, Scratch<T>&
     using V = typename detail::Simd<T, detail::simd_bytes>::type;
     constexpr int W = detail::Simd<T, detail::simd_bytes>::lanes;
     static_assert(block_q % W == 0);
+    AUTODIFF_PHASE(fwd_softmax);
     T *m = s.m.data(), *l = s.l.data(), *m_new = s.m_new.data(), *alpha = s.alpha.data();
     for (std::int64_t r = 0; r < rows; ++r) m_new[r] = detail::row_max(S + r * block_k, cols);
     for (std::int64_t r = 0; r < rows; r += W) {  // lanes past `rows` compute unused values
@@ -254,6 +261,7 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
         for (std::int64_t w = worker * per_thread; w < std::min(p.items * q_blocks, (worker + 1) * per_thread); ++w) {
             const std::int64_t t = w / q_blocks, i0 = (w % q_blocks) * block_q, rows = std::min(block_q, p.Lq - i0);
             if (t != transposed_for) {
+                AUTODIFF_PHASE(fwd_transpose);
                 Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
                 transposed_for = t;
             }
@@ -267,18 +275,21 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
                 T* S = s.S.data();
                 if (j0 + block_k < j_end) p.prefetch_tile(t, i0, rows, j0 + block_k, std::min(block_k, p.Lk - j0 - block_k));
                 p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), S);
-                if (opt.keep_scores)  // read again only by the backward: stream past the caches
+                if (opt.keep_scores) {  // read again only by the backward: stream past the caches
+                    AUTODIFF_PHASE(keep_scores);
                     for (std::int64_t r = 0; r < rows; ++r)
                         detail::stream_row(saved.scores.data() + (t * p.Lq + i0 + r) * p.Lk + j0, S + r * block_k, cols);
+                }
                 online_softmax_tile(S, rows, cols, s, p.dv);  // S becomes the unnormalised P
                 if (p.dropout) {
                     p.dropout_tile(t, i0, rows, j0, cols, s.F.data());
                     for (std::int64_t r = 0; r < rows; ++r)
                         RowMap<T>(S + r * block_k, cols) *= RowMap<T>(s.F.data() + r * block_k, cols);
                 }
-                // acc += P·V_j
+                AUTODIFF_PHASE(pv_product);  // acc += P·V_j
                 detail::tile_gemm<T>(rows, p.dv, cols, T(1), S, block_k, 1, p.v + (t * p.Lk + j0) * p.dv, p.dv, T(1), s.acc.data(), p.dv);
             }
+            AUTODIFF_PHASE(fwd_output);
             T* O = saved.O.data() + (t * p.Lq + i0) * p.dv;
             T* lse = saved.lse.data() + t * p.Lq + i0;
             for (std::int64_t r = 0; r < rows; ++r) {
@@ -341,12 +352,15 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         ensure(s.D, p.Lq);
         for (std::int64_t t = 0; t < p.items; ++t) {
             if (group_of(t) != g) continue;
-            Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
-            Problem<T>::transpose_blocked(p.v + t * p.Lk * p.dv, p.Lk, p.dv, s.Vt);
             const T* dO_t = dO.data() + t * p.Lq * p.dv;
             const T* O_t = saved.O.data() + t * p.Lq * p.dv;
-            for (std::int64_t i = 0; i < p.Lq; ++i)  // D_i = rowsum(dO_i ⊙ O_i)
-                s.D[static_cast<std::size_t>(i)] = (ConstRowMap<T>(dO_t + i * p.dv, p.dv) * ConstRowMap<T>(O_t + i * p.dv, p.dv)).sum();
+            {
+                AUTODIFF_PHASE(bwd_prologue);
+                Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
+                Problem<T>::transpose_blocked(p.v + t * p.Lk * p.dv, p.Lk, p.dv, s.Vt);
+                for (std::int64_t i = 0; i < p.Lq; ++i)  // D_i = rowsum(dO_i ⊙ O_i)
+                    s.D[static_cast<std::size_t>(i)] = (ConstRowMap<T>(dO_t + i * p.dv, p.dv) * ConstRowMap<T>(O_t + i * p.dv, p.dv)).sum();
+            }
             const T* lse = saved.lse.data() + t * p.Lq;
             for (std::int64_t j0 = 0; j0 < p.Lk; j0 += block_k) {
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
@@ -367,14 +381,18 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     const T* S = kept ? kept + (t * p.Lq + i0) * p.Lk + j0 : P;
                     const std::int64_t lds = kept ? p.Lk : block_k;
                     if (kept) {
+                        AUTODIFF_PHASE(bwd_scores);
                         if (next_i < p.Lq) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
                     } else {
                         if (next_i < p.Lq) p.prefetch_tile(t, next_i, next_rows, j0, cols);
                         p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), P);
                     }
-                    for (std::int64_t r = 0; r < rows; ++r) {
-                        if (lse[i0 + r] == neg_inf<T>) RowMap<T>(P + r * block_k, cols).setZero();  // fully masked row: P = 0
-                        else detail::exp_shifted(S + r * lds, P + r * block_k, cols, lse[i0 + r]);
+                    {
+                        AUTODIFF_PHASE(bwd_exp);
+                        for (std::int64_t r = 0; r < rows; ++r) {
+                            if (lse[i0 + r] == neg_inf<T>) RowMap<T>(P + r * block_k, cols).setZero();  // fully masked row: P = 0
+                            else detail::exp_shifted(S + r * lds, P + r * block_k, cols, lse[i0 + r]);
+                        }
                     }
                     const T* dOi = dO_t + i0 * p.dv;
                     const T* Qi = p.q + (t * p.Lq + i0) * p.d;
@@ -386,16 +404,24 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                                 RowMap<T>(P + r * block_k, cols) * RowMap<T>(s.F.data() + r * block_k, cols);
                         Pd = s.Pd.data();
                     }
-                    // dV_j += dropout(P)ᵀ·dO_i
-                    if (dV) detail::tile_gemm<T>(cols, p.dv, rows, T(1), Pd, 1, block_k, dOi, p.dv, T(1), s.dV.data(), p.dv);
-                    // dS = P ⊙ (dropout_mask ⊙ (dO_i·V_jᵀ) − D_i)
-                    detail::tile_gemm<T>(rows, cols, p.dv, T(1), dOi, p.dv, 1, Problem<T>::tile_of(s.Vt, j0, p.dv), block_k, T(0), dS, block_k);
-                    for (std::int64_t r = 0; r < rows; ++r) {
-                        RowMap<T> ds(dS + r * block_k, cols);
-                        if (p.dropout) ds *= RowMap<T>(s.F.data() + r * block_k, cols);
-                        ds = RowMap<T>(P + r * block_k, cols) * (ds - s.D[static_cast<std::size_t>(i0 + r)]);
+                    if (dV) {  // dV_j += dropout(P)ᵀ·dO_i
+                        AUTODIFF_PHASE(dv_product);
+                        detail::tile_gemm<T>(cols, p.dv, rows, T(1), Pd, 1, block_k, dOi, p.dv, T(1), s.dV.data(), p.dv);
+                    }
+                    {  // dS = P ⊙ (dropout_mask ⊙ (dO_i·V_jᵀ) − D_i)
+                        AUTODIFF_PHASE(dp_product);
+                        detail::tile_gemm<T>(rows, cols, p.dv, T(1), dOi, p.dv, 1, Problem<T>::tile_of(s.Vt, j0, p.dv), block_k, T(0), dS, block_k);
+                    }
+                    {
+                        AUTODIFF_PHASE(ds);
+                        for (std::int64_t r = 0; r < rows; ++r) {
+                            RowMap<T> ds(dS + r * block_k, cols);
+                            if (p.dropout) ds *= RowMap<T>(s.F.data() + r * block_k, cols);
+                            ds = RowMap<T>(P + r * block_k, cols) * (ds - s.D[static_cast<std::size_t>(i0 + r)]);
+                        }
                     }
                     if (dbias) {
+                        AUTODIFF_PHASE(dbias);
                         for (std::int64_t r = 0; r < rows; ++r) {
                             T* dst = dbias->data() + p.lead(db_map, t) + (i0 + r) * db_map.s[2] + j0 * db_map.s[3];
                             RowMap<T> ds(dS + r * block_k, cols);
@@ -404,9 +430,14 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                             else *dst += p.bias_scale * ds.sum();
                         }
                     }
-                    // dQ_i += scale·dS·K_j ; dK_j += scale·dSᵀ·Q_i
-                    if (dQ) detail::tile_gemm<T>(rows, p.d, cols, p.scale, dS, block_k, 1, Kj, p.d, T(1), dQ->data() + (t * p.Lq + i0) * p.d, p.d);
-                    if (dK) detail::tile_gemm<T>(cols, p.d, rows, p.scale, dS, 1, block_k, Qi, p.d, T(1), s.dK.data(), p.d);
+                    if (dQ) {  // dQ_i += scale·dS·K_j
+                        AUTODIFF_PHASE(dq_product);
+                        detail::tile_gemm<T>(rows, p.d, cols, p.scale, dS, block_k, 1, Kj, p.d, T(1), dQ->data() + (t * p.Lq + i0) * p.d, p.d);
+                    }
+                    if (dK) {  // dK_j += scale·dSᵀ·Q_i
+                        AUTODIFF_PHASE(dk_product);
+                        detail::tile_gemm<T>(cols, p.d, rows, p.scale, dS, 1, block_k, Qi, p.d, T(1), s.dK.data(), p.d);
+                    }
                 }
                 if (dK) std::copy_n(s.dK.begin(), cols * p.d, dK->data() + (t * p.Lk + j0) * p.d);
                 if (dV) std::copy_n(s.dV.begin(), cols * p.dv, dV->data() + (t * p.Lk + j0) * p.dv);
