@@ -97,6 +97,21 @@ TEST_CASE("fused vs generic: every bias shape, odd sizes (Lq=37, Lk=53, d=24, dv
     }
 }
 
+TEST_CASE("fused vs generic: biases shared by few (batch, head) pairs split the query blocks (Lq = 150: 3 blocks)") {
+    // Fewer than 4 groups of leading indices sharing a bias-gradient slice: the backward splits the
+    // query blocks into chunks with partial dK, dV (and dB without a query dimension).
+    const std::int64_t n = 1, h = 2, Lq = 150, Lk = 70, d = 8;
+    P q = param({n, h, Lq, d}, 1, "q"), k = param({n, h, Lk, d}, 2, "k"), v = param({n, h, Lk, d}, 3, "v");
+    for (const ad::Shape& bs : std::vector<ad::Shape>{{n, h, Lq, Lk}, {Lq, Lk}, {Lk}, {Lq, 1}, {1, h, 1, Lk}}) {
+        CAPTURE(bs);
+        P b = param(bs, 4, "bias");
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.3 + b), v); }, {q, k, v, b}) < 1e-13);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.3 + b, ad::causal), v); }, {q, k, v, b}) < 1e-13);
+    }
+    P q2 = param({Lq, d}, 5, "q2"), k2 = param({Lk, d}, 6, "k2"), v2 = param({Lk, d}, 7, "v2");  // one leading index
+    CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::matmul(q2, ad::transpose(k2))), v2); }, {q2, k2, v2}) < 1e-13);
+}
+
 TEST_CASE("fused vs generic: masks, additive mask, dropout, bias scaled before or after") {
     const std::int64_t n = 2, h = 2, Lq = 19, Lk = 70;
     P q = param({n, h, Lq, 8}, 1, "q"), k = param({n, h, Lk, 8}, 2, "k"), v = param({n, h, Lk, 8}, 3, "v"),
@@ -199,7 +214,7 @@ TEST_CASE("fused attention: float results agree with the double generic path") {
 TEST_CASE("fused attention: bitwise identical results on 1 and 2 threads, for every bias shape") {
     const std::int64_t n = 2, h = 4, L = 130, d = 16;
     ad::Param<float> q(ad::randn<float>({n, h, L, d}, 1)), k(ad::randn<float>({n, h, L, d}, 2)), v(ad::randn<float>({n, h, L, d}, 3));
-    for (const ad::Shape& bs : std::vector<ad::Shape>{{n, h, L, L}, {h, L, L}, {L, L}, {1, h, 1, L}}) {
+    for (const ad::Shape& bs : std::vector<ad::Shape>{{n, h, L, L}, {h, L, L}, {L, L}, {1, h, 1, L}, {L}}) {
         CAPTURE(bs);
         ad::Param<float> b(ad::randn<float>(bs, 4));
         auto run = [&](int threads) {

@@ -19,6 +19,10 @@
 
 #include <fmt/format.h>
 
+#include "../src/kernels/philox_simd.hpp"  // internal headers: tested here directly
+#include "../src/kernels/simd.hpp"
+#include "../src/kernels/tile_gemm.hpp"
+
 #include "autodiff/error.hpp"
 #include "autodiff/kernels/dropout.hpp"
 #include "autodiff/kernels/elementwise.hpp"
@@ -754,15 +758,19 @@ TEST_CASE("Philox4x32::generate_blocks: the vectorised form gives exactly genera
     const std::uint64_t offset = 0xfedcba9876543210ull;
     // The second start crosses 2^32 blocks, so the counter's high word changes inside the batch.
     for (std::uint64_t first : {0ull, (1ull << 32) - 5}) {
-        std::uint32_t out[4 * 16];
+        std::uint32_t out[4 * 16], out_simd[4 * 16];
         ad::Philox4x32::generate_blocks<16>(first, offset, key, out);
+        ad::detail::philox_blocks16(first, offset, key, out_simd);  // the AVX-512 version where there is one
         for (std::uint64_t j = 0; j < 16; ++j) {
             const std::uint64_t block = first + j;
             const auto words = ad::Philox4x32::generate(
                 {static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32),
                  static_cast<std::uint32_t>(offset), static_cast<std::uint32_t>(offset >> 32)},
                 key);
-            for (std::size_t l = 0; l < 4; ++l) CHECK(out[4 * j + l] == words[l]);
+            for (std::size_t l = 0; l < 4; ++l) {
+                CHECK(out[4 * j + l] == words[l]);
+                CHECK(out_simd[4 * j + l] == words[l]);
+            }
         }
     }
 }
@@ -1450,8 +1458,6 @@ TEST_CASE("softmax and exp: a masked (−inf) entry is exactly 0 in every SIMD l
 
 // ---- SIMD row helpers (src/kernels/simd.hpp, internal to the kernels) ----------------------------
 
-#include "../src/kernels/simd.hpp"
-#include "../src/kernels/tile_gemm.hpp"
 
 namespace {
 // Largest error of detail::exp_shifted against std::exp in long double, in units of T's epsilon,

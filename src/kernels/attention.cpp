@@ -338,19 +338,47 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     }
 
     // Leading indices that share a slice of a broadcast bias gradient form one group, processed in
-    // order by one thread: the bias gradient is summed in a fixed order without atomics.
+    // order by one thread: the bias gradient is summed in a fixed order without atomics. When there
+    // are fewer groups than min_work_items (a bias shared by every head and batch entry is one
+    // group), each group's query blocks are also split into `chunks`: a chunk owns its rows of dQ
+    // (and of dB when dB has a query dimension) and writes its share of dK, dV (and of a dB without
+    // one) to its own buffers, summed in chunk order at the end. The split depends on the shapes
+    // only, so results stay bit-identical for any thread count.
     const Broadcast<T> db_map = dbias ? Broadcast<T>(*dbias) : Broadcast<T>();
     auto group_of = [&](std::int64_t t) {
         if (!dbias) return t;
         return (db_map.s[0] ? t / p.P1 : 0) * p.P1 + (db_map.s[1] ? t % p.P1 : 0);
     };
-    parallel_for(p.items, p.Lq * p.Lk * (p.d + p.dv) * 4, [&](std::int64_t g) {
+    std::vector<std::int64_t> groups;  // the first leading index of each group
+    for (std::int64_t t = 0; t < p.items; ++t)
+        if (group_of(t) == t) groups.push_back(t);
+    constexpr std::int64_t min_work_items = 4;
+    const std::int64_t n_groups = static_cast<std::int64_t>(groups.size()), q_blocks = (p.Lq + block_q - 1) / block_q;
+    const std::int64_t chunks = n_groups >= min_work_items ? 1 : std::min(q_blocks, (min_work_items + n_groups - 1) / n_groups);
+    const std::int64_t blocks_per_chunk = (q_blocks + chunks - 1) / chunks;
+    // Chunk c > 0 writes dK, dV (and a dB without a query dimension) to partial[c - 1].
+    struct Partial {
+        Tensor<T> dK, dV, dB;
+    };
+    const bool dB_by_rows = dbias && db_map.s[2] != 0;
+    std::vector<Partial> partial(static_cast<std::size_t>(chunks - 1));
+    for (Partial& part : partial) {
+        if (dK) part.dK = Tensor<T>(K.shape());
+        if (dV) part.dV = Tensor<T>(V.shape());
+        if (dbias && !dB_by_rows) part.dB = zeros<T>(bias.shape());
+    }
+    parallel_for(n_groups * chunks, blocks_per_chunk * block_q * p.Lk * (p.d + p.dv) * 4, [&](std::int64_t w) {
+        const std::int64_t g = groups[static_cast<std::size_t>(w / chunks)], chunk = w % chunks;
+        const std::int64_t qa = std::min(p.Lq, chunk * blocks_per_chunk * block_q), qb = std::min(p.Lq, qa + blocks_per_chunk * block_q);
+        T* dK_out = dK ? (chunk ? partial[static_cast<std::size_t>(chunk - 1)].dK : *dK).data() : nullptr;
+        T* dV_out = dV ? (chunk ? partial[static_cast<std::size_t>(chunk - 1)].dV : *dV).data() : nullptr;
+        T* dB_out = dbias ? (chunk && !dB_by_rows ? partial[static_cast<std::size_t>(chunk - 1)].dB : *dbias).data() : nullptr;
         Scratch<T>& s = Scratch<T>::get();
         for (auto* buf : {&s.S, &s.F, &s.Pd, &s.dS}) ensure(*buf, block_q * block_k);
         ensure(s.dK, block_k * p.d);
         ensure(s.dV, block_k * p.dv);
         ensure(s.D, p.Lq);
-        for (std::int64_t t = 0; t < p.items; ++t) {
+        for (std::int64_t t = g; t < p.items; ++t) {
             if (group_of(t) != g) continue;
             const T* dO_t = dO.data() + t * p.Lq * p.dv;
             const T* O_t = saved.O.data() + t * p.Lq * p.dv;
@@ -358,7 +386,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                 AUTODIFF_PHASE(bwd_prologue);
                 Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
                 Problem<T>::transpose_blocked(p.v + t * p.Lk * p.dv, p.Lk, p.dv, s.Vt);
-                for (std::int64_t i = 0; i < p.Lq; ++i)  // D_i = rowsum(dO_i ⊙ O_i)
+                for (std::int64_t i = qa; i < qb; ++i)  // D_i = rowsum(dO_i ⊙ O_i)
                     s.D[static_cast<std::size_t>(i)] = (ConstRowMap<T>(dO_t + i * p.dv, p.dv) * ConstRowMap<T>(O_t + i * p.dv, p.dv)).sum();
             }
             const T* lse = saved.lse.data() + t * p.Lq;
@@ -368,11 +396,11 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                 std::fill_n(s.dV.begin(), cols * p.dv, T(0));
                 const T* Kj = p.k + (t * p.Lk + j0) * p.d;
                 // Under a causal mask, rows above j0 see none of these keys (their dS is 0).
-                const std::int64_t i_first = p.causal ? std::min(p.Lq, j0 / block_q * block_q) : 0;
+                const std::int64_t i_first = std::max(qa, p.causal ? std::min(qb, j0 / block_q * block_q) : qa);
                 if (full_dbias)
-                    for (std::int64_t i = 0; i < i_first; ++i)
-                        std::fill_n(dbias->data() + (t * p.Lq + i) * p.Lk + j0, cols, T(0));
-                for (std::int64_t i0 = i_first; i0 < p.Lq; i0 += block_q) {
+                    for (std::int64_t i = qa; i < i_first; ++i)
+                        std::fill_n(dB_out + (t * p.Lq + i) * p.Lk + j0, cols, T(0));
+                for (std::int64_t i0 = i_first; i0 < qb; i0 += block_q) {
                     const std::int64_t rows = std::min(block_q, p.Lq - i0);
                     T* P = s.S.data();
                     T* dS = s.dS.data();
@@ -382,9 +410,9 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     const std::int64_t lds = kept ? p.Lk : block_k;
                     if (kept) {
                         AUTODIFF_PHASE(bwd_scores);
-                        if (next_i < p.Lq) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
+                        if (next_i < qb) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
                     } else {
-                        if (next_i < p.Lq) p.prefetch_tile(t, next_i, next_rows, j0, cols);
+                        if (next_i < qb) p.prefetch_tile(t, next_i, next_rows, j0, cols);
                         p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), P);
                     }
                     {
@@ -423,7 +451,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     if (dbias) {
                         AUTODIFF_PHASE(dbias);
                         for (std::int64_t r = 0; r < rows; ++r) {
-                            T* dst = dbias->data() + p.lead(db_map, t) + (i0 + r) * db_map.s[2] + j0 * db_map.s[3];
+                            T* dst = dB_out + p.lead(db_map, t) + (i0 + r) * db_map.s[2] + j0 * db_map.s[3];
                             RowMap<T> ds(dS + r * block_k, cols);
                             if (full_dbias) RowMap<T>(dst, cols) = p.bias_scale * ds;
                             else if (db_map.s[3]) RowMap<T>(dst, cols) += p.bias_scale * ds;
@@ -439,11 +467,16 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         detail::tile_gemm<T>(cols, p.d, rows, p.scale, dS, 1, block_k, Qi, p.d, T(1), s.dK.data(), p.d);
                     }
                 }
-                if (dK) std::copy_n(s.dK.begin(), cols * p.d, dK->data() + (t * p.Lk + j0) * p.d);
-                if (dV) std::copy_n(s.dV.begin(), cols * p.dv, dV->data() + (t * p.Lk + j0) * p.dv);
+                if (dK) std::copy_n(s.dK.begin(), cols * p.d, dK_out + (t * p.Lk + j0) * p.d);
+                if (dV) std::copy_n(s.dV.begin(), cols * p.dv, dV_out + (t * p.Lk + j0) * p.dv);
             }
         }
     });
+    for (const Partial& part : partial) {  // in chunk order
+        if (dK) dK->array() += part.dK.array();
+        if (dV) dV->array() += part.dV.array();
+        if (part.dB.defined()) dbias->array() += part.dB.array();
+    }
 }
 
 #define AUTODIFF_INSTANTIATE(T)                                                                                        \

@@ -4,12 +4,34 @@
 #include <cmath>
 
 #include "autodiff/parallel.hpp"
+#include "philox_simd.hpp"
 
 namespace autodiff {
 
 void check_dropout(std::string_view op, const DropoutDescriptor& d) {
     if (!(d.rate >= 0.0 && d.rate < 1.0)) fail(op, "rate must be in [0, 1), got {}", d.rate);
 }
+
+template <class T>
+void dropout_factors(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n, T scale, T* factor) {
+    // 64 elements starting anywhere inside a block of 4 words span up to 17 blocks.
+    alignas(64) std::uint32_t bits[4 * 17];
+    const Philox4x32::Key key{static_cast<std::uint32_t>(d.seed), static_cast<std::uint32_t>(d.seed >> 32)};
+    const std::uint64_t block = first >> 2;
+    detail::philox_blocks16(block, d.offset, key, bits);
+    if (static_cast<std::int64_t>(first & 3) + n > 64) {
+        const std::uint64_t last = block + 16;
+        const auto words = Philox4x32::generate({static_cast<std::uint32_t>(last), static_cast<std::uint32_t>(last >> 32),
+                                                 static_cast<std::uint32_t>(d.offset), static_cast<std::uint32_t>(d.offset >> 32)},
+                                                key);
+        std::copy(words.begin(), words.end(), bits + 64);
+    }
+    const std::uint64_t threshold = dropout_threshold(d.rate);
+    const std::uint32_t* b = bits + (first & 3);
+    for (std::int64_t k = 0; k < n; ++k) factor[k] = b[k] >= threshold ? scale : T(0);
+}
+template void dropout_factors<float>(const DropoutDescriptor&, std::uint64_t, std::int64_t, float, float*);
+template void dropout_factors<double>(const DropoutDescriptor&, std::uint64_t, std::int64_t, double, double*);
 
 namespace {
 

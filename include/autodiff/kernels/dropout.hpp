@@ -34,14 +34,7 @@ inline bool dropout_keeps(const DropoutDescriptor& d, std::uint64_t index) {
 // factor[k] = keep(first + k) ? scale : 0 for k < n <= 64: the mask of elements first .. first+n-1,
 // from one vectorised Philox call. The dropout kernel and the fused attention kernel both use it.
 template <class T>
-void dropout_factors(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n, T scale, T* factor) {
-    constexpr int blocks = 17;  // 64 elements starting anywhere inside a block of 4
-    std::uint32_t bits[4 * blocks];
-    Philox4x32::generate_blocks<blocks>(first >> 2, d.offset, {static_cast<std::uint32_t>(d.seed), static_cast<std::uint32_t>(d.seed >> 32)}, bits);
-    const std::uint64_t threshold = dropout_threshold(d.rate);
-    const std::uint32_t* b = bits + (first & 3);
-    for (std::int64_t k = 0; k < n; ++k) factor[k] = b[k] >= threshold ? scale : T(0);
-}
+void dropout_factors(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n, T scale, T* factor);
 
 // y = x·keep/(1-rate).   x (any shape) -> y (same shape)
 template <class T>
