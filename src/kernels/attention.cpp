@@ -1,6 +1,7 @@
 #include "autodiff/kernels/attention.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -349,11 +350,13 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         if (!dbias) return t;
         return (db_map.s[0] ? t / p.P1 : 0) * p.P1 + (db_map.s[1] ? t % p.P1 : 0);
     };
-    std::vector<std::int64_t> groups;  // the first leading index of each group
-    for (std::int64_t t = 0; t < p.items; ++t)
-        if (group_of(t) == t) groups.push_back(t);
+    // Groups: the leading indices t = a·P1 + b with the same (a if dB varies over it, b likewise);
+    // group gi's first index, without a list (no heap allocation per call).
+    const std::int64_t group_a = dbias && !db_map.s[0] ? 1 : p.items / p.P1, group_b = dbias && !db_map.s[1] ? 1 : p.P1;
+    const std::int64_t n_groups = group_a * group_b;
+    auto group_start = [&](std::int64_t gi) { return (gi / group_b) * p.P1 + gi % group_b; };
     constexpr std::int64_t min_work_items = 4;
-    const std::int64_t n_groups = static_cast<std::int64_t>(groups.size()), q_blocks = (p.Lq + block_q - 1) / block_q;
+    const std::int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
     const std::int64_t chunks = n_groups >= min_work_items ? 1 : std::min(q_blocks, (min_work_items + n_groups - 1) / n_groups);
     const std::int64_t blocks_per_chunk = (q_blocks + chunks - 1) / chunks;
     // Chunk c > 0 writes dK, dV (and a dB without a query dimension) to partial[c - 1].
@@ -361,14 +364,15 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         Tensor<T> dK, dV, dB;
     };
     const bool dB_by_rows = dbias && db_map.s[2] != 0;
-    std::vector<Partial> partial(static_cast<std::size_t>(chunks - 1));
-    for (Partial& part : partial) {
+    std::array<Partial, min_work_items - 1> partial;
+    for (std::int64_t c = 1; c < chunks; ++c) {
+        Partial& part = partial[static_cast<std::size_t>(c - 1)];
         if (dK) part.dK = Tensor<T>(K.shape());
         if (dV) part.dV = Tensor<T>(V.shape());
         if (dbias && !dB_by_rows) part.dB = zeros<T>(bias.shape());
     }
     parallel_for(n_groups * chunks, blocks_per_chunk * block_q * p.Lk * (p.d + p.dv) * 4, [&](std::int64_t w) {
-        const std::int64_t g = groups[static_cast<std::size_t>(w / chunks)], chunk = w % chunks;
+        const std::int64_t g = group_start(w / chunks), chunk = w % chunks;
         const std::int64_t qa = std::min(p.Lq, chunk * blocks_per_chunk * block_q), qb = std::min(p.Lq, qa + blocks_per_chunk * block_q);
         T* dK_out = dK ? (chunk ? partial[static_cast<std::size_t>(chunk - 1)].dK : *dK).data() : nullptr;
         T* dV_out = dV ? (chunk ? partial[static_cast<std::size_t>(chunk - 1)].dV : *dV).data() : nullptr;
@@ -472,7 +476,8 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
             }
         }
     });
-    for (const Partial& part : partial) {  // in chunk order
+    for (std::int64_t c = 1; c < chunks; ++c) {  // in chunk order
+        const Partial& part = partial[static_cast<std::size_t>(c - 1)];
         if (dK) dK->array() += part.dK.array();
         if (dV) dV->array() += part.dV.array();
         if (part.dB.defined()) dbias->array() += part.dB.array();

@@ -51,6 +51,33 @@ inline void store(T* p, V v) {
 }
 using std::bit_cast;
 
+// The first `count` (< lanes) elements at p as a full-width vector whose other lanes are `fill`, and
+// the store of a vector's first `count` lanes: the tails of rows. AVX-512 masks its loads and
+// stores; elsewhere a small buffer does.
+template <class T>
+inline typename Simd<T, simd_bytes>::type load_first(const T* p, std::int64_t count, T fill) {
+    using V = typename Simd<T, simd_bytes>::type;
+#if defined(__AVX512F__)
+    const auto mask = static_cast<std::uint32_t>((std::uint64_t{1} << count) - 1);
+    if constexpr (sizeof(T) == 4) return bit_cast<V>(_mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>(mask), p));
+    else return bit_cast<V>(_mm512_mask_loadu_pd(_mm512_set1_pd(fill), static_cast<__mmask8>(mask), p));
+#else
+    V v = V{} + fill;
+    for (std::int64_t i = 0; i < count; ++i) v[i] = p[i];
+    return v;
+#endif
+}
+template <class T>
+inline void store_first(T* p, typename Simd<T, simd_bytes>::type v, std::int64_t count) {
+#if defined(__AVX512F__)
+    const auto mask = static_cast<std::uint32_t>((std::uint64_t{1} << count) - 1);
+    if constexpr (sizeof(T) == 4) _mm512_mask_storeu_ps(p, static_cast<__mmask16>(mask), bit_cast<__m512>(v));
+    else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask), bit_cast<__m512d>(v));
+#else
+    for (std::int64_t i = 0; i < count; ++i) p[i] = v[i];
+#endif
+}
+
 // Lane-wise select: where `mask` is all ones take a, else b (masks come from vector comparisons).
 template <class V, class M>
 inline V select(M mask, V a, V b) {
@@ -162,13 +189,12 @@ inline T row_max(const T* x, std::int64_t n) {
     V m = V{} - std::numeric_limits<T>::infinity();
     std::int64_t c = 0;
     for (; c + W <= n; c += W) m = nan_max(m, load<V>(x + c));
-    T best = reduce<T, simd_bytes>(m, [](auto a, auto b) { return nan_max(a, b); });
-    for (; c < n; ++c)
-        if (x[c] > best || x[c] != x[c]) best = x[c];
-    return best;
+    if (c < n) m = nan_max(m, load_first(x + c, n - c, -std::numeric_limits<T>::infinity()));
+    return reduce<T, simd_bytes>(m, [](auto a, auto b) { return nan_max(a, b); });
 }
 
 // dst[c] = e^(src[c] − shift) for c < n (dst may be src); returns Σ dst, summed in a fixed order.
+// shift must not be −∞ (the callers handle rows with nothing kept before calling).
 template <class T>
 inline T exp_shifted_sum(const T* src, T* dst, std::int64_t n, T shift) {
     using V = typename Simd<T, simd_bytes>::type;
@@ -180,13 +206,10 @@ inline T exp_shifted_sum(const T* src, T* dst, std::int64_t n, T shift) {
         store(dst + c, e);
         acc += e;
     }
-    if (c < n) {  // the tail, through one padded vector
-        alignas(simd_bytes) T tail[W];
-        for (int i = 0; i < W; ++i) tail[i] = c + i < n ? src[c + i] - shift : -std::numeric_limits<T>::infinity();
-        const V e = vexp<T, simd_bytes>(load<V>(tail));
+    if (c < n) {  // the tail: lanes past n hold e^−∞ = 0
+        const V e = vexp<T, simd_bytes>(load_first(src + c, n - c, -std::numeric_limits<T>::infinity()) - shift);
         acc += e;
-        store(tail, e);
-        for (std::int64_t i = 0; c + i < n; ++i) dst[c + i] = tail[i];
+        store_first(dst + c, e, n - c);
     }
     return reduce<T, simd_bytes>(acc, [](auto a, auto b) { return a + b; });
 }
