@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -163,6 +164,12 @@ inline typename Simd<T, Bytes>::type vexp(typename Simd<T, Bytes>::type x) {
     return select(too_big, V{} + std::numeric_limits<T>::infinity(), select(too_small, V{}, e));
 }
 
+// The lower and upper halves of v, in registers.
+template <int Half, class V, int... I>
+inline auto halves(V v, std::integer_sequence<int, I...>) {
+    return std::pair{__builtin_shufflevector(v, v, I...), __builtin_shufflevector(v, v, (I + Half)...)};
+}
+
 // The lanes of v reduced by halving (the upper half onto the lower, down to one lane): a fixed order,
 // and log2(lanes) vector operations instead of a chain of scalar ones.
 template <class T, int Bytes, class Op>
@@ -170,9 +177,9 @@ inline T reduce(typename Simd<T, Bytes>::type v, Op op) {
     if constexpr (Bytes == static_cast<int>(sizeof(T))) {
         return v[0];
     } else {
-        using H = typename Simd<T, Bytes / 2>::type;
-        const auto halves = bit_cast<std::array<H, 2>>(v);
-        return reduce<T, Bytes / 2>(op(halves[0], halves[1]), op);
+        constexpr int half = Bytes / static_cast<int>(sizeof(T)) / 2;
+        const auto [lo, hi] = halves<half>(v, std::make_integer_sequence<int, half>{});
+        return reduce<T, Bytes / 2>(op(lo, hi), op);
     }
 }
 // Lane-wise maximum that propagates NaN (nothing compares greater than a NaN lane, so it stays).
