@@ -2,8 +2,9 @@
 // Philox4x32-10 for 16 consecutive counters at once (internal to src/kernels): the dropout factors
 // of a 64-element row. The compiler vectorises Philox4x32::generate_blocks with 64-bit multiplies
 // (vpmullq); with AVX-512 this version uses the 32×32→64 multiply (vpmuludq) on 8 counters per
-// register and interleaves the four words with two permutes: 3.5× faster on Zen 4 (the dropout
-// factors were 19 % of a fused attention step with dropout). Same bits as Philox4x32::generate.
+// register and interleaves the four words with two permutes. The dropout factors of a 64-element
+// row (dropout_factors) went from 68 to 39–44 ns on Zen 4 with it and the 32-bit threshold compare;
+// they had been 19 % of a fused attention step with dropout. Same bits as Philox4x32::generate.
 
 #include <cstdint>
 
