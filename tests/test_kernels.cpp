@@ -20,7 +20,7 @@
 #include <fmt/format.h>
 
 #include "../src/kernels/philox_simd.hpp"  // internal headers: tested here directly
-#include "../src/kernels/simd.hpp"
+#include <autodiff/detail/simd.hpp>
 #include "../src/kernels/tile_gemm.hpp"
 
 #include "autodiff/error.hpp"

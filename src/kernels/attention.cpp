@@ -66,7 +66,7 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
 template <class T>
 struct Scratch {
-    AlignedVector<T> S, F, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D;
+    AlignedVector<T> S, X, F, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D;
 
     static Scratch& get() {
         thread_local Scratch s;
@@ -91,10 +91,14 @@ struct Problem {
     DropoutDescriptor drop;
     bool dropout;
     T drop_scale;
+    // The modifier (attention.hpp), if any: a score function f, a mask, and where the bias goes.
+    const AttentionModifier<T>* mod;
+    bool score_fn, mask_fn, bias_inside;
 
     Problem(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& b, const Tensor<T>& add,
-            const AttentionOptions& opt)
-        : bias(b), additive(add), keep(opt.mask.keep), causal(opt.mask.causal), drop(opt.dropout) {
+            const AttentionOptions& opt, const AttentionModifier<T>* m)
+        : bias(b), additive(add), keep(opt.mask.keep), causal(opt.mask.causal), drop(opt.dropout), mod(m),
+          score_fn(m && m->modifies_scores()), mask_fn(m && m->masks()), bias_inside(!score_fn || m->bias_inside()) {
         const Shape& qs = Q.shape();
         Lq = qs.dim_from_end(2);
         Lk = K.shape().dim_from_end(2);
@@ -141,26 +145,58 @@ struct Problem {
         return Xt.data() + (j0 / block_k) * cols * block_k;
     }
 
-    // S (rows × cols, leading dimension block_k) = scale·Q_i·K_jᵀ + bias_scale·bias + additive for
-    // query rows [i0, i0+rows) and keys [j0, j0+cols) of leading index t; −inf where masked.
-    // Kt is the key block's tile of Kᵀ (d × block_k).
-    void scores(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, const T* Kt, T* S) const {
+    [[nodiscard]] ScoreTile tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols) const {
+        return {t / P1, t % P1, i0, rows, j0, cols};
+    }
+    // Empty, full or partial under the modifier's mask (full without one: the other masks are
+    // applied element by element in any case).
+    [[nodiscard]] TileKind tile_kind(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols) const {
+        if (!mask_fn) return TileKind::full;
+        AUTODIFF_PHASE(mask_classify);
+        return mod->classify(tile(t, i0, rows, j0, cols));
+    }
+
+    // S (rows × cols, leading dimension block_k) += factor·b over the tile.
+    void add_operand(const Broadcast<T>& b, T factor, std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0,
+                     std::int64_t cols, T* S) const {
+        if (!b) return;
+        for (std::int64_t r = 0; r < rows; ++r) {
+            const T* src = b.data + lead(b, t) + (i0 + r) * b.s[2] + j0 * b.s[3];
+            T* dst = S + r * block_k;
+            if (b.s[3]) RowMap<T>(dst, cols) += factor * ConstRowMap<T>(src, cols);
+            else RowMap<T>(dst, cols) += factor * src[0];
+        }
+    }
+
+    // X (rows × cols, leading dimension block_k) = x = scale·Q_i·K_jᵀ (+ bias_scale·bias when the bias
+    // goes inside the score function, or there is none) for query rows [i0, i0+rows) and keys
+    // [j0, j0+cols) of leading index t. Kt is the key block's tile of Kᵀ (d × block_k).
+    void raw_scores(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, const T* Kt, T* X) const {
         {
             AUTODIFF_PHASE(qk_product);
-            detail::tile_gemm<T>(rows, cols, d, scale, q + (t * Lq + i0) * d, d, 1, Kt, block_k, T(0), S, block_k);
+            detail::tile_gemm<T>(rows, cols, d, scale, q + (t * Lq + i0) * d, d, 1, Kt, block_k, T(0), X, block_k);
         }
         AUTODIFF_PHASE(bias_and_masks);
-        auto add = [&](const Broadcast<T>& b, T factor) {
-            if (!b) return;
-            for (std::int64_t r = 0; r < rows; ++r) {
-                const T* src = b.data + lead(b, t) + (i0 + r) * b.s[2] + j0 * b.s[3];
-                T* dst = S + r * block_k;
-                if (b.s[3]) RowMap<T>(dst, cols) += factor * ConstRowMap<T>(src, cols);
-                else RowMap<T>(dst, cols) += factor * src[0];
-            }
-        };
-        add(bias, bias_scale);
-        add(additive, T(1));
+        if (bias_inside) add_operand(bias, bias_scale, t, i0, rows, j0, cols, X);
+    }
+
+    // S = scale·Q_i·K_jᵀ + bias_scale·bias + additive (through the score function, if any); −inf where masked.
+    void scores(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, const T* Kt, T* S,
+                TileKind kind) const {
+        raw_scores(t, i0, rows, j0, cols, Kt, S);
+        finish_scores(t, i0, rows, j0, cols, S, kind);
+    }
+
+    // S holds x (raw_scores) -> S = f(x) (+ bias_scale·bias when outside) + additive, −inf where masked.
+    void finish_scores(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, T* S, TileKind kind) const {
+        if (score_fn) {
+            AUTODIFF_PHASE(score_fn);
+            mod->modify(tile(t, i0, rows, j0, cols), S, block_k);
+        }
+        AUTODIFF_PHASE(bias_and_masks);
+        if (!bias_inside) add_operand(bias, bias_scale, t, i0, rows, j0, cols, S);
+        add_operand(additive, T(1), t, i0, rows, j0, cols, S);
+        if (kind == TileKind::partial) mod->apply_mask(tile(t, i0, rows, j0, cols), S, block_k);
         auto apply_keep = [&](const Broadcast<bool>& b) {
             if (!b) return;
             for (std::int64_t r = 0; r < rows; ++r) {
@@ -232,13 +268,13 @@ void online_softmax_tile(T* S, std::int64_t rows, std::int64_t cols, Scratch<T>&
 
 template <class T>
 AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& bias,
-                                    const Tensor<T>& additive, const AttentionOptions& opt) {
+                                    const Tensor<T>& additive, const AttentionOptions& opt, const AttentionModifier<T>* mod) {
     check_dropout("attention", opt.dropout);
     const Shape out = attention_output_shape("attention", Q.shape(), K.shape(), V.shape(), bias.defined() ? &bias.shape() : nullptr,
                                              additive.defined() ? &additive.shape() : nullptr, opt.mask);
     if (!std::isfinite(opt.scale) || !std::isfinite(opt.bias_scale))
         fail("attention", "scale ({}) and bias_scale ({}) must be finite", opt.scale, opt.bias_scale);
-    const Problem<T> p(Q, K, V, bias, additive, opt);
+    const Problem<T> p(Q, K, V, bias, additive, opt, mod);
     AttentionSaved<T> saved{Tensor<T>(out), Tensor<T>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1)), {}};
     if (opt.keep_scores) {
         Shape scores = Q.shape();
@@ -273,14 +309,21 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
             const std::int64_t j_end = p.key_end(i0, rows);
             for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
+                const TileKind kind = p.tile_kind(t, i0, rows, j0, cols);
+                if (kind == TileKind::empty) continue;  // every element masked: contributes nothing
                 T* S = s.S.data();
                 if (j0 + block_k < j_end) p.prefetch_tile(t, i0, rows, j0 + block_k, std::min(block_k, p.Lk - j0 - block_k));
-                p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), S);
-                if (opt.keep_scores) {  // read again only by the backward: stream past the caches
+                // Kept for the backward (read again only there: streamed past the caches): S, or x when
+                // there is a score function (its derivative needs x).
+                auto keep = [&] {
                     AUTODIFF_PHASE(keep_scores);
                     for (std::int64_t r = 0; r < rows; ++r)
                         detail::stream_row(saved.scores.data() + (t * p.Lq + i0 + r) * p.Lk + j0, S + r * block_k, cols);
-                }
+                };
+                p.raw_scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), S);
+                if (opt.keep_scores && p.score_fn) keep();
+                p.finish_scores(t, i0, rows, j0, cols, S, kind);
+                if (opt.keep_scores && !p.score_fn) keep();
                 online_softmax_tile(S, rows, cols, s, p.dv);  // S becomes the unnormalised P
                 if (p.dropout) {
                     p.dropout_tile(t, i0, rows, j0, cols, s.F.data());
@@ -313,13 +356,19 @@ template <class T>
 void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDeduce<Tensor<T>>* dV,
                         NoDeduce<Tensor<T>>* dbias, const Tensor<T>& dO, const Tensor<T>& Q, const Tensor<T>& K,
                         const Tensor<T>& V, const Tensor<T>& bias, const Tensor<T>& additive,
-                        AttentionSaved<T>& saved, const AttentionOptions& opt) {
+                        AttentionSaved<T>& saved, const AttentionOptions& opt, const AttentionModifier<T>* mod,
+                        std::vector<Tensor<T>>* mod_grads) {
     const char* op = "attention_backward";
     const Shape out = attention_output_shape(op, Q.shape(), K.shape(), V.shape(), bias.defined() ? &bias.shape() : nullptr,
                                              additive.defined() ? &additive.shape() : nullptr, opt.mask);
     if (dO.shape() != out || saved.O.shape() != out) fail(op, "dO {} and O {} must have the output's shape {}", dO.shape(), saved.O.shape(), out);
     if (dbias && !bias.defined()) fail(op, "a bias gradient was requested but there is no bias");
-    const Problem<T> p(Q, K, V, bias, additive, opt);
+    const Problem<T> p(Q, K, V, bias, additive, opt, mod);
+    // Gradients of the modifier's captured tensors: one partial sum per work item, added in order.
+    const std::vector<Shape> no_shapes;
+    const std::vector<Shape>& grad_shapes = mod && mod_grads ? mod->gradient_shapes() : no_shapes;
+    if (mod_grads) mod_grads->clear();
+    for (const Shape& g : grad_shapes) mod_grads->push_back(zeros<T>(g));
     if (dQ) *dQ = zeros<T>(Q.shape());
     if (dK) *dK = zeros<T>(K.shape());
     if (dV) *dV = zeros<T>(V.shape());
@@ -371,14 +420,24 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         if (dV) part.dV = Tensor<T>(V.shape());
         if (dbias && !dB_by_rows) part.dB = zeros<T>(bias.shape());
     }
-    parallel_for(n_groups * chunks, blocks_per_chunk * block_q * p.Lk * (p.d + p.dv) * 4, [&](std::int64_t w) {
+    const std::size_t n_grads = grad_shapes.size();
+    const std::int64_t n_work = n_groups * chunks;
+    std::vector<Tensor<T>> mod_partial;
+    std::vector<T*> mod_partial_data;
+    for (std::int64_t w = 0; w < n_work && n_grads; ++w)
+        for (const Shape& g : grad_shapes) {
+            mod_partial.push_back(zeros<T>(g));
+            mod_partial_data.push_back(mod_partial.back().data());
+        }
+    parallel_for(n_work, blocks_per_chunk * block_q * p.Lk * (p.d + p.dv) * 4, [&](std::int64_t w) {
+        T* const* grads_w = n_grads ? mod_partial_data.data() + static_cast<std::size_t>(w) * n_grads : nullptr;
         const std::int64_t g = group_start(w / chunks), chunk = w % chunks;
         const std::int64_t qa = std::min(p.Lq, chunk * blocks_per_chunk * block_q), qb = std::min(p.Lq, qa + blocks_per_chunk * block_q);
         T* dK_out = dK ? (chunk ? partial[static_cast<std::size_t>(chunk - 1)].dK : *dK).data() : nullptr;
         T* dV_out = dV ? (chunk ? partial[static_cast<std::size_t>(chunk - 1)].dV : *dV).data() : nullptr;
         T* dB_out = dbias ? (chunk && !dB_by_rows ? partial[static_cast<std::size_t>(chunk - 1)].dB : *dbias).data() : nullptr;
         Scratch<T>& s = Scratch<T>::get();
-        for (auto* buf : {&s.S, &s.F, &s.Pd, &s.dS}) ensure(*buf, block_q * block_k);
+        for (auto* buf : {&s.S, &s.X, &s.F, &s.Pd, &s.dS}) ensure(*buf, block_q * block_k);
         ensure(s.dK, block_k * p.d);
         ensure(s.dV, block_k * p.dv);
         ensure(s.D, p.Lq);
@@ -406,18 +465,39 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         std::fill_n(dB_out + (t * p.Lq + i) * p.Lk + j0, cols, T(0));
                 for (std::int64_t i0 = i_first; i0 < qb; i0 += block_q) {
                     const std::int64_t rows = std::min(block_q, p.Lq - i0);
+                    const TileKind kind = p.tile_kind(t, i0, rows, j0, cols);
+                    if (kind == TileKind::empty) {  // skipped by the forward too: dS = 0
+                        if (full_dbias)
+                            for (std::int64_t i = i0; i < i0 + rows; ++i) std::fill_n(dB_out + (t * p.Lq + i) * p.Lk + j0, cols, T(0));
+                        continue;
+                    }
                     T* P = s.S.data();
                     T* dS = s.dS.data();
+                    T* X = s.X.data();  // x, with a score function
                     const std::int64_t next_i = i0 + block_q, next_rows = std::min(block_q, p.Lq - next_i);
                     // S: from the forward's buffer (the forward wrote every tile this loop visits) or recomputed.
-                    const T* S = kept ? kept + (t * p.Lq + i0) * p.Lk + j0 : P;
-                    const std::int64_t lds = kept ? p.Lk : block_k;
+                    // With a score function the buffer holds x: it is copied (a bias gradient may overwrite
+                    // it before f's derivative reads it) and S = f(x) + ... is recomputed from it.
+                    const T* kept_tile = kept ? kept + (t * p.Lq + i0) * p.Lk + j0 : nullptr;
+                    const T* S = kept_tile && !p.score_fn ? kept_tile : P;
+                    const std::int64_t lds = kept_tile && !p.score_fn ? p.Lk : block_k;
                     if (kept) {
                         AUTODIFF_PHASE(bwd_scores);
                         if (next_i < qb) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
-                    } else {
-                        if (next_i < qb) p.prefetch_tile(t, next_i, next_rows, j0, cols);
-                        p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), P);
+                    } else if (next_i < qb) {
+                        p.prefetch_tile(t, next_i, next_rows, j0, cols);
+                    }
+                    if (p.score_fn) {
+                        if (kept_tile) {
+                            AUTODIFF_PHASE(bwd_scores);
+                            for (std::int64_t r = 0; r < rows; ++r) std::copy_n(kept_tile + r * p.Lk, cols, X + r * block_k);
+                        } else {
+                            p.raw_scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), X);
+                        }
+                        for (std::int64_t r = 0; r < rows; ++r) std::copy_n(X + r * block_k, cols, P + r * block_k);
+                        p.finish_scores(t, i0, rows, j0, cols, P, kind);
+                    } else if (!kept) {
+                        p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), P, kind);
                     }
                     {
                         AUTODIFF_PHASE(bwd_exp);
@@ -452,7 +532,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                             ds = RowMap<T>(P + r * block_k, cols) * (ds - s.D[static_cast<std::size_t>(i0 + r)]);
                         }
                     }
-                    if (dbias) {
+                    auto store_dbias = [&] {  // dbias = bias_scale·reduce(dS)
                         AUTODIFF_PHASE(dbias);
                         for (std::int64_t r = 0; r < rows; ++r) {
                             T* dst = dB_out + p.lead(db_map, t) + (i0 + r) * db_map.s[2] + j0 * db_map.s[3];
@@ -461,7 +541,13 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                             else if (db_map.s[3]) RowMap<T>(dst, cols) += p.bias_scale * ds;
                             else *dst += p.bias_scale * ds.sum();
                         }
+                    };
+                    if (dbias && !p.bias_inside) store_dbias();
+                    if (p.score_fn) {  // dS -> dx = dS ⊙ ∂f/∂x, captured tensors' gradients
+                        AUTODIFF_PHASE(score_fn_backward);
+                        mod->modify_backward(p.tile(t, i0, rows, j0, cols), X, block_k, dS, block_k, grads_w);
                     }
+                    if (dbias && p.bias_inside) store_dbias();
                     if (dQ) {  // dQ_i += scale·dS·K_j
                         AUTODIFF_PHASE(dq_product);
                         detail::tile_gemm<T>(rows, p.d, cols, p.scale, dS, block_k, 1, Kj, p.d, T(1), dQ->data() + (t * p.Lq + i0) * p.d, p.d);
@@ -482,14 +568,18 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         if (dV) dV->array() += part.dV.array();
         if (part.dB.defined()) dbias->array() += part.dB.array();
     }
+    for (std::size_t i = 0; i < mod_partial.size(); ++i)  // in work-item order
+        (*mod_grads)[i % n_grads].array() += mod_partial[i].array();
 }
 
 #define AUTODIFF_INSTANTIATE(T)                                                                                        \
     template AttentionSaved<T> attention_forward<T>(const Tensor<T>&, const Tensor<T>&, const Tensor<T>&,              \
-                                                    const Tensor<T>&, const Tensor<T>&, const AttentionOptions&);      \
+                                                    const Tensor<T>&, const Tensor<T>&, const AttentionOptions&,       \
+                                                    const AttentionModifier<T>*);                                      \
     template void attention_backward<T>(Tensor<T>*, Tensor<T>*, Tensor<T>*, Tensor<T>*, const Tensor<T>&,             \
                                         const Tensor<T>&, const Tensor<T>&, const Tensor<T>&, const Tensor<T>&,        \
-                                        const Tensor<T>&, AttentionSaved<T>&, const AttentionOptions&);
+                                        const Tensor<T>&, AttentionSaved<T>&, const AttentionOptions&,                 \
+                                        const AttentionModifier<T>*, std::vector<Tensor<T>>*);
 AUTODIFF_INSTANTIATE(float)
 AUTODIFF_INSTANTIATE(double)
 #undef AUTODIFF_INSTANTIATE

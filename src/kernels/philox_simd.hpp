@@ -9,7 +9,7 @@
 #include <cstdint>
 
 #include "autodiff/random.hpp"
-#include "simd.hpp"
+#include "autodiff/detail/simd.hpp"
 
 namespace autodiff::detail {
 

@@ -20,7 +20,7 @@ constexpr const char* names[count] = {
     "forward: online softmax", "dropout factors",   "PV product",            "forward: O and lse",
     "backward: K^T, V^T, D", "backward: read kept S", "backward: exp",       "dV product",
     "dO V^T product",        "dS",                  "bias gradient",         "dQ product",
-    "dK product"};
+    "dK product",            "modifier: classify tiles", "modifier: f(x)",  "modifier: f'(x), captured"};
 
 struct alignas(64) Counter {
     std::atomic<std::uint64_t> ticks{0};

@@ -29,6 +29,9 @@ enum Phase : int {
     dbias,           // bias gradient of a tile
     dq_product,      // dQ += scale·dS·K
     dk_product,      // dK += scale·dSᵀ·Q
+    mask_classify,      // a modifier's mask: is a tile empty, full or partial
+    score_fn,           // a modifier's score function f(x) over a tile
+    score_fn_backward,  // dx = dS ⊙ ∂f/∂x and the captured tensors' gradients
     count
 };
 

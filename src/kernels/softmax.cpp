@@ -5,7 +5,7 @@
 
 #include "autodiff/kernels/elementwise.hpp"
 #include "autodiff/parallel.hpp"
-#include "simd.hpp"
+#include "autodiff/detail/simd.hpp"
 
 namespace autodiff {
 

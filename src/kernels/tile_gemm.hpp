@@ -9,7 +9,7 @@
 // operands on every call, which at attention's 64×64 tiles costs more than the arithmetic.
 // GCC/Clang vector extensions pick the widest registers the target has (-march=native).
 
-#include "simd.hpp"
+#include "autodiff/detail/simd.hpp"
 
 namespace autodiff::detail {
 

@@ -9,15 +9,20 @@
 
 namespace autodiff {
 
-template <class C>
-struct Softmax : Expr<Softmax<C>> {
+// No mask function (the default of Softmax's M; mask functions are in expr/modifier.hpp).
+struct NoMaskFn {};
+
+template <class C, class M = NoMaskFn>
+struct Softmax : Expr<Softmax<C, M>> {
     using value_type = typename C::value_type;
     static constexpr bool may_require_grad = C::may_require_grad;
     C child;
     Mask mask;
     Tensor<value_type> additive;  // undefined: none
+    [[no_unique_address]] M mask_fn;  // a mask function of the indices (expr/modifier.hpp), or none
 
-    Softmax(C c, Mask m, Tensor<value_type> add) : child(std::move(c)), mask(std::move(m)), additive(std::move(add)) {
+    Softmax(C c, Mask m, Tensor<value_type> add, M fn = {})
+        : child(std::move(c)), mask(std::move(m)), additive(std::move(add)), mask_fn(std::move(fn)) {
         check_softmax_mask("softmax", child.shape(), mask, additive);
     }
     [[nodiscard]] const Shape& shape() const { return child.shape(); }

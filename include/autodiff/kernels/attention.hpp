@@ -26,7 +26,58 @@
 #include "autodiff/kernels/softmax.hpp"
 #include "autodiff/tensor.hpp"
 
+#include <cstdint>
+#include <vector>
+
 namespace autodiff {
+
+// ---- modifiers ----------------------------------------------------------------------------------
+// A modifier changes the scores between the products and the softmax, and/or masks them, from code
+// the expression layer generates for a user's expression (expr/modifier.hpp); the kernels call it
+// once per tile, so the call is virtual and the loops inside it are the generated ones. With a
+// modifier the scores become
+//
+//   x = scale·Q·Kᵀ (+ bias_scale·bias when the bias is inside the modifier)
+//   S = f(x, b, h, q, k) (+ bias_scale·bias when outside) + additive, −∞ where masked
+//
+// and, with dS = ∂L/∂S:   dx = dS ⊙ ∂f/∂x,   d(captured tensor c) = Σ dS ⊙ ∂f/∂c,
+// dbias = bias_scale·reduce(dx if inside, dS if outside), dQ = scale·dx·K, dK = scale·dxᵀ·Q.
+// A mask classifies each (query block, key block) tile as empty (skipped by forward and backward),
+// full (no per-element test) or partial (tested element by element).
+
+// A tile of the scores: leading index b·heads + h of the padded rank-4 scores (batch, heads, Lq, Lk),
+// query rows [i0, i0 + rows), keys [j0, j0 + cols).
+struct ScoreTile {
+    std::int64_t b, h, i0, rows, j0, cols;
+};
+
+enum class TileKind : std::uint8_t { empty, partial, full };
+
+template <class T>
+class AttentionModifier {
+public:
+    AttentionModifier() = default;
+    AttentionModifier(const AttentionModifier&) = default;
+    AttentionModifier& operator=(const AttentionModifier&) = default;
+    virtual ~AttentionModifier() = default;
+
+    // Whether there is a score function f (else S = x) and whether there is a mask.
+    [[nodiscard]] virtual bool modifies_scores() const = 0;
+    [[nodiscard]] virtual bool masks() const = 0;
+    // Whether the bias is added to x before f (else after it).
+    [[nodiscard]] virtual bool bias_inside() const = 0;
+    // x (rows × cols, leading dimension ld) -> f(x), in place.
+    virtual void modify(const ScoreTile& tile, T* x, std::int64_t ld) const = 0;
+    // g (rows × cols, ldg) = ∂L/∂f -> ∂L/∂x in place, at the tile's x (ldx); adds Σ g ⊙ ∂f/∂c for each
+    // captured tensor c that needs a gradient to grads[i] (in the shape gradient_shapes()[i]).
+    virtual void modify_backward(const ScoreTile& tile, const T* x, std::int64_t ldx, T* g, std::int64_t ldg,
+                                 T* const* grads) const = 0;
+    // The shapes of the captured tensors whose gradients modify_backward adds, in order.
+    [[nodiscard]] virtual const std::vector<Shape>& gradient_shapes() const = 0;
+    [[nodiscard]] virtual TileKind classify(const ScoreTile& tile) const = 0;
+    // s (rows × cols, ld): −∞ where the mask drops an element.
+    virtual void apply_mask(const ScoreTile& tile, T* s, std::int64_t ld) const = 0;
+};
 
 struct AttentionOptions {
     double scale = 1.0;       // of Q·Kᵀ
@@ -52,9 +103,11 @@ struct AttentionSaved {
 };
 
 // bias and additive may be undefined (absent).
+// mod may be null (no modifier). With a score function and keep_scores, saved.scores holds x (before f).
 template <class T>
 AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& bias,
-                                    const Tensor<T>& additive, const AttentionOptions& opt);
+                                    const Tensor<T>& additive, const AttentionOptions& opt,
+                                    const AttentionModifier<T>* mod = nullptr);
 
 // Backward, with D_i = rowsum(dO_i ⊙ O_i) and P = e^(S − lse), S recomputed from Q, K and the bias
 // or read from saved.scores:
@@ -65,11 +118,14 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
 // Gradients are written (not accumulated); pass nullptr for any that is not wanted. When saved.scores
 // is defined and a full-shape bias gradient is requested, the gradient is written into the scores'
 // buffer, which *dbias then holds and saved.scores releases (a later backward from the same saved
-// values recomputes the scores). Otherwise saved is left as it is.
+// values recomputes the scores). Otherwise saved is left as it is. With a modifier that has captured
+// tensors needing gradients, *mod_grads receives them (one per gradient_shapes() entry), each summed
+// over the work items in a fixed order: bit-identical for any thread count.
 template <class T>
 void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDeduce<Tensor<T>>* dV,
                         NoDeduce<Tensor<T>>* dbias, const Tensor<T>& dO, const Tensor<T>& Q, const Tensor<T>& K,
                         const Tensor<T>& V, const Tensor<T>& bias, const Tensor<T>& additive,
-                        AttentionSaved<T>& saved, const AttentionOptions& opt);
+                        AttentionSaved<T>& saved, const AttentionOptions& opt,
+                        const AttentionModifier<T>* mod = nullptr, std::vector<Tensor<T>>* mod_grads = nullptr);
 
 }  // namespace autodiff

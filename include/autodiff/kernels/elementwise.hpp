@@ -21,7 +21,7 @@ namespace autodiff {
 
 // e^x with e^−∞ = 0 exactly. Eigen's vectorised exp clamps its argument, so a −∞ (a masked logit)
 // would give ~1e-38 in float and ~1e-308 in double instead of 0, and only in vectorised lanes.
-// (Eigen's select() is not vectorised; the kernels' hot rows use detail::exp_shifted_sum, src/kernels/simd.hpp.)
+// (Eigen's select() is not vectorised; the kernels' hot rows use detail::exp_shifted_sum, autodiff/detail/simd.hpp.)
 template <class X>
 auto exact_exp(const X& x) {
     using T = typename X::Scalar;

@@ -1,5 +1,6 @@
 #pragma once
-// SIMD helpers for the row loops of the softmax and fused attention kernels (internal to src/kernels),
+// SIMD helpers for the row loops of the softmax and fused attention kernels and of the attention
+// modifiers generated from expressions (expr/modifier.hpp): internal, not part of the public API,
 // written with GCC/Clang vector extensions so that -march=native picks the widest registers.
 //
 // exp: Eigen's vectorised exp is accurate but is called through a Map per row, and its −∞ lanes come
