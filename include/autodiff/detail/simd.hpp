@@ -126,19 +126,23 @@ struct ExpConstants<double> {
 // ±∞, 0 and NaN cases without masks: 1.5× faster than the portable version below on Zen 4.
 inline __m512 vexp512(__m512 x) {
     using C = ExpConstants<float>;
-    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // e^−104 underflows to 0; a NaN x is kept (2nd operand)
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(C::log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // The all-lanes masked forms: GCC 12's unmasked max/roundscale/scalef start from an undefined
+    // register that -Wuninitialized reports in users' code (GCC bug 105593); the code is the same.
+    constexpr __mmask16 all = 0xFFFF;
+    x = _mm512_mask_max_ps(x, all, _mm512_set1_ps(-104.0f), x);  // e^−104 underflows to 0; a NaN x is kept (2nd operand)
+    const __m512 n = _mm512_mask_roundscale_ps(x, all, _mm512_mul_ps(x, _mm512_set1_ps(C::log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::c1), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::c2), r);
-    return _mm512_scalef_ps(_mm512_add_ps(C::poly(r), _mm512_add_ps(r, _mm512_set1_ps(1.0f))), n);
+    return _mm512_mask_scalef_ps(n, all, _mm512_add_ps(C::poly(r), _mm512_add_ps(r, _mm512_set1_ps(1.0f))), n);
 }
 inline __m512d vexp512(__m512d x) {
     using C = ExpConstants<double>;
-    x = _mm512_max_pd(_mm512_set1_pd(-746.0), x);
-    const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(C::log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    constexpr __mmask8 all = 0xFF;
+    x = _mm512_mask_max_pd(x, all, _mm512_set1_pd(-746.0), x);
+    const __m512d n = _mm512_mask_roundscale_pd(x, all, _mm512_mul_pd(x, _mm512_set1_pd(C::log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(C::c1), x);
     r = _mm512_fnmadd_pd(n, _mm512_set1_pd(C::c2), r);
-    return _mm512_scalef_pd(_mm512_add_pd(C::poly(r), _mm512_add_pd(r, _mm512_set1_pd(1.0))), n);
+    return _mm512_mask_scalef_pd(n, all, _mm512_add_pd(C::poly(r), _mm512_add_pd(r, _mm512_set1_pd(1.0))), n);
 }
 #endif
 

@@ -599,24 +599,28 @@ auto at(const X& tensor, const I&... index) {
     return modifier::Captured<decltype(e), modifier::lift_t<I>...>(std::move(e), modifier::lift(index)...);
 }
 
-template <class A, class B> requires modifier::Operands<A, B> auto operator+(const A& a, const B& b) { return modifier::binary<modifier::AddOp>(a, b); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator-(const A& a, const B& b) { return modifier::binary<modifier::SubOp>(a, b); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator*(const A& a, const B& b) { return modifier::binary<modifier::MulOp>(a, b); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator/(const A& a, const B& b) { return modifier::binary<modifier::DivOp>(a, b); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator<(const A& a, const B& b) { return modifier::binary<modifier::LtOp>(a, b); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator<=(const A& a, const B& b) { return modifier::binary<modifier::LeOp>(a, b); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator>(const A& a, const B& b) { return modifier::binary<modifier::LtOp>(b, a); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator>=(const A& a, const B& b) { return modifier::binary<modifier::LeOp>(b, a); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator==(const A& a, const B& b) { return modifier::binary<modifier::EqOp>(a, b); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator!=(const A& a, const B& b) { return modifier::binary<modifier::NeOp>(a, b); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator&(const A& a, const B& b) { return modifier::binary<modifier::AndOp>(a, b); }
-template <class A, class B> requires modifier::Operands<A, B> auto operator|(const A& a, const B& b) { return modifier::binary<modifier::OrOp>(a, b); }
+namespace modifier {
+// The operators live with the node types, where argument-dependent lookup finds them.
+template <class A, class B> requires Operands<A, B> auto operator+(const A& a, const B& b) { return binary<AddOp>(a, b); }
+template <class A, class B> requires Operands<A, B> auto operator-(const A& a, const B& b) { return binary<SubOp>(a, b); }
+template <class A, class B> requires Operands<A, B> auto operator*(const A& a, const B& b) { return binary<MulOp>(a, b); }
+template <class A, class B> requires Operands<A, B> auto operator/(const A& a, const B& b) { return binary<DivOp>(a, b); }
+template <class A, class B> requires Operands<A, B> auto operator<(const A& a, const B& b) { return binary<LtOp>(a, b); }
+template <class A, class B> requires Operands<A, B> auto operator<=(const A& a, const B& b) { return binary<LeOp>(a, b); }
+template <class A, class B> requires Operands<A, B> auto operator>(const A& a, const B& b) { return binary<LtOp>(b, a); }
+template <class A, class B> requires Operands<A, B> auto operator>=(const A& a, const B& b) { return binary<LeOp>(b, a); }
+template <class A, class B> requires Operands<A, B> auto operator==(const A& a, const B& b) { return binary<EqOp>(a, b); }
+template <class A, class B> requires Operands<A, B> auto operator!=(const A& a, const B& b) { return binary<NeOp>(a, b); }
+template <class A, class B> requires Operands<A, B> auto operator&(const A& a, const B& b) { return binary<AndOp>(a, b); }
+template <class A, class B> requires Operands<A, B> auto operator|(const A& a, const B& b) { return binary<OrOp>(a, b); }
+template <class X> requires is_mod_v<X> auto operator!(const X& x) { return unary(NotOp{}, x); }
+template <class X> requires is_mod_v<X> auto operator-(const X& x) { return unary(NegOp{}, x); }
+}  // namespace modifier
+
 template <class A, class B> requires modifier::Operands<A, B> auto min(const A& a, const B& b) { return modifier::binary<modifier::MinOp>(a, b); }
 template <class A, class B> requires modifier::Operands<A, B> auto max(const A& a, const B& b) { return modifier::binary<modifier::MaxOp>(a, b); }
 template <ModExpr X, class L, class H> auto clamp(const X& x, const L& lo, const H& hi) { return min(max(x, lo), hi); }
 
-template <ModExpr X> auto operator!(const X& x) { return modifier::unary(modifier::NotOp{}, x); }
-template <ModExpr X> auto operator-(const X& x) { return modifier::unary(modifier::NegOp{}, x); }
 template <ModExpr X> auto neg(const X& x) { return modifier::unary(modifier::NegOp{}, x); }
 template <ModExpr X> auto abs(const X& x) { return modifier::unary(modifier::AbsOp{}, x); }
 template <ModExpr X> auto exp(const X& x) { return modifier::unary(modifier::ExpOp{}, x); }
@@ -874,12 +878,15 @@ auto score_mod(const X& scores, const F& f) {
 
 // scores + ALiBi etc.: a tensor expression combined with a modifier expression is a score function
 // of that tensor.
-template <ExprLike X, ModExpr F> requires(!F::is_bool) auto operator+(const X& x, const F& f) { return score_mod(x, score + f); }
-template <ExprLike X, ModExpr F> requires(!F::is_bool) auto operator+(const F& f, const X& x) { return score_mod(x, f + score); }
-template <ExprLike X, ModExpr F> requires(!F::is_bool) auto operator-(const X& x, const F& f) { return score_mod(x, score - f); }
-template <ExprLike X, ModExpr F> requires(!F::is_bool) auto operator*(const X& x, const F& f) { return score_mod(x, score * f); }
-template <ExprLike X, ModExpr F> requires(!F::is_bool) auto operator*(const F& f, const X& x) { return score_mod(x, f * score); }
-template <ExprLike X, ModExpr F> requires(!F::is_bool) auto operator/(const X& x, const F& f) { return score_mod(x, score / f); }
+namespace modifier {
+template <ExprLike X, class F> requires(is_mod_v<F> && !F::is_bool) auto operator+(const X& x, const F& f) { return score_mod(x, score + f); }
+template <ExprLike X, class F> requires(is_mod_v<F> && !F::is_bool) auto operator+(const F& f, const X& x) { return score_mod(x, f + score); }
+template <ExprLike X, class F> requires(is_mod_v<F> && !F::is_bool) auto operator-(const X& x, const F& f) { return score_mod(x, score - f); }
+template <ExprLike X, class F> requires(is_mod_v<F> && !F::is_bool) auto operator*(const X& x, const F& f) { return score_mod(x, score * f); }
+template <ExprLike X, class F> requires(is_mod_v<F> && !F::is_bool) auto operator*(const F& f, const X& x) { return score_mod(x, f * score); }
+template <ExprLike X, class F> requires(is_mod_v<F> && !F::is_bool) auto operator/(const X& x, const F& f) { return score_mod(x, score / f); }
+
+}  // namespace modifier
 
 template <class X, class F>
 struct Evaluator<ScoreMod<X, F>> {

@@ -1,0 +1,316 @@
+// Score and mask functions written as expressions (expr/modifier.hpp): which spellings run fused, and
+// that the fused kernels give the generic path's numbers (the oracle) for every variant, with biases,
+// masks, dropout, odd sizes and fully masked rows; gradcheck through the fused path; determinism.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <autodiff/autodiff.hpp>
+
+#include "check_error.hpp"
+#include "fused_vs_generic.hpp"
+
+namespace ad = autodiff;
+
+namespace {
+
+using P = ad::Param<double>;
+using test::fused_vs_generic;
+
+P param(ad::Shape s, std::uint64_t seed, const char* name) { return P(ad::randn<double>(s, seed), name); }
+
+// The variants of the issue, on one set of inputs (odd sizes: Lq = 37, Lk = 53, d = 24, dv = 16).
+struct Inputs {
+    static constexpr std::int64_t n = 2, h = 3, Lq = 37, Lk = 53, d = 24, dv = 16, R = 6;
+    P q = param({n, h, Lq, d}, 1, "q"), k = param({n, h, Lk, d}, 2, "k"), v = param({n, h, Lk, dv}, 3, "v");
+    P bias = param({n, h, Lq, Lk}, 4, "bias");
+    P slopes = P(ad::from_vector<double>({h}, {0.5, 0.25, 0.125}), "slopes");
+    P table = param({h, 2 * R + 1}, 5, "table");
+    P gate = param({h}, 6, "gate");
+    [[nodiscard]] auto scores() const { return ad::matmul(q, ad::transpose(k)) / std::sqrt(double(d)); }
+};
+
+}  // namespace
+
+TEST_CASE("is_fused_v: score functions, biases inside or outside them, and mask functions are fused") {
+    Inputs in;
+    auto s = in.scores();
+    const auto& b = in.bias;
+    const ad::DropoutDescriptor drop{0.1, 1, 0};
+    auto relative = ad::at(in.table, ad::h_idx, ad::clamp(ad::q_idx - ad::k_idx + Inputs::R, 0, 2 * Inputs::R));
+    // soft-capping, the bias inside or outside the cap
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::tanh(s / 5.0) * 5.0), in.v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::tanh((s + b) / 5.0) * 5.0), in.v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::tanh(s / 5.0) * 5.0 + b), in.v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(b + ad::tanh(s / 5.0) * 5.0), in.v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::score_mod(s, ad::soft_cap(5.0)) + b), in.v))>);
+    // ALiBi (fixed or trainable slopes), relative positions, a sigmoid gate
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(s + ad::alibi(in.slopes), ad::causal), in.v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(s + b + ad::alibi(in.slopes.value())), in.v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(s + relative), in.v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(s * ad::sigmoid(ad::at(in.gate, ad::h_idx))), in.v))>);
+    // mask functions, alone and with everything else
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::softmax(s, ad::sliding_window(4)), in.v))>);
+    static_assert(ad::is_fused_v<decltype(ad::matmul(ad::dropout(ad::softmax(ad::tanh(s / 5.0) * 5.0 + b, ad::causal_window(8) | ad::sliding_window(2), ad::causal), drop), in.v))>);
+    // outside the grammar: gelu has no modifier form; two biases (inside and outside) are one too many
+    static_assert(!ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::gelu(s)), in.v))>);
+    static_assert(!ad::is_fused_v<decltype(ad::matmul(ad::softmax(ad::tanh(s + b) + b), in.v))>);
+    CHECK(ad::is_fused_v<decltype(ad::matmul(ad::softmax(s + relative), in.v))>);
+}
+
+TEST_CASE("a modified fused attention is one tape record") {
+    Inputs in;
+    ad::Tape tape;
+    ad::TapeGuard guard(tape);
+    ad::Var<double> O = ad::matmul(ad::softmax(in.scores() + ad::alibi(in.slopes) + in.bias, ad::causal_window(5)), in.v);
+    CHECK(tape.size() == 1);  // the scale is folded into the kernel, the captured slopes are a Param leaf
+}
+
+TEST_CASE("fused vs generic: every variant, odd sizes (Lq=37, Lk=53, d=24, dv=16)") {
+    Inputs in;
+    auto s = [&] { return in.scores(); };
+    auto relative = [&] { return ad::at(in.table, ad::h_idx, ad::clamp(ad::q_idx - ad::k_idx + Inputs::R, 0, 2 * Inputs::R)); };
+    const ad::DropoutDescriptor drop{0.2, 7, 3};
+    // Same arithmetic in another order (and the SIMD tanh/sigmoid vs Eigen's, both within a few ulp):
+    // differences at rounding level of O(1) values.
+    constexpr double tol = 1e-13;
+    std::vector<P> all{in.q, in.k, in.v, in.bias, in.slopes, in.table, in.gate};
+    SUBCASE("soft-capping, bias inside the cap") {
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::tanh((s() + in.bias) / 3.0) * 3.0), in.v); }, all) < tol);
+    }
+    SUBCASE("soft-capping, bias outside the cap") {
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::tanh(s() / 3.0) * 3.0 + in.bias), in.v); }, all) < tol);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::score_mod(s(), ad::soft_cap(3.0)) + in.bias), in.v); }, all) < tol);
+    }
+    SUBCASE("ALiBi: fixed slopes with causal, trainable slopes with a bias") {
+        const ad::Tensor<double> fixed = in.slopes.value().clone();
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + ad::alibi(fixed), ad::causal), in.v); }, all) < tol);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + in.bias + ad::alibi(in.slopes)), in.v); }, all) < tol);
+        CHECK(in.slopes.grad().array().abs().maxCoeff() > 0);
+    }
+    SUBCASE("trainable relative-position table") {
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + relative()), in.v); }, all) < tol);
+        CHECK(in.table.grad().array().abs().maxCoeff() > 0);
+    }
+    SUBCASE("sigmoid-gated scores with a trainable gate per head") {
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() * ad::sigmoid(ad::at(in.gate, ad::h_idx)) + in.bias), in.v); }, all) < tol);
+        CHECK(in.gate.grad().array().abs().maxCoeff() > 0);
+    }
+    SUBCASE("every op of the grammar in one score function") {
+        auto f = ad::relu(ad::score + 1.0) - ad::abs(ad::score) * 0.5 + ad::exp(ad::score * 0.1) + ad::log(ad::sigmoid(ad::score) + 1.0) +
+                 ad::pow(ad::sigmoid(ad::score), 2) - ad::min(ad::score, 0.5) / ad::max(ad::score * ad::score, 1.0) - (-ad::score);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::score_mod(s(), f), ad::causal), in.v); }, all) < tol);
+    }
+    SUBCASE("sliding window, causal window, with bias and dropout") {
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + in.bias, ad::sliding_window(5)), in.v); }, all) < tol);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::dropout(ad::softmax(s() + in.bias, ad::causal_window(8)), drop), in.v); }, all) < tol);
+    }
+    SUBCASE("a mask function combined with a score function, causal, key padding and dropout") {
+        ad::Tensor<bool> kp = ad::full<bool>({Inputs::n, Inputs::Lk}, true);
+        for (std::int64_t j = 40; j < Inputs::Lk; ++j) kp(1, j) = false;
+        auto f = [&] {
+            return ad::matmul(ad::dropout(ad::softmax(ad::tanh(s() / 3.0) * 3.0 + in.bias, ad::sliding_window(20) & !(ad::q_idx == ad::k_idx + 1),
+                                                      ad::causal | ad::key_padding_mask(kp)),
+                                          drop),
+                              in.v);
+        };
+        CHECK(fused_vs_generic<double>(f, all) < tol);
+    }
+    SUBCASE("fully masked rows give 0 and no gradient on both paths") {
+        auto f = [&] { return ad::matmul(ad::softmax(ad::tanh(s()) + in.bias, ad::q_idx - ad::k_idx > 20), in.v); };
+        CHECK(fused_vs_generic<double>(f, all) < tol);
+        ad::Var<double> O = f();
+        for (std::int64_t i = 0; i <= 20; ++i) CHECK(O.value()(1, 2, i, 3) == 0.0);
+        CHECK(O.value()(1, 2, 21, 3) != 0.0);
+    }
+    SUBCASE("biases of every broadcast shape, inside and outside a score function") {
+        for (const ad::Shape& bs : std::vector<ad::Shape>{{Inputs::h, Inputs::Lq, Inputs::Lk}, {Inputs::Lq, Inputs::Lk}, {Inputs::n, 1, Inputs::Lq, Inputs::Lk}, {1, Inputs::h, 1, Inputs::Lk}, {Inputs::Lk}, {Inputs::Lq, 1}}) {
+            CAPTURE(bs);
+            P b = param(bs, 8, "b");
+            std::vector<P> ps{in.q, in.k, in.v, b, in.table};
+            CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::tanh((s() + b) / 2.0) * 2.0 + relative(), ad::causal), in.v); }, ps) < tol);
+            CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::tanh(s() / 2.0) * 2.0 + b, ad::sliding_window(9)), in.v); }, ps) < tol);
+            CHECK(b.grad().shape() == bs);
+        }
+    }
+}
+
+TEST_CASE("fused vs generic: document masks and prefix-LM from tensors of ids (Lq = Lk = 150, three query blocks)") {
+    const std::int64_t n = 2, h = 2, L = 150, d = 16;
+    P q = param({n, h, L, d}, 1, "q"), k = param({n, h, L, d}, 2, "k"), v = param({n, h, L, d}, 3, "v"), b = param({h, L, L}, 4, "b");
+    ad::Tensor<double> seg({n, L});
+    for (std::int64_t i = 0; i < L; ++i) seg(0, i) = double(i / 40), seg(1, i) = double(i < 100 ? 0 : i < 110 ? 1 : 2);
+    const ad::Tensor<double> prefix = ad::from_vector<double>({n}, {30.0, 90.0});
+    auto s = [&] { return ad::matmul(q, ad::transpose(k)) * 0.25; };
+    CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + b, ad::same_segment(seg)), v); }, {q, k, v, b}) < 1e-13);
+    CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + b, ad::same_segment(seg) & ad::causal_fn()), v); }, {q, k, v, b}) < 1e-13);
+    CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s(), ad::prefix_lm(prefix)), v); }, {q, k, v, b}) < 1e-13);
+}
+
+TEST_CASE("gradcheck in double through the fused kernels with modifiers") {
+    const std::int64_t n = 2, h = 2, Lq = 9, Lk = 11, R = 3;
+    P q = param({n, h, Lq, 6}, 1, "q"), k = param({n, h, Lk, 6}, 2, "k"), v = param({n, h, Lk, 5}, 3, "v"), b = param({h, Lq, Lk}, 4, "b");
+    P slopes = param({h}, 5, "slopes"), table = param({h, 2 * R + 1}, 6, "table"), gate = param({h}, 7, "gate");
+    const ad::DropoutDescriptor drop{0.2, 3, 1};
+    auto check = [](auto f, std::vector<P> params) {
+        static_assert(ad::is_fused_v<decltype(f())>);
+        const auto report = ad::gradcheck(f, params);
+        INFO(report.str());
+        CHECK(report.passed);
+        CHECK(report.max_rel_error() < 1e-6);
+    };
+    auto s = [&] { return ad::matmul(q, ad::transpose(k)) * 0.4; };
+    check([&] { return ad::matmul(ad::softmax(ad::tanh((s() + b) / 2.0) * 2.0), v); }, {q, k, v, b});
+    check([&] { return ad::matmul(ad::dropout(ad::softmax(ad::tanh(s() / 2.0) * 2.0 + b, ad::causal), drop), v); }, {q, k, v, b});
+    check([&] { return ad::matmul(ad::softmax(s() + ad::alibi(slopes), ad::causal), v); }, {q, k, v, slopes});
+    check([&] { return ad::matmul(ad::softmax(s() + ad::at(table, ad::h_idx, ad::clamp(ad::q_idx - ad::k_idx + R, 0, 2 * R)) + b), v); },
+          {q, k, v, table, b});
+    check([&] { return ad::matmul(ad::softmax(s() * ad::sigmoid(ad::at(gate, ad::h_idx)), ad::sliding_window(3)), v); }, {q, k, v, gate});
+}
+
+TEST_CASE("modified fused attention: bitwise identical on 1 and 2 threads, captured gradients included") {
+    const std::int64_t n = 2, h = 4, L = 130, d = 16, R = 40;
+    ad::Param<float> q(ad::randn<float>({n, h, L, d}, 1)), k(ad::randn<float>({n, h, L, d}, 2)), v(ad::randn<float>({n, h, L, d}, 3));
+    ad::Param<float> table(ad::randn<float>({h, 2 * R + 1}, 4)), slopes(ad::randn<float>({h}, 5)), b(ad::randn<float>({L, L}, 6));
+    auto run = [&](int threads) {
+        ad::set_num_threads(threads);
+        ad::zero_grad(q, k, v, table, slopes, b);
+        auto rel = ad::at(table, ad::h_idx, ad::clamp(ad::q_idx - ad::k_idx + R, 0, 2 * R));
+        ad::Var<float> O = ad::matmul(ad::dropout(ad::softmax(ad::tanh((ad::matmul(q, ad::transpose(k)) * 0.25f + b) / 4.0f) * 4.0f + rel +
+                                                                  ad::alibi(slopes),
+                                                              ad::causal_window(70)),
+                                                  {0.1, 5, 2}),
+                                      v);
+        O.backward(ad::ones<float>(O.shape()));
+        return std::vector{O.value().clone(), q.grad().clone(), k.grad().clone(), v.grad().clone(), table.grad().clone(), slopes.grad().clone(), b.grad().clone()};
+    };
+    const auto one = run(1), two = run(2);
+    ad::set_num_threads(2);
+    for (std::size_t i = 0; i < one.size(); ++i) CHECK(ad::max_abs_diff(one[i], two[i]) == 0.0f);
+}
+
+TEST_CASE("a trainable full bias with a score function: the kept x gives the recomputing backward's numbers") {
+    // The first backward reads x from the bias gradient's buffer; a retain_graph second one recomputes it.
+    Inputs in;
+    auto f = [&] { return ad::matmul(ad::softmax(ad::tanh(in.scores() / 3.0) * 3.0 + in.bias, ad::sliding_window(10)), in.v); };
+    ad::Var<double> O = f();
+    const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 9);
+    O.backward(seed, true);
+    const ad::Tensor<double> dq1 = in.q.grad().clone(), db1 = in.bias.grad().clone();
+    ad::zero_grad(in.q, in.bias);
+    O.backward(seed);
+    CHECK(ad::max_abs_diff(in.q.grad(), dq1) == 0.0);
+    CHECK(ad::max_abs_diff(in.bias.grad(), db1) == 0.0);
+}
+
+TEST_CASE("float fused modifiers agree with the double generic path") {
+    const std::int64_t n = 2, h = 2, L = 100, d = 32;
+    ad::Tensor<double> qd = ad::randn<double>({n, h, L, d}, 1), kd = ad::randn<double>({n, h, L, d}, 2),
+                       vd = ad::randn<double>({n, h, L, d}, 3), bd = ad::randn<double>({h, L, L}, 4);
+    auto to_float = [](const ad::Tensor<double>& t) {
+        ad::Tensor<float> f(t.shape());
+        f.array() = t.array().cast<float>();
+        return f;
+    };
+    ad::Param<float> q(to_float(qd)), k(to_float(kd)), v(to_float(vd)), b(to_float(bd));
+    P q64(qd.clone()), k64(kd.clone()), v64(vd.clone()), b64(bd.clone());
+    ad::Var<float> O = ad::matmul(ad::softmax(ad::tanh(ad::matmul(q, ad::transpose(k)) * 0.05f) * 4.0f + b, ad::sliding_window(30)), v);
+    O.backward(ad::ones<float>(O.shape()));
+    ad::NoFusionGuard generic;
+    ad::Var<double> O64 = ad::matmul(ad::softmax(ad::tanh(ad::matmul(q64, ad::transpose(k64)) * 0.05) * 4.0 + b64, ad::sliding_window(30)), v64);
+    O64.backward(ad::ones<double>(O64.shape()));
+    // fp32 relative 1e-5 of each tensor's largest value, as for the plain fused path (test_fused.cpp).
+    auto rel = [&](const ad::Tensor<float>& a, const ad::Tensor<double>& ref) {
+        return (a.array().cast<double>() - ref.array()).abs().maxCoeff() / ref.array().abs().maxCoeff();
+    };
+    CHECK(rel(O.value(), O64.value()) < 1e-5);
+    CHECK(rel(q.grad(), q64.grad()) < 1e-5);
+    CHECK(rel(k.grad(), k64.grad()) < 1e-5);
+    CHECK(rel(v.grad(), v64.grad()) < 1e-5);
+    CHECK(rel(b.grad(), b64.grad()) < 1e-5);
+}
+
+TEST_CASE("tiles of a mask: intervals and element tests classify every tile as its elements say") {
+    const std::int64_t L = 300;
+    ad::Tensor<double> seg({2, L});
+    for (std::int64_t i = 0; i < L; ++i) seg(0, i) = double(i / 70), seg(1, i) = double(i % 3);
+    ad::EvalContext ctx{nullptr};
+    auto check_mask = [&](auto mask) {
+        using M = decltype(mask);
+        const ad::modifier::Modifier<double, ad::modifier::NoScoreFn, M> mod("test", {}, mask, true, ad::Shape{2, 3, L, L}, ctx);
+        std::vector<bool> keep_storage;
+        bool keep[64 * 64];
+        for (std::int64_t b = 0; b < 2; ++b)
+            for (std::int64_t i0 = 0; i0 < L; i0 += 64)
+                for (std::int64_t j0 = 0; j0 < L; j0 += 64) {
+                    const ad::ScoreTile tile{b, 1, i0, std::min<std::int64_t>(64, L - i0), j0, std::min<std::int64_t>(64, L - j0)};
+                    mod.keep_mask(tile, keep, 64);
+                    std::int64_t kept = 0;
+                    for (std::int64_t r = 0; r < tile.rows; ++r)
+                        for (std::int64_t c = 0; c < tile.cols; ++c) kept += keep[r * 64 + c];
+                    const ad::TileKind expected = kept == 0 ? ad::TileKind::empty : kept == tile.rows * tile.cols ? ad::TileKind::full : ad::TileKind::partial;
+                    CAPTURE(b);
+                    CAPTURE(i0);
+                    CAPTURE(j0);
+                    CHECK(mod.classify(tile) == expected);
+                }
+    };
+    check_mask(ad::causal_window(100));
+    check_mask(ad::sliding_window(64));
+    check_mask(ad::same_segment(seg));
+    check_mask((!(ad::q_idx < ad::k_idx)) | (ad::k_idx == 3));
+}
+
+TEST_CASE("SIMD tanh and sigmoid of the modifiers: within a few ulp of the standard library") {
+    auto sweep = [](auto zero) {
+        using T = decltype(zero);
+        using V = typename ad::detail::Simd<T, ad::detail::simd_bytes>::type;
+        constexpr int W = ad::detail::Simd<T, ad::detail::simd_bytes>::lanes;
+        double worst_tanh = 0, worst_sigmoid = 0;
+        for (double x0 = -30; x0 < 30; x0 += 0.0137 * W) {
+            V x;
+            for (int l = 0; l < W; ++l) x[l] = static_cast<T>(x0 * std::pow(10.0, -(l % 6)) + 1e-3 * l);
+            const V t = ad::modifier::vm::vtanh(x), s = ad::modifier::vm::vsigmoid(x);
+            for (int l = 0; l < W; ++l) {
+                const T rt = std::tanh(x[l]), rs = T(1) / (T(1) + std::exp(-x[l]));
+                if (rt != 0) worst_tanh = std::max(worst_tanh, std::abs(double(t[l] - rt) / double(rt)));
+                worst_sigmoid = std::max(worst_sigmoid, std::abs(double(s[l] - rs) / double(rs)));
+            }
+        }
+        const double eps = std::numeric_limits<T>::epsilon();
+        CHECK(worst_tanh < 4 * eps);
+        CHECK(worst_sigmoid < 4 * eps);
+        V special{};
+        special[0] = std::numeric_limits<T>::infinity();
+        special[1] = -std::numeric_limits<T>::infinity();
+        special[2] = std::numeric_limits<T>::quiet_NaN();
+        const V t = ad::modifier::vm::vtanh(special);
+        CHECK(t[0] == 1);
+        CHECK(t[1] == -1);
+        CHECK(std::isnan(t[2]));
+        CHECK(t[3] == 0);
+    };
+    sweep(0.0f);
+    sweep(0.0);
+}
+
+TEST_CASE("bad modifiers throw autodiff::Error naming the op and the shapes") {
+    Inputs in;
+    test::check_error([&] { (void)ad::at(in.table, ad::h_idx); }, "at", {"tensor (3,13) has rank 2 but 1 indices were given"});
+    test::check_error([&] { (void)ad::soft_cap(0.0); }, "soft_cap", {"cap must be finite and positive, got 0"});
+    // q − k + R ranges over [-46, 42] over these scores: outside the table's 13 columns unless clamped.
+    auto unclamped = ad::at(in.table, ad::h_idx, ad::q_idx - ad::k_idx + Inputs::R);
+    test::check_error([&] { ad::Var<double> O = ad::matmul(ad::softmax(in.scores() + unclamped), in.v); }, "attention",
+                      {"index 1 of a captured tensor of shape (3,13) takes values in [-46, 42] over the scores (2,3,37,53), outside [0, 12]"});
+    {
+        ad::NoFusionGuard generic;
+        test::check_error([&] { ad::Var<double> O = ad::matmul(ad::softmax(in.scores() + unclamped), in.v); }, "score_mod", {"outside [0, 12]"});
+    }
+    // A head index over scores with more heads than the tensor has entries.
+    P few = param({2}, 9, "few");
+    test::check_error([&] { ad::Var<double> O = ad::matmul(ad::softmax(in.scores() + ad::alibi(few)), in.v); }, "attention",
+                      {"index 0 of a captured tensor of shape (2) takes values in [0, 2]"});
+    test::check_error([&] { (void)ad::score_mod(in.slopes, ad::score * 2.0); }, "score_mod", {"scores must have rank 2 to 4, got (3)"});
+}
