@@ -45,28 +45,34 @@ Tensor<T> uniform(const Shape& shape, T lo, T hi, std::uint64_t seed) {
 }
 
 namespace {
-template <class T>
-void append_nested(std::string& s, const T* data, const Shape& shape, int dim, std::int64_t offset, int max_per_dim) {
-    if (dim == shape.rank()) {
-        if constexpr (std::is_same_v<T, bool>)
-            s += data[offset] ? '1' : '0';
-        else
-            s += fmt::format("{:.6g}", data[offset]);
-        return;
-    }
-    std::int64_t stride = 1;
-    for (int d = dim + 1; d < shape.rank(); ++d) stride *= shape[d];
-    s += '[';
-    const std::int64_t n = shape[dim];
-    for (std::int64_t i = 0; i < n; ++i) {
-        if (i == max_per_dim / 2 && n > max_per_dim) {
-            s += "..., ";
-            i = n - max_per_dim / 2;
+// Prints dimension Dim of the block starting at `offset` that holds `block` elements (the product of
+// dimensions Dim.. of the shape). Dim is a template parameter so that the recursion ends at max_rank by
+// construction: no instantiation indexes a dimension past Shape's storage, whatever rank() says at run
+// time (GCC 13 cannot prove rank() <= max_rank through the inlined recursion and warns -Warray-bounds).
+template <int Dim, class T>
+void append_nested(std::string& s, const T* data, const Shape& shape, std::int64_t offset, std::int64_t block,
+                   int max_per_dim) {
+    if constexpr (Dim < max_rank) {
+        if (Dim < shape.rank()) {
+            const std::int64_t n = shape[Dim];
+            const std::int64_t stride = n > 0 ? block / n : 0;
+            s += '[';
+            for (std::int64_t i = 0; i < n; ++i) {
+                if (i == max_per_dim / 2 && n > max_per_dim) {
+                    s += "..., ";
+                    i = n - max_per_dim / 2;
+                }
+                append_nested<Dim + 1>(s, data, shape, offset + i * stride, stride, max_per_dim);
+                if (i + 1 < n) s += Dim + 1 == shape.rank() ? ", " : ",\n" + std::string(std::size_t{Dim + 1}, ' ');
+            }
+            s += ']';
+            return;
         }
-        append_nested(s, data, shape, dim + 1, offset + i * stride, max_per_dim);
-        if (i + 1 < n) s += dim + 1 == shape.rank() ? ", " : ",\n" + std::string(static_cast<std::size_t>(dim + 1), ' ');
     }
-    s += ']';
+    if constexpr (std::is_same_v<T, bool>)
+        s += data[offset] ? '1' : '0';
+    else
+        s += fmt::format("{:.6g}", data[offset]);
 }
 }  // namespace
 
@@ -74,7 +80,7 @@ template <class T>
 std::string to_string(const Tensor<T>& t, int max_per_dim) {
     if (!t.defined()) return "Tensor(undefined)";
     std::string s = fmt::format("Tensor{} ", t.shape());
-    append_nested(s, t.data(), t.shape(), 0, 0, max_per_dim);
+    append_nested<0>(s, t.data(), t.shape(), 0, t.numel(), max_per_dim);
     return s;
 }
 

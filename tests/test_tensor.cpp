@@ -426,6 +426,23 @@ TEST_CASE("to_string: contains the shape for every rank") {
     CHECK(ad::to_string(ad::full<double>({}, 1.5)) == "Tensor() 1.5");
 }
 
+TEST_CASE("to_string: rank 4 nests one bracket per dimension, each level indented one more space") {
+    auto t = ad::zeros<double>({2, 1, 2, 2});
+    for (std::int64_t i = 0; i < 8; ++i) t.data()[i] = static_cast<double>(i);
+    CHECK(ad::to_string(t) == "Tensor(2,1,2,2) [[[[0, 1],\n   [2, 3]]],\n [[[4, 5],\n   [6, 7]]]]");
+}
+
+TEST_CASE("to_string: a dimension of size 0 prints empty brackets at its level") {
+    CHECK(ad::to_string(ad::zeros<double>({0, 3})) == "Tensor(0,3) []");
+    CHECK(ad::to_string(ad::zeros<float>({2, 0})) == "Tensor(2,0) [[],\n []]");
+}
+
+TEST_CASE("to_string: elision applies per dimension, with offsets into the kept rows") {
+    auto t = ad::zeros<double>({5, 2});
+    for (std::int64_t i = 0; i < 10; ++i) t.data()[i] = static_cast<double>(i);
+    CHECK(ad::to_string(t, 2) == "Tensor(5,2) [[0, 1],\n ..., [8, 9]]");
+}
+
 TEST_CASE("to_string: long dimensions are elided in the middle") {
     auto t = ad::zeros<double>({10});
     for (std::int64_t i = 0; i < 10; ++i) t.data()[i] = static_cast<double>(i);
