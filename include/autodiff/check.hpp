@@ -105,19 +105,19 @@ GradcheckReport gradcheck(F&& f, std::vector<Param<double>> inputs, const Gradch
         double max_numeric = 0;
         for (std::int64_t i = 0; i < inputs[k].value().numel(); ++i) {
             const double orig = x[i];
-            double f[4] = {};  // f(x − 2h), f(x − h), f(x + h), f(x + 2h)
+            double fx[4] = {};  // f(x − 2h), f(x − h), f(x + h), f(x + 2h)
             try {
                 const double steps[4] = {-2, -1, 1, 2};
                 for (int s = 0; s < 4; ++s) {
                     x[i] = orig + steps[s] * opt.eps;
-                    f[s] = projected();
+                    fx[s] = projected();
                 }
             } catch (...) {
                 x[i] = orig;  // a throwing f must not leave the Param perturbed
                 throw;
             }
             x[i] = orig;
-            const double numeric = (f[0] - 8 * f[1] + 8 * f[2] - f[3]) / (12 * opt.eps);
+            const double numeric = (fx[0] - 8 * fx[1] + 8 * fx[2] - fx[3]) / (12 * opt.eps);
             const double err = std::abs(a[i] - numeric);
             max_numeric = std::max(max_numeric, std::abs(numeric));
             if (!(err <= opt.atol + opt.rtol * std::abs(numeric))) in.passed = false;
