@@ -188,6 +188,30 @@ struct ModdedScores<ScoreMod<X, F>> {
     static double bias_scale(const Node& e) { return Inner::bias_scale(e.child); }
 };
 
+// f = score ± g with g free of the score (ALiBi, relative positions): it commutes with an outside bias,
+// so g(x) + bias + f is g(x) + f + bias.
+template <class F>
+inline constexpr bool adds_to_score_v = false;
+template <class G>
+inline constexpr bool adds_to_score_v<modifier::Binary<modifier::AddOp, modifier::Score, G>> = !G::uses_score;
+template <class G>
+inline constexpr bool adds_to_score_v<modifier::Binary<modifier::AddOp, G, modifier::Score>> = !G::uses_score;
+template <class G>
+inline constexpr bool adds_to_score_v<modifier::Binary<modifier::SubOp, modifier::Score, G>> = !G::uses_score;
+
+template <class X, class F>
+    requires(ModdedScores<X>::value && ModdedScores<X>::bias_outside && adds_to_score_v<F>)
+struct ModdedScores<ScoreMod<X, F>> {
+    using Node = ScoreMod<X, F>;
+    using Inner = ModdedScores<X>;
+    using Core = typename Inner::Core;
+    static constexpr bool value = true, has_fn = true, biased = true, bias_outside = true;
+    static decltype(auto) core(const Node& e) { return Inner::core(e.child); }
+    static auto fn(const Node& e) { return modifier::compose(e.fn, Inner::fn(e.child)); }
+    static decltype(auto) bias(const Node& e) { return Inner::bias(e.child); }
+    static double bias_scale(const Node& e) { return Inner::bias_scale(e.child); }
+};
+
 // g(x) + bias or bias + g(x), x without a bias of its own: the bias after the score function.
 template <class X, class B, bool BiasFirst>
 struct BiasOutside {
@@ -308,10 +332,10 @@ struct Evaluator<MatMul<L, R>> {
                          B = b.value, A = additive, saved = std::move(saved), opt, mod = std::move(mod)](const Tensor<T>& dO, Tape& tape) mutable {
             Tensor<T> dQ, dK, dV, dB;
             std::vector<Tensor<T>> dmod;
-            const AttentionModifier<T>* m = nullptr;
-            if constexpr (modified) m = &mod;
+            const AttentionModifier<T>* modifier = nullptr;
+            if constexpr (modified) modifier = &mod;
             attention_backward(qt ? &dQ : nullptr, kt ? &dK : nullptr, vt ? &dV : nullptr, bt ? &dB : nullptr, dO, Q, K, V, B,
-                               A, saved, opt, m, modified ? &dmod : nullptr);
+                               A, saved, opt, modifier, modified ? &dmod : nullptr);
             if (qt) tape.accumulate(qt, std::move(dQ));
             if (kt) tape.accumulate(kt, std::move(dK));
             if (vt) tape.accumulate(vt, std::move(dV));

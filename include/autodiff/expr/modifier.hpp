@@ -897,12 +897,12 @@ struct Evaluator<ScoreMod<X, F>> {
         using Mod = modifier::Modifier<T, F, NoMaskFn>;
         Mod mod("score_mod", e.fn, NoMaskFn{}, true, x.value.shape(), ctx);
         Tensor<T> y = x.value.clone();
-        const std::int64_t items = mod.items(), L2 = x.value.shape().dim_from_end(2) * x.value.shape().dim_from_end(1);
-        parallel_for(items, L2 * 16, [&](std::int64_t t) { mod.modify(mod.whole(t), y.data() + t * L2, x.value.shape().dim_from_end(1)); });
+        const std::int64_t Lk = x.value.shape().dim_from_end(1), plane = x.value.shape().dim_from_end(2) * Lk;
+        parallel_for(mod.items(), plane * 16, [&](std::int64_t t) { mod.modify(mod.whole(t), y.data() + t * plane, Lk); });
         const bool needs = x.target || !mod.targets().empty();
         auto backward = [xt = x.target, X_ = x.value, mod](const Tensor<T>& dy, Tape& tape) {
             Tensor<T> dx = dy.clone();
-            const std::int64_t n = mod.items(), Lk = X_.shape().dim_from_end(1), L2 = X_.shape().dim_from_end(2) * Lk;
+            const std::int64_t n = mod.items(), cols = X_.shape().dim_from_end(1), size = X_.shape().dim_from_end(2) * cols;
             const std::vector<Shape>& shapes = mod.gradient_shapes();
             std::vector<Tensor<T>> partial;  // per item, summed in item order
             std::vector<T*> ptr;
@@ -911,8 +911,8 @@ struct Evaluator<ScoreMod<X, F>> {
                     partial.push_back(zeros<T>(s));
                     ptr.push_back(partial.back().data());
                 }
-            parallel_for(n, L2 * 32, [&](std::int64_t t) {
-                mod.modify_backward(mod.whole(t), X_.data() + t * L2, Lk, dx.data() + t * L2, Lk,
+            parallel_for(n, size * 32, [&](std::int64_t t) {
+                mod.modify_backward(mod.whole(t), X_.data() + t * size, cols, dx.data() + t * size, cols,
                                     shapes.empty() ? nullptr : ptr.data() + static_cast<std::size_t>(t) * shapes.size());
             });
             for (std::size_t i = 0; i < shapes.size(); ++i) {
@@ -929,7 +929,7 @@ struct Evaluator<ScoreMod<X, F>> {
 // ---- softmax with a mask function -------------------------------------------------------------
 
 // softmax over the last dimension with the elements where `keep` is false dropped (a mask function
-// of the indices: ad::causal_window(256), ad::same_segment(seg), (ad::q_idx - ad::k_idx) % ...),
+// of the indices: ad::causal_window(256), ad::same_segment(seg), ad::q_idx - ad::k_idx < 64),
 // combined with `mask` and `additive` as in softmax(). A fully masked row gives 0.
 template <ExprLike X, ModExpr M>
     requires modifier::is_mask_v<M>
