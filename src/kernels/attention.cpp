@@ -66,7 +66,7 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
 template <class T>
 struct Scratch {
-    AlignedVector<T> S, X, F, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D;
+    AlignedVector<T> S, X, Dfx, F, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D;
 
     static Scratch& get() {
         thread_local Scratch s;
@@ -191,8 +191,13 @@ struct Problem {
     void finish_scores(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, T* S, TileKind kind) const {
         if (score_fn) {
             AUTODIFF_PHASE(score_fn);
-            mod->modify(tile(t, i0, rows, j0, cols), S, block_k);
+            mod->modify(tile(t, i0, rows, j0, cols), S, block_k, S, block_k);
         }
+        outer_terms(t, i0, rows, j0, cols, S, kind);
+    }
+
+    // S holds f(x) -> S (+ bias_scale·bias when outside f) + additive, −inf where masked.
+    void outer_terms(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, T* S, TileKind kind) const {
         AUTODIFF_PHASE(bias_and_masks);
         if (!bias_inside) add_operand(bias, bias_scale, t, i0, rows, j0, cols, S);
         add_operand(additive, T(1), t, i0, rows, j0, cols, S);
@@ -421,6 +426,8 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         if (dbias && !dB_by_rows) part.dB = zeros<T>(bias.shape());
     }
     const std::size_t n_grads = grad_shapes.size();
+    // f's derivative by forward mode in the same pass as f, when no captured tensor needs a gradient.
+    const bool dual = p.score_fn && !mod->needs_reverse();
     const std::int64_t n_work = n_groups * chunks;
     std::vector<Tensor<T>> mod_partial;
     std::vector<T*> mod_partial_data;
@@ -437,7 +444,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         T* dV_out = dV ? (chunk ? partial[static_cast<std::size_t>(chunk - 1)].dV : *dV).data() : nullptr;
         T* dB_out = dbias ? (chunk && !dB_by_rows ? partial[static_cast<std::size_t>(chunk - 1)].dB : *dbias).data() : nullptr;
         Scratch<T>& s = Scratch<T>::get();
-        for (auto* buf : {&s.S, &s.X, &s.F, &s.Pd, &s.dS}) ensure(*buf, block_q * block_k);
+        for (auto* buf : {&s.S, &s.X, &s.Dfx, &s.F, &s.Pd, &s.dS}) ensure(*buf, block_q * block_k);
         ensure(s.dK, block_k * p.d);
         ensure(s.dV, block_k * p.dv);
         ensure(s.D, p.Lq);
@@ -473,7 +480,6 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     }
                     T* P = s.S.data();
                     T* dS = s.dS.data();
-                    T* X = s.X.data();  // x, with a score function
                     const std::int64_t next_i = i0 + block_q, next_rows = std::min(block_q, p.Lq - next_i);
                     // S: from the forward's buffer (the forward wrote every tile this loop visits) or recomputed.
                     // With a score function the buffer holds x: it is copied (a bias gradient may overwrite
@@ -484,18 +490,32 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     if (kept) {
                         AUTODIFF_PHASE(bwd_scores);
                         if (next_i < qb) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
+                        // x is kept without a bias outside f: S = f(x) + bias reads the bias again
+                        if (next_i < qb && !p.bias_inside) p.prefetch_tile(t, next_i, next_rows, j0, cols);
                     } else if (next_i < qb) {
                         p.prefetch_tile(t, next_i, next_rows, j0, cols);
                     }
+                    // x for f: read in place from the kept buffer unless a bias gradient (outside f)
+                    // overwrites it there before f's reverse-mode derivative reads it; else a copy or
+                    // recomputed. Without captured gradients, f and ∂f/∂x come in one pass.
+                    const T* X = s.X.data();
+                    std::int64_t ldx = block_k;
                     if (p.score_fn) {
-                        if (kept_tile) {
+                        if (kept_tile && (p.bias_inside || dual)) {
+                            X = kept_tile, ldx = p.Lk;
+                        } else if (kept_tile) {
                             AUTODIFF_PHASE(bwd_scores);
-                            for (std::int64_t r = 0; r < rows; ++r) std::copy_n(kept_tile + r * p.Lk, cols, X + r * block_k);
+                            for (std::int64_t r = 0; r < rows; ++r) std::copy_n(kept_tile + r * p.Lk, cols, s.X.data() + r * block_k);
                         } else {
-                            p.raw_scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), X);
+                            p.raw_scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), s.X.data());
                         }
-                        for (std::int64_t r = 0; r < rows; ++r) std::copy_n(X + r * block_k, cols, P + r * block_k);
-                        p.finish_scores(t, i0, rows, j0, cols, P, kind);
+                        {
+                            AUTODIFF_PHASE(score_fn);
+                            const ScoreTile tile = p.tile(t, i0, rows, j0, cols);
+                            if (dual) mod->modify_with_derivative(tile, X, ldx, P, block_k, s.Dfx.data(), block_k);
+                            else mod->modify(tile, X, ldx, P, block_k);
+                        }
+                        p.outer_terms(t, i0, rows, j0, cols, P, kind);
                     } else if (!kept) {
                         p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), P, kind);
                     }
@@ -545,7 +565,10 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     if (dbias && !p.bias_inside) store_dbias();
                     if (p.score_fn) {  // dS -> dx = dS ⊙ ∂f/∂x, captured tensors' gradients
                         AUTODIFF_PHASE(score_fn_backward);
-                        mod->modify_backward(p.tile(t, i0, rows, j0, cols), X, block_k, dS, block_k, grads_w);
+                        if (dual)
+                            for (std::int64_t r = 0; r < rows; ++r)
+                                RowMap<T>(dS + r * block_k, cols) *= RowMap<T>(s.Dfx.data() + r * block_k, cols);
+                        else mod->modify_backward(p.tile(t, i0, rows, j0, cols), X, ldx, dS, block_k, grads_w);
                     }
                     if (dbias && p.bias_inside) store_dbias();
                     if (dQ) {  // dQ_i += scale·dS·K_j

@@ -23,6 +23,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -60,6 +61,12 @@ struct Point {
 template <class V>
 using lane_t = std::remove_cvref_t<decltype(std::declval<V>()[0])>;
 
+// A value and its derivative with respect to the score (forward mode).
+template <class V>
+struct Dual {
+    V value, d;
+};
+
 // Where backprop() adds the gradients of captured tensors: grads[slot] of the work item (null: none).
 template <class T>
 struct Sink {
@@ -93,26 +100,36 @@ template <class V, class M>
 V pick(M mask, V a, V b) {
     return detail::select(mask, a, b);
 }
-// tanh: a rational approximation near 0 (Cephes; no cancellation) and (1 − e^−2|x|)/(1 + e^−2|x|)
-// beyond 0.625, both within a few ulp (tests/test_modifiers.cpp sweeps the range).
+// tanh. float: x·P(x²)/Q(x²) over |x| <= 7.9 (±1 beyond, where float's tanh rounds to ±1), the minimax rational of Eigen's
+// fast float tanh: 16 operations where the exponential form takes twice as many. double: a rational
+// near 0 (Cephes; no cancellation) and (1 − e^−2|x|)/(1 + e^−2|x|) beyond 0.625. Both within a few
+// ulp (tests/test_modifiers.cpp sweeps the range).
 template <class V>
 V vtanh(V x) {
     using T = lane_t<V>;
-    const V ax = pick(x < T(0), -x, x);
-    const V e = vexp(ax * T(-2));
-    const V far = (T(1) - e) / (T(1) + e);
-    const V z = ax * ax;
-    V near;
     if constexpr (sizeof(T) == 4) {
-        near = ((((T(-5.70498872745e-3) * z + T(2.06390887954e-2)) * z - T(5.37397155531e-2)) * z + T(1.33314422036e-1)) * z -
-                T(3.33332819422e-1)) * z * ax + ax;
+        const V z = x * x;
+        V p = T(-2.76076847742355e-16) * z + T(2.00018790482477e-13);
+        p = p * z + T(-8.60467152213735e-11);
+        p = p * z + T(5.12229709037114e-08);
+        p = p * z + T(1.48572235717979e-05);
+        p = p * z + T(6.37261928875436e-04);
+        p = p * z + T(4.89352455891786e-03);
+        V q = T(1.19825839466702e-06) * z + T(1.18534705686654e-04);
+        q = q * z + T(2.26843463243900e-03);
+        q = q * z + T(4.89352518554385e-03);
+        const V t = pick(x > T(7.90531110763549805), V{} + T(1), pick(x < T(-7.90531110763549805), V{} - T(1), x * p / q));
+        return pick(x != x, x, t);  // NaN stays NaN
     } else {
+        const V ax = pick(x < T(0), -x, x);
+        const V e = vexp(ax * T(-2));
+        const V far = (T(1) - e) / (T(1) + e);
+        const V z = ax * ax;
         const V p = (T(-9.64399179425052238628e-1) * z - T(9.92877231001918586564e1)) * z - T(1.61468768441708447952e3);
         const V q = ((z + T(1.12811678491632931402e2)) * z + T(2.23548839060100448583e3)) * z + T(4.84406305325125486048e3);
-        near = ax + ax * z * p / q;
+        const V t = pick(ax < T(0.625), ax + ax * z * p / q, far);
+        return pick(x < T(0), -t, t);
     }
-    const V t = pick(ax < T(0.625), near, far);
-    return pick(x < T(0), -t, t);
 }
 template <class V>
 V vsigmoid(V x) {
@@ -136,7 +153,8 @@ lane_t<V> lane_sum(V v, int count) {
 // Every node: uses_score, uses_k (its value varies along a row), is_bool, may_require_grad (a
 // captured tensor below may need a gradient), and active = uses_score || may_require_grad (whether
 // backprop has anything to do); eval, backprop (adds captured gradients to the sink and returns the
-// contribution to ∂/∂score), range over a box, and visit (its captured leaves, in order).
+// contribution to ∂/∂score), tangent (value and ∂/∂score in one pass), range over a box, and visit
+// (its captured leaves, in order).
 
 struct Score : Node<Score> {
     static constexpr bool uses_score = true, uses_k = false, is_bool = false, may_require_grad = false, active = true;
@@ -148,9 +166,15 @@ struct Score : Node<Score> {
     V backprop(const Point<V>&, V g, S&) const {
         return g;
     }
+    template <class V>
+    Dual<V> tangent(const Point<V>& p) const {
+        return {p.s, vm::splat<V>(1)};
+    }
     [[nodiscard]] Interval range(const Box& box) const { return box.s; }
     template <class Fn>
     void visit(Fn&&) {}
+    template <class V, class S>
+    void flush(const Point<V>&, S&) {}
 };
 
 // Axis 0: batch b, 1: head h, 2: query q, 3: key k (of the padded rank-4 scores).
@@ -168,6 +192,10 @@ struct Index : Node<Index<Axis>> {
     V backprop(const Point<V>&, V, S&) const {
         return V{};
     }
+    template <class V>
+    Dual<V> tangent(const Point<V>& p) const {
+        return {eval(p), V{}};
+    }
     [[nodiscard]] Interval range(const Box& box) const {
         if constexpr (Axis == 0) return box.b;
         else if constexpr (Axis == 1) return box.h;
@@ -176,6 +204,8 @@ struct Index : Node<Index<Axis>> {
     }
     template <class Fn>
     void visit(Fn&&) {}
+    template <class V, class S>
+    void flush(const Point<V>&, S&) {}
 };
 
 struct Constant : Node<Constant> {
@@ -190,9 +220,15 @@ struct Constant : Node<Constant> {
     V backprop(const Point<V>&, V, S&) const {
         return V{};
     }
+    template <class V>
+    Dual<V> tangent(const Point<V>& p) const {
+        return {eval(p), V{}};
+    }
     [[nodiscard]] Interval range(const Box&) const { return {c, c}; }
     template <class Fn>
     void visit(Fn&&) {}
+    template <class V, class S>
+    void flush(const Point<V>&, S&) {}
 };
 
 // A tensor (any tensor expression: a Param, a Const, a Tensor, or an expression of them) read at
@@ -216,6 +252,9 @@ struct Captured : Node<Captured<E, I...>> {
 
     Captured(E e, I... i) : expr(std::move(e)), idx(std::move(i)...) {}
 
+    // Along a row the lanes' offsets are often all equal (the index does not depend on k after
+    // clamping) or consecutive, up or down (an index k or q − k): then one load or a vector add; else
+    // lane by lane.
     template <class V>
     V eval(const Point<V>& p) const {
         using T = lane_t<V>;
@@ -224,10 +263,15 @@ struct Captured : Node<Captured<E, I...>> {
         if constexpr (!uses_k) {
             return V{} + data[offset_of_lane(p, 0)];
         } else {
-            std::array<std::int64_t, W> off{};
-            offsets(p, off);
+            const auto off = offsets(p);
+            switch (run_of(off)) {
+                case Run::same: return V{} + data[off[0]];
+                case Run::up: return detail::load<V>(data + off[0]);
+                case Run::down: return reversed(detail::load<V>(data + off[0] - (W - 1)));
+                default: break;
+            }
             V v;
-            for (int l = 0; l < W; ++l) v[l] = data[off[static_cast<std::size_t>(l)]];
+            for (int l = 0; l < W; ++l) v[l] = data[off[l]];
             return v;
         }
     }
@@ -241,19 +285,34 @@ struct Captured : Node<Captured<E, I...>> {
                 if constexpr (!uses_k) {
                     grad[offset_of_lane(p, 0)] += lane_sum(g, p.count);
                 } else {
-                    std::array<std::int64_t, W> off{};
-                    offsets(p, off);
-                    for (int l = 0; l < p.count; ++l) grad[off[static_cast<std::size_t>(l)]] += g[l];
+                    const auto off = offsets(p);
+                    const Run run = p.count == W ? run_of(off) : Run::scattered;
+                    if (run == Run::same) {
+                        grad[off[0]] += lane_sum(g, W);
+                    } else if (run == Run::up) {
+                        detail::store(grad + off[0], detail::load<V>(grad + off[0]) + g);
+                    } else if (run == Run::down) {
+                        T* at = grad + off[0] - (W - 1);
+                        detail::store(at, detail::load<V>(at) + reversed(g));
+                    } else {
+                        for (int l = 0; l < p.count; ++l) grad[off[l]] += g[l];
+                    }
                 }
             }
         }
         return V{};
+    }
+    template <class V>
+    Dual<V> tangent(const Point<V>& p) const {
+        return {eval(p), V{}};
     }
     [[nodiscard]] Interval range(const Box&) const { return values; }
     template <class Fn>
     void visit(Fn&& fn) {
         fn(*this);
     }
+    template <class V, class S>
+    void flush(const Point<V>&, S&) {}
 
 private:
     template <class V>
@@ -264,15 +323,45 @@ private:
     std::int64_t offset_impl(const Point<V>& p, int lane, std::index_sequence<N...>) const {
         return ((static_cast<std::int64_t>(std::get<N>(idx).eval(p)[lane]) * strides[N]) + ... + 0);
     }
-    template <class V, std::size_t W>
-    void offsets(const Point<V>& p, std::array<std::int64_t, W>& off) const {
+    // The lanes' offsets, in 32-bit integer vectors (captured tensors have fewer than 2^31 elements;
+    // indices converted with truncation, as a C cast); indices that are constant along the row
+    // (those without k) are computed once, as scalars.
+    template <class V>
+    auto offsets(const Point<V>& p) const {
+        constexpr int W = static_cast<int>(sizeof(V) / sizeof(lane_t<V>));
+        using IV [[gnu::vector_size(W * sizeof(std::int32_t))]] = std::int32_t;
+        IV sum{};
+        std::int32_t fixed = 0;
         [&]<std::size_t... N>(std::index_sequence<N...>) {
-            (add_index(std::get<N>(idx).eval(p), strides[N], off), ...);
+            (add_index<N>(p, sum, fixed), ...);
         }(std::make_index_sequence<rank>{});
+        return sum + fixed;
     }
-    template <class V, std::size_t W>
-    static void add_index(V v, std::int64_t stride, std::array<std::int64_t, W>& off) {
-        for (std::size_t l = 0; l < W; ++l) off[l] += static_cast<std::int64_t>(v[static_cast<int>(l)]) * stride;
+    template <std::size_t N, class V, class IV>
+    void add_index(const Point<V>& p, IV& sum, std::int32_t& fixed) const {
+        const auto stride = static_cast<std::int32_t>(strides[N]);
+        if constexpr (!std::tuple_element_t<N, std::tuple<I...>>::uses_k) fixed += static_cast<std::int32_t>(std::get<N>(idx).eval(p)[0]) * stride;
+        else sum += __builtin_convertvector(std::get<N>(idx).eval(p), IV) * stride;
+    }
+    enum class Run { same, up, down, scattered };
+    template <class IV>
+    static Run run_of(IV off) {
+        constexpr int W = static_cast<int>(sizeof(IV) / sizeof(std::int32_t));
+        IV lane{};
+        for (int l = 0; l < W; ++l) lane[l] = l;
+        auto zero = [](IV v) {  // by halving, in registers
+            return detail::reduce<std::int32_t, static_cast<int>(sizeof(IV))>(v, [](auto a, auto b) { return a | b; }) == 0;
+        };
+        const IV from_first = off - off[0];
+        if (zero(from_first)) return Run::same;
+        if (zero(from_first - lane)) return Run::up;
+        if (zero(from_first + lane)) return Run::down;
+        return Run::scattered;
+    }
+    template <class V>
+    static V reversed(V v) {
+        constexpr int W = static_cast<int>(sizeof(V) / sizeof(lane_t<V>));
+        return [&]<int... L>(std::integer_sequence<int, L...>) { return V{v[W - 1 - L]...}; }(std::make_integer_sequence<int, W>{});
     }
 };
 
@@ -286,6 +375,20 @@ inline Interval hull(std::initializer_list<double> v) {
 }
 inline constexpr Interval unknown_bool{0, 1}, always{1, 1}, never{0, 0};
 inline const Interval everything{-std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+
+// f(x) and f'(x) of a unary op, together where they share work (tanh, sigmoid, exp).
+template <class Op, class V>
+Dual<V> value_and_derivative(const Op& op, V x) {
+    if constexpr (requires { op.fdf(x); }) return op.fdf(x);
+    else return {op.f(x), op.df(x)};
+}
+
+// Which arguments a binary op's local derivatives read: da(a, b) and db(a, b) (the backward evaluates
+// only those).
+template <bool DaA, bool DaB, bool DbA, bool DbB>
+struct Reads {
+    static constexpr bool da_reads_a = DaA, da_reads_b = DaB, db_reads_a = DbA, db_reads_b = DbB;
+};
 
 struct NegOp {
     static constexpr bool differentiable = true, boolean = false;
@@ -311,6 +414,10 @@ struct ExpOp {
     static constexpr bool differentiable = true, boolean = false;
     template <class V> static V f(V x) { return vm::vexp(x); }
     template <class V> static V df(V x) { return vm::vexp(x); }
+    template <class V> static Dual<V> fdf(V x) {
+        const V e = vm::vexp(x);
+        return {e, e};
+    }
     static Interval range(Interval a) { return hull({std::exp(a.lo), std::exp(a.hi)}); }
 };
 struct LogOp {
@@ -322,18 +429,20 @@ struct LogOp {
 struct TanhOp {
     static constexpr bool differentiable = true, boolean = false;
     template <class V> static V f(V x) { return vm::vtanh(x); }
-    template <class V> static V df(V x) {
+    template <class V> static V df(V x) { return fdf(x).d; }
+    template <class V> static Dual<V> fdf(V x) {
         const V t = vm::vtanh(x);
-        return lane_t<V>(1) - t * t;
+        return {t, lane_t<V>(1) - t * t};
     }
     static Interval range(Interval a) { return hull({std::tanh(a.lo), std::tanh(a.hi)}); }
 };
 struct SigmoidOp {
     static constexpr bool differentiable = true, boolean = false;
     template <class V> static V f(V x) { return vm::vsigmoid(x); }
-    template <class V> static V df(V x) {
+    template <class V> static V df(V x) { return fdf(x).d; }
+    template <class V> static Dual<V> fdf(V x) {
         const V y = vm::vsigmoid(x);
-        return y * (lane_t<V>(1) - y);
+        return {y, y * (lane_t<V>(1) - y)};
     }
     static Interval range(Interval a) { return hull({1 / (1 + std::exp(-a.lo)), 1 / (1 + std::exp(-a.hi))}); }
 };
@@ -361,28 +470,28 @@ struct NotOp {
     static Interval range(Interval a) { return {1 - a.hi, 1 - a.lo}; }
 };
 
-struct AddOp {
+struct AddOp : Reads<false, false, false, false> {
     static constexpr bool differentiable = true, boolean = false;
     template <class V> static V f(V a, V b) { return a + b; }
     template <class V> static V da(V, V) { return vm::splat<V>(1); }
     template <class V> static V db(V, V) { return vm::splat<V>(1); }
     static Interval range(Interval a, Interval b) { return hull({a.lo + b.lo, a.hi + b.hi}); }
 };
-struct SubOp {
+struct SubOp : Reads<false, false, false, false> {
     static constexpr bool differentiable = true, boolean = false;
     template <class V> static V f(V a, V b) { return a - b; }
     template <class V> static V da(V, V) { return vm::splat<V>(1); }
     template <class V> static V db(V, V) { return vm::splat<V>(-1); }
     static Interval range(Interval a, Interval b) { return hull({a.lo - b.hi, a.hi - b.lo}); }
 };
-struct MulOp {
+struct MulOp : Reads<false, true, true, false> {
     static constexpr bool differentiable = true, boolean = false;
     template <class V> static V f(V a, V b) { return a * b; }
     template <class V> static V da(V, V b) { return b; }
     template <class V> static V db(V a, V) { return a; }
     static Interval range(Interval a, Interval b) { return hull({a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi}); }
 };
-struct DivOp {
+struct DivOp : Reads<false, true, true, true> {
     static constexpr bool differentiable = true, boolean = false;
     template <class V> static V f(V a, V b) { return a / b; }
     template <class V> static V da(V, V b) { return lane_t<V>(1) / b; }
@@ -393,14 +502,14 @@ struct DivOp {
     }
 };
 // min/max: the gradient goes to a on ties.
-struct MinOp {
+struct MinOp : Reads<true, true, true, true> {
     static constexpr bool differentiable = true, boolean = false;
     template <class V> static V f(V a, V b) { return vm::pick(b < a, b, a); }
     template <class V> static V da(V a, V b) { return vm::pick(b < a, V{}, vm::splat<V>(1)); }
     template <class V> static V db(V a, V b) { return vm::pick(b < a, vm::splat<V>(1), V{}); }
     static Interval range(Interval a, Interval b) { return {std::min(a.lo, b.lo), std::min(a.hi, b.hi)}; }
 };
-struct MaxOp {
+struct MaxOp : Reads<true, true, true, true> {
     static constexpr bool differentiable = true, boolean = false;
     template <class V> static V f(V a, V b) { return vm::pick(b > a, b, a); }
     template <class V> static V da(V a, V b) { return vm::pick(b > a, V{}, vm::splat<V>(1)); }
@@ -410,7 +519,7 @@ struct MaxOp {
 
 // Comparisons and logic give 0 or 1 and have no gradient.
 template <class Derived>
-struct Predicate {
+struct Predicate : Reads<false, false, false, false> {
     static constexpr bool differentiable = false, boolean = true;
     template <class V> static V da(V, V) { return V{}; }
     template <class V> static V db(V, V) { return V{}; }
@@ -461,15 +570,30 @@ struct Unary : Node<Unary<Op, X>> {
         if constexpr (!active) return V{};
         else return x.backprop(p, g * op.df(x.eval(p)), sink);
     }
+    template <class V>
+    Dual<V> tangent(const Point<V>& p) const {
+        if constexpr (!uses_score || !Op::differentiable) {
+            return {eval(p), V{}};
+        } else {
+            const Dual<V> in = x.tangent(p);
+            const Dual<V> out = value_and_derivative(op, in.value);
+            return {out.value, out.d * in.d};
+        }
+    }
     [[nodiscard]] Interval range(const Box& box) const { return op.range(x.range(box)); }
     template <class Fn>
     void visit(Fn&& fn) {
         x.visit(fn);
     }
+    template <class V, class S>
+    void flush(const Point<V>& p, S& sink) {
+        x.flush(p, sink);
+    }
 };
 
 template <class Op, class A, class B>
 struct Binary : Node<Binary<Op, A, B>> {
+    using op_type = Op;
     static constexpr bool uses_score = A::uses_score || B::uses_score, uses_k = A::uses_k || B::uses_k, is_bool = Op::boolean,
                           may_require_grad = Op::differentiable && (A::may_require_grad || B::may_require_grad),
                           active = Op::differentiable && (A::active || B::active);
@@ -480,21 +604,41 @@ struct Binary : Node<Binary<Op, A, B>> {
     V eval(const Point<V>& p) const {
         return Op::f(a.eval(p), b.eval(p));
     }
+    // Only the operands the local derivatives read are evaluated (a + b reads neither).
     template <class V, class S>
     V backprop(const Point<V>& p, V g, S& sink) const {
         V ds{};
         if constexpr (active) {
-            const V av = a.eval(p), bv = b.eval(p);
+            V av{}, bv{};
+            if constexpr ((A::active && Op::da_reads_a) || (B::active && Op::db_reads_a)) av = a.eval(p);
+            if constexpr ((A::active && Op::da_reads_b) || (B::active && Op::db_reads_b)) bv = b.eval(p);
             if constexpr (A::active) ds += a.backprop(p, g * Op::da(av, bv), sink);
             if constexpr (B::active) ds += b.backprop(p, g * Op::db(av, bv), sink);
         }
         return ds;
+    }
+    template <class V>
+    Dual<V> tangent(const Point<V>& p) const {
+        if constexpr (!uses_score || !Op::differentiable) {
+            return {eval(p), V{}};
+        } else {
+            const Dual<V> x = a.tangent(p), y = b.tangent(p);
+            V d{};
+            if constexpr (A::uses_score) d += Op::da(x.value, y.value) * x.d;
+            if constexpr (B::uses_score) d += Op::db(x.value, y.value) * y.d;
+            return {Op::f(x.value, y.value), d};
+        }
     }
     [[nodiscard]] Interval range(const Box& box) const { return Op::range(a.range(box), b.range(box)); }
     template <class Fn>
     void visit(Fn&& fn) {
         a.visit(fn);
         b.visit(fn);
+    }
+    template <class V, class S>
+    void flush(const Point<V>& p, S& sink) {
+        a.flush(p, sink);
+        b.flush(p, sink);
     }
 };
 
@@ -521,6 +665,14 @@ struct Compose : Node<Compose<F, G>> {
         if constexpr (F::uses_score && G::active) return inner.backprop(p, ds, sink);
         else return V{};
     }
+    template <class V>
+    Dual<V> tangent(const Point<V>& p) const {
+        const Dual<V> g = inner.tangent(p);
+        Point<V> at = p;
+        at.s = g.value;
+        const Dual<V> f = outer.tangent(at);
+        return {f.value, f.d * g.d};
+    }
     [[nodiscard]] Interval range(const Box& box) const {
         Box at = box;
         at.s = inner.range(box);
@@ -531,6 +683,11 @@ struct Compose : Node<Compose<F, G>> {
         outer.visit(fn);
         inner.visit(fn);
     }
+    template <class V, class S>
+    void flush(const Point<V>& p, S& sink) {
+        outer.flush(p, sink);
+        inner.flush(p, sink);
+    }
 };
 
 // F ∘ G, with the identity (Score) folded away.
@@ -539,6 +696,86 @@ auto compose(F f, G g) {
     if constexpr (std::is_same_v<G, Score>) return f;
     else if constexpr (std::is_same_v<F, Score>) return g;
     else return Compose<F, G>(std::move(f), std::move(g));
+}
+
+// ---- row hoisting ----------------------------------------------------------------------------
+// Along a row of a tile b, h and q are fixed: a sub-expression that uses neither the score nor k
+// (sigmoid(at(gate, h_idx)), at(slopes, h_idx), q_idx + R) has one value for the whole row. hoist(e, p)
+// is e with its largest such sub-expressions evaluated once for the row (Hoisted) and every other leaf
+// used by reference (Ref). A hoisted sub-expression's upstream gradients are summed over the row
+// (every lane sees the same partial derivatives) and propagated once by flush() at the row's end.
+
+template <class E, class V>
+struct Hoisted : Node<Hoisted<E, V>> {
+    static constexpr bool uses_score = false, uses_k = false, is_bool = E::is_bool, may_require_grad = E::may_require_grad,
+                          active = E::may_require_grad;
+    const E* e;
+    V value;
+    mutable V acc{};  // Σ of the upstream gradients over the row
+    Hoisted(const E* expr, V v) : e(expr), value(v) {}
+    V eval(const Point<V>&) const { return value; }
+    template <class S>
+    V backprop(const Point<V>&, V g, S&) const {
+        if constexpr (active) acc += g;
+        return V{};
+    }
+    Dual<V> tangent(const Point<V>&) const { return {value, V{}}; }
+    [[nodiscard]] Interval range(const Box& box) const { return e->range(box); }
+    template <class S>
+    void flush(const Point<V>& p, S& sink) {
+        if constexpr (active) {
+            Point<V> all = p;  // acc sums whole vectors: every lane counts
+            all.count = static_cast<int>(sizeof(V) / sizeof(lane_t<V>));
+            e->backprop(all, acc, sink);
+            acc = V{};
+        }
+    }
+};
+
+template <class E>
+struct Ref : Node<Ref<E>> {
+    static constexpr bool uses_score = E::uses_score, uses_k = E::uses_k, is_bool = E::is_bool, may_require_grad = E::may_require_grad,
+                          active = E::active;
+    const E* e;
+    explicit Ref(const E* expr) : e(expr) {}
+    template <class V>
+    V eval(const Point<V>& p) const {
+        return e->eval(p);
+    }
+    template <class V, class S>
+    V backprop(const Point<V>& p, V g, S& sink) const {
+        return e->backprop(p, g, sink);
+    }
+    template <class V>
+    Dual<V> tangent(const Point<V>& p) const {
+        return e->tangent(p);
+    }
+    [[nodiscard]] Interval range(const Box& box) const { return e->range(box); }
+    template <class V, class S>
+    void flush(const Point<V>&, S&) {}
+};
+
+template <class E>
+inline constexpr bool row_constant_v = !E::uses_score && !E::uses_k;
+
+template <class V, class E>
+auto hoist(const E& e, const Point<V>& p) {
+    if constexpr (row_constant_v<E>) {
+        return Hoisted<E, V>(&e, e.eval(p));
+    } else if constexpr (requires { e.op; e.x; }) {
+        auto x = hoist(e.x, p);
+        return Unary<std::remove_cvref_t<decltype(e.op)>, decltype(x)>(e.op, std::move(x));
+    } else if constexpr (requires { e.a; e.b; }) {
+        auto a = hoist(e.a, p);
+        auto b = hoist(e.b, p);
+        return Binary<typename E::op_type, decltype(a), decltype(b)>(std::move(a), std::move(b));
+    } else if constexpr (requires { e.outer; e.inner; }) {
+        auto outer = hoist(e.outer, p);
+        auto inner = hoist(e.inner, p);
+        return Compose<decltype(outer), decltype(inner)>(std::move(outer), std::move(inner));
+    } else {
+        return Ref<E>(&e);
+    }
 }
 
 // ---- builders ---------------------------------------------------------------------------------
@@ -699,9 +936,33 @@ public:
     // The gradient targets of the captured tensors, in the order of gradient_shapes().
     [[nodiscard]] const std::vector<GradTarget<T>>& targets() const { return targets_; }
 
-    void modify(const ScoreTile& tile, T* x, std::int64_t ld) const override {
+    [[nodiscard]] bool needs_reverse() const override { return !targets_.empty(); }
+
+    void modify(const ScoreTile& tile, const T* x, std::int64_t ldx, T* s, std::int64_t lds) const override {
         if constexpr (has_fn)
-            for_vectors(tile, x, ld, [&](Point<V>& p, T* at) { put(at, f_.eval(p), p.count); });
+            for (std::int64_t r = 0; r < tile.rows; ++r) {
+                Point<V> p = row_point(tile, r);
+                const auto f = hoist(f_, p);
+                for (std::int64_t c = 0; c < tile.cols; c += W) {
+                    at_vector(p, tile, x + r * ldx, c);
+                    put(s + r * lds + c, f.eval(p), p.count);
+                }
+            }
+    }
+
+    void modify_with_derivative(const ScoreTile& tile, const T* x, std::int64_t ldx, T* s, std::int64_t lds, T* dfdx,
+                                std::int64_t ldd) const override {
+        if constexpr (has_fn)
+            for (std::int64_t r = 0; r < tile.rows; ++r) {
+                Point<V> p = row_point(tile, r);
+                const auto f = hoist(f_, p);
+                for (std::int64_t c = 0; c < tile.cols; c += W) {
+                    at_vector(p, tile, x + r * ldx, c);
+                    const Dual<V> y = f.tangent(p);
+                    put(s + r * lds + c, y.value, p.count);
+                    put(dfdx + r * ldd + c, y.d, p.count);
+                }
+            }
     }
 
     void modify_backward(const ScoreTile& tile, const T* x, std::int64_t ldx, T* g, std::int64_t ldg, T* const* grads) const override {
@@ -711,11 +972,13 @@ public:
                 const T* xr = x + r * ldx;
                 T* gr = g + r * ldg;
                 Point<V> p = row_point(tile, r);
+                auto f = hoist(f_, p);
                 for (std::int64_t c = 0; c < tile.cols; c += W) {
                     at_vector(p, tile, xr, c);
                     const V gv = p.count == W ? detail::load<V>(gr + c) : detail::load_first(gr + c, p.count, T(0));
-                    put(gr + c, f_.backprop(p, gv, sink), p.count);
+                    put(gr + c, f.backprop(p, gv, sink), p.count);
                 }
+                f.flush(p, sink);
             }
         }
     }
@@ -735,9 +998,10 @@ public:
             std::int64_t kept = 0;
             for (std::int64_t row = 0; row < tile.rows; ++row) {
                 Point<V> p = row_point(tile, row);
+                const auto m = hoist(m_, p);
                 for (std::int64_t c = 0; c < tile.cols; c += W) {
                     at_vector(p, tile, nullptr, c);
-                    const V keep = m_.eval(p);
+                    const V keep = m.eval(p);
                     for (int l = 0; l < p.count; ++l) kept += keep[l] != T(0);
                 }
             }
@@ -747,18 +1011,24 @@ public:
 
     void apply_mask(const ScoreTile& tile, T* s, std::int64_t ld) const override {
         if constexpr (has_mask)
-            for_vectors(tile, s, ld, [&](Point<V>& p, T* at) {
-                put(at, vm::pick(m_.eval(p) == T(0), vm::splat<V>(-std::numeric_limits<double>::infinity()), p.s), p.count);
-            });
+            for (std::int64_t r = 0; r < tile.rows; ++r) {
+                Point<V> p = row_point(tile, r);
+                const auto m = hoist(m_, p);
+                for (std::int64_t c = 0; c < tile.cols; c += W) {
+                    at_vector(p, tile, s + r * ld, c);
+                    put(s + r * ld + c, vm::pick(m.eval(p) == T(0), vm::splat<V>(-std::numeric_limits<double>::infinity()), p.s), p.count);
+                }
+            }
     }
 
     // keep (rows × cols, ld) = the mask over the tile (the generic path's keep mask).
     void keep_mask(const ScoreTile& tile, bool* keep, std::int64_t ld) const {
         for (std::int64_t r = 0; r < tile.rows; ++r) {
             Point<V> p = row_point(tile, r);
+            const auto m = hoist(m_, p);
             for (std::int64_t c = 0; c < tile.cols; c += W) {
                 at_vector(p, tile, nullptr, c);
-                const V v = m_.eval(p);
+                const V v = m.eval(p);
                 for (int l = 0; l < p.count; ++l) keep[r * ld + c + l] = v[l] != T(0);
             }
         }
@@ -791,6 +1061,8 @@ private:
                 leaf.strides[static_cast<std::size_t>(i)] = stride;
                 stride *= s[i];
             }
+            if (v.value.numel() > std::numeric_limits<std::int32_t>::max())
+                fail(op, "a captured tensor of shape {} has more than 2^31 - 1 elements; capture smaller tensors", s);
             leaf.data = v.value.data();
             double lo = inf, hi = -inf;
             for (std::int64_t i = 0; i < v.value.numel(); ++i) {
@@ -832,23 +1104,18 @@ private:
     // repeat the last valid column.
     static void at_vector(Point<V>& p, const ScoreTile& tile, const T* row, std::int64_t c) {
         p.count = static_cast<int>(std::min<std::int64_t>(W, tile.cols - c));
-        for (int l = 0; l < W; ++l) p.k[l] = static_cast<T>(tile.j0 + c + std::min(l, p.count - 1));
+        const V base = V{} + static_cast<T>(tile.j0 + c);
+        p.k = p.count == W ? base + iota() : base + vm::pick(iota() < static_cast<T>(p.count), iota(), V{} + static_cast<T>(p.count - 1));
         if (row) p.s = p.count == W ? detail::load<V>(row + c) : detail::load_first(row + c, p.count, row[c + p.count - 1]);
+    }
+    static V iota() {
+        V v{};
+        for (int l = 0; l < W; ++l) v[l] = static_cast<T>(l);
+        return v;
     }
     static void put(T* at, V v, int count) {
         if (count == W) detail::store(at, v);
         else detail::store_first(at, v, count);
-    }
-    template <class Body>
-    void for_vectors(const ScoreTile& tile, T* x, std::int64_t ld, Body&& body) const {
-        for (std::int64_t r = 0; r < tile.rows; ++r) {
-            T* row = x + r * ld;
-            Point<V> p = row_point(tile, r);
-            for (std::int64_t c = 0; c < tile.cols; c += W) {
-                at_vector(p, tile, row, c);
-                body(p, row + c);
-            }
-        }
     }
 };
 
@@ -898,7 +1165,7 @@ struct Evaluator<ScoreMod<X, F>> {
         Mod mod("score_mod", e.fn, NoMaskFn{}, true, x.value.shape(), ctx);
         Tensor<T> y = x.value.clone();
         const std::int64_t Lk = x.value.shape().dim_from_end(1), plane = x.value.shape().dim_from_end(2) * Lk;
-        parallel_for(mod.items(), plane * 16, [&](std::int64_t t) { mod.modify(mod.whole(t), y.data() + t * plane, Lk); });
+        parallel_for(mod.items(), plane * 16, [&](std::int64_t t) { mod.modify(mod.whole(t), y.data() + t * plane, Lk, y.data() + t * plane, Lk); });
         const bool needs = x.target || !mod.targets().empty();
         auto backward = [xt = x.target, X_ = x.value, mod](const Tensor<T>& dy, Tape& tape) {
             Tensor<T> dx = dy.clone();

@@ -66,8 +66,14 @@ public:
     [[nodiscard]] virtual bool masks() const = 0;
     // Whether the bias is added to x before f (else after it).
     [[nodiscard]] virtual bool bias_inside() const = 0;
-    // x (rows × cols, leading dimension ld) -> f(x), in place.
-    virtual void modify(const ScoreTile& tile, T* x, std::int64_t ld) const = 0;
+    // s (rows × cols, leading dimension lds) = f(x) for x (ldx); s may be x.
+    virtual void modify(const ScoreTile& tile, const T* x, std::int64_t ldx, T* s, std::int64_t lds) const = 0;
+    // The same, and dfdx (ldd) = ∂f/∂x, in one pass (forward mode): what the backward uses when no
+    // captured tensor needs a gradient (needs_reverse() false), then dx = dS ⊙ dfdx.
+    virtual void modify_with_derivative(const ScoreTile& tile, const T* x, std::int64_t ldx, T* s, std::int64_t lds, T* dfdx,
+                                        std::int64_t ldd) const = 0;
+    // Whether a captured tensor needs a gradient: the backward then calls modify_backward (reverse mode).
+    [[nodiscard]] virtual bool needs_reverse() const = 0;
     // g (rows × cols, ldg) = ∂L/∂f -> ∂L/∂x in place, at the tile's x (ldx); adds Σ g ⊙ ∂f/∂c for each
     // captured tensor c that needs a gradient to grads[i] (in the shape gradient_shapes()[i]).
     virtual void modify_backward(const ScoreTile& tile, const T* x, std::int64_t ldx, T* g, std::int64_t ldg,
