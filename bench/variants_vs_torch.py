@@ -136,41 +136,46 @@ def main():
         print(f"torch {torch.__version__}; ", end="")
     print(f"n={n}, h={h}, d={d}, fp32, {t} threads; {a.rounds} alternating rounds x {a.reps} steps, forward+backward\n")
     ours = os.path.join(a.build, "examples", "custom_variants")
-    print("| L | variant | side | fwd+bwd ms (min–max) | × ours fused | fused / plain fused |")
-    print("|---|---|---|---|---|---|")
+    print("| L | variant | side | fwd+bwd ms (min–max) | × ours fused | fused / plain fused | peak MiB (ours: pool, torch: RSS) |")
+    print("|---|---|---|---|---|---|---|")
     for L in a.lengths:
-        plain = None
+        sides = {}
         for variant in a.variants:
-            sides = {"ours": [ours, "--bench", variant, str(n), str(h), str(L), str(d), str(a.reps)]}
+            sides[(variant, "ours")] = [ours, "--bench", variant, str(n), str(h), str(L), str(d), str(a.reps)]
             if a.generic:
-                sides["ours generic"] = sides["ours"] + ["generic"]
+                sides[(variant, "ours generic")] = sides[(variant, "ours")] + ["generic"]
             if not a.no_torch:
-                sides["torch eager"] = [sys.executable, "-c", TORCH, "eager", variant, str(n), str(h), str(L), str(d), str(a.reps), str(t)]
-            res = {s: [] for s in sides}
-            for _ in range(a.rounds):
-                for s, cmd in sides.items():
-                    r = try_json(cmd, t, None)
-                    if isinstance(r, dict):
-                        res[s].append(r)
-                    else:
-                        print(f"<!-- {s} {variant} L={L}: {r} -->", flush=True)
-            if a.flex:  # compiled once per process; one round (its compile time is not part of the timing)
+                sides[(variant, "torch eager")] = [sys.executable, "-c", TORCH, "eager", variant, str(n), str(h), str(L), str(d),
+                                                   str(a.reps), str(t)]
+        res = {s: [] for s in sides}
+        for _ in range(a.rounds):  # every side once per round: slow drifts of the machine hit all alike
+            for s, cmd in sides.items():
+                r = try_json(cmd, t, None)
+                if isinstance(r, dict):
+                    res[s].append(r)
+                else:
+                    print(f"<!-- {s[1]} {s[0]} L={L}: {r} -->", flush=True)
+        median = {s: statistics.median(r["fwd_bwd_ms"] for r in rs) for s, rs in res.items() if rs}
+        plain = median.get(("plain", "ours"))
+        for variant in a.variants:
+            if a.flex:  # compiled once per process (its compile time is not part of the timing)
                 flex = [sys.executable, "-c", TORCH, "flex", variant, str(n), str(h), str(L), str(d), str(a.reps), str(t)]
                 r = try_json(flex, t, a.flex_timeout)
                 if isinstance(r, dict):
-                    res["torch flex"] = [r]
+                    res[(variant, "torch flex")] = [r]
+                    median[(variant, "torch flex")] = r["fwd_bwd_ms"]
                 else:
-                    print(f"| {L} | {variant} | torch flex | {r} | | |", flush=True)
-            base = statistics.median(r["fwd_bwd_ms"] for r in res["ours"]) if res["ours"] else float("nan")
-            if variant == "plain":
-                plain = base
-            for s, rs in res.items():
+                    print(f"| {L} | {variant} | torch flex | {r} | | | |", flush=True)
+            base = median.get((variant, "ours"), float("nan"))
+            for side in ("ours", "ours generic", "torch eager", "torch flex"):
+                rs = res.get((variant, side))
                 if not rs:
                     continue
                 fb = [r["fwd_bwd_ms"] for r in rs]
-                m = statistics.median(fb)
-                rel = f"{base / plain:.2f}" if s == "ours" and plain else ""
-                print(f"| {L} | {variant} | {s} | {m:.1f} ({min(fb):.1f}–{max(fb):.1f}) | {m / base:.2f}× | {rel} |", flush=True)
+                m = median[(variant, side)]
+                rel = f"{base / plain:.2f}" if side == "ours" and plain else ""
+                mib = max(r.get("pool_peak_mib", r.get("rss_mib", 0)) for r in rs)
+                print(f"| {L} | {variant} | {side} | {m:.1f} ({min(fb):.1f}–{max(fb):.1f}) | {m / base:.2f}× | {rel} | {mib:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

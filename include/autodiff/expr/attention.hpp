@@ -315,6 +315,12 @@ struct Evaluator<MatMul<L, R>> {
         else return {};
     }
 
+    template <class Mod>
+    static const AttentionModifier<T>* as_modifier(const Mod& mod) {
+        if constexpr (std::is_same_v<Mod, std::nullptr_t>) return nullptr;
+        else return &mod;
+    }
+
     // Runs the forward kernel and records the backward: O = dropout(softmax(S))·V ; dQ, dK, dV, dbias
     // (and the modifier's captured tensors' gradients) by attention_backward (attention.hpp). The
     // first backward consumes the kept scores; another one (retain_graph) recomputes them.
@@ -322,9 +328,7 @@ struct Evaluator<MatMul<L, R>> {
     static Value<T> record(EvalContext& ctx, const Value<T>& q, const Value<T>& k, const Value<T>& v, const Value<T>& b,
                            const Tensor<T>& additive, const AttentionOptions& opt, Mod mod) {
         constexpr bool modified = !std::is_same_v<Mod, std::nullptr_t>;
-        const AttentionModifier<T>* m = nullptr;
-        if constexpr (modified) m = &mod;
-        AttentionSaved<T> saved = attention_forward(q.value, k.value, v.value, b.value, additive, opt, m);
+        AttentionSaved<T> saved = attention_forward(q.value, k.value, v.value, b.value, additive, opt, as_modifier(mod));
         Tensor<T> O = saved.O;
         bool needs = q.target || k.target || v.target || b.target;
         if constexpr (modified) needs = needs || !mod.targets().empty();
@@ -332,8 +336,7 @@ struct Evaluator<MatMul<L, R>> {
                          B = b.value, A = additive, saved = std::move(saved), opt, mod = std::move(mod)](const Tensor<T>& dO, Tape& tape) mutable {
             Tensor<T> dQ, dK, dV, dB;
             std::vector<Tensor<T>> dmod;
-            const AttentionModifier<T>* modifier = nullptr;
-            if constexpr (modified) modifier = &mod;
+            const AttentionModifier<T>* modifier = as_modifier(mod);
             attention_backward(qt ? &dQ : nullptr, kt ? &dK : nullptr, vt ? &dV : nullptr, bt ? &dB : nullptr, dO, Q, K, V, B,
                                A, saved, opt, modifier, modified ? &dmod : nullptr);
             if (qt) tape.accumulate(qt, std::move(dQ));
