@@ -9,6 +9,7 @@ import argparse
 import collections
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,14 +40,16 @@ def main():
             xs = [ms[L].get((v, side), 0) for v in order]
             ax.barh(ys, xs, height=0.27, label=side)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(range(len(order)), order)
         ax.invert_yaxis()
         ax.set_xlabel("forward + backward, ms (log)")
         ax.set_title(f"L = {L}")
         ax.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(loc="lower right")
-    fig.suptitle("Attention variants, fp32, n=2, h=8, d=64, 2 threads (fused: ours)")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=3)
+    fig.suptitle("Attention variants, fp32, n=2, h=8, d=64, 2 threads (ours: fused)", x=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(a.output, dpi=110)
 
 

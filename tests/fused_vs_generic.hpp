@@ -32,4 +32,16 @@ double fused_vs_generic(F&& f, std::vector<autodiff::Param<T>> params) {
     return worst;
 }
 
+// A float copy of a double tensor (for float-vs-double comparisons).
+inline autodiff::Tensor<float> to_float(const autodiff::Tensor<double>& t) {
+    autodiff::Tensor<float> f(t.shape());
+    f.array() = t.array().cast<float>();
+    return f;
+}
+
+// max |a − ref| / max |ref|: a float result against a double reference.
+inline double relative_error(const autodiff::Tensor<float>& a, const autodiff::Tensor<double>& ref) {
+    return (a.array().cast<double>() - ref.array()).abs().maxCoeff() / ref.array().abs().maxCoeff();
+}
+
 }  // namespace test

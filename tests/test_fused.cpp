@@ -169,12 +169,7 @@ TEST_CASE("fused attention: float results agree with the double generic path") {
     const std::int64_t n = 2, h = 2, L = 100, d = 32;
     ad::Tensor<double> qd = ad::randn<double>({n, h, L, d}, 1), kd = ad::randn<double>({n, h, L, d}, 2),
                        vd = ad::randn<double>({n, h, L, d}, 3), bd = ad::randn<double>({h, L, L}, 4);
-    auto to_float = [](const ad::Tensor<double>& t) {
-        ad::Tensor<float> f(t.shape());
-        f.array() = t.array().cast<float>();
-        return f;
-    };
-    ad::Param<float> q(to_float(qd)), k(to_float(kd)), v(to_float(vd)), b(to_float(bd));
+    ad::Param<float> q(test::to_float(qd)), k(test::to_float(kd)), v(test::to_float(vd)), b(test::to_float(bd));
     P q64(qd.clone()), k64(kd.clone()), v64(vd.clone()), b64(bd.clone());
     ad::Var<float> O = ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.2f + b, ad::causal), v);
     O.backward(ad::ones<float>(O.shape()));
@@ -182,9 +177,7 @@ TEST_CASE("fused attention: float results agree with the double generic path") {
     ad::Var<double> O64 = ad::matmul(ad::softmax(ad::matmul(q64, ad::transpose(k64)) * 0.2 + b64, ad::causal), v64);
     O64.backward(ad::ones<double>(O64.shape()));
     // fp32 relative 1e-5 of each tensor's largest value: a few units of float rounding over sums of 100 terms.
-    auto rel = [&](const ad::Tensor<float>& a, const ad::Tensor<double>& ref) {
-        return (a.array().cast<double>() - ref.array()).abs().maxCoeff() / ref.array().abs().maxCoeff();
-    };
+    const auto rel = test::relative_error;
     CHECK(rel(O.value(), O64.value()) < 1e-5);
     CHECK(rel(q.grad(), q64.grad()) < 1e-5);
     CHECK(rel(k.grad(), k64.grad()) < 1e-5);

@@ -74,8 +74,34 @@ struct Sink {
 };
 
 struct NodeTag {};
+// The base of every modifier node: visit (captured leaves, in order) and flush (hoisted gradients)
+// recurse into the node's children(), a tuple of references.
 template <class Derived>
-struct Node : NodeTag {};
+struct Node : NodeTag {
+    template <class Fn>
+    void visit(Fn&& fn) {
+        std::apply([&](auto&... child) { (child.visit(fn), ...); }, static_cast<Derived&>(*this).children());
+    }
+    template <class V, class S>
+    void flush(const Point<V>& p, S& sink) {
+        std::apply([&](auto&... child) { (child.flush(p, sink), ...); }, static_cast<Derived&>(*this).children());
+    }
+    static std::tuple<> children() { return {}; }
+};
+
+// A leaf whose value does not depend on the score: no ∂/∂score (a captured tensor adds its own
+// gradient in its backprop).
+template <class Derived>
+struct ScoreFree : Node<Derived> {
+    template <class V, class S>
+    V backprop(const Point<V>&, V, S&) const {
+        return V{};
+    }
+    template <class V>
+    Dual<V> tangent(const Point<V>& p) const {
+        return {static_cast<const Derived&>(*this).eval(p), V{}};
+    }
+};
 
 template <class X>
 inline constexpr bool is_mod_v = std::is_base_of_v<NodeTag, std::remove_cvref_t<X>>;
@@ -171,15 +197,11 @@ struct Score : Node<Score> {
         return {p.s, vm::splat<V>(1)};
     }
     [[nodiscard]] Interval range(const Box& box) const { return box.s; }
-    template <class Fn>
-    void visit(Fn&&) {}
-    template <class V, class S>
-    void flush(const Point<V>&, S&) {}
 };
 
 // Axis 0: batch b, 1: head h, 2: query q, 3: key k (of the padded rank-4 scores).
 template <int Axis>
-struct Index : Node<Index<Axis>> {
+struct Index : ScoreFree<Index<Axis>> {
     static constexpr bool uses_score = false, uses_k = Axis == 3, is_bool = false, may_require_grad = false, active = false;
     template <class V>
     V eval(const Point<V>& p) const {
@@ -188,27 +210,15 @@ struct Index : Node<Index<Axis>> {
         else if constexpr (Axis == 2) return p.q;
         else return p.k;
     }
-    template <class V, class S>
-    V backprop(const Point<V>&, V, S&) const {
-        return V{};
-    }
-    template <class V>
-    Dual<V> tangent(const Point<V>& p) const {
-        return {eval(p), V{}};
-    }
     [[nodiscard]] Interval range(const Box& box) const {
         if constexpr (Axis == 0) return box.b;
         else if constexpr (Axis == 1) return box.h;
         else if constexpr (Axis == 2) return box.q;
         else return box.k;
     }
-    template <class Fn>
-    void visit(Fn&&) {}
-    template <class V, class S>
-    void flush(const Point<V>&, S&) {}
 };
 
-struct Constant : Node<Constant> {
+struct Constant : ScoreFree<Constant> {
     static constexpr bool uses_score = false, uses_k = false, is_bool = false, may_require_grad = false, active = false;
     double c;
     explicit Constant(double v) : c(v) {}
@@ -216,25 +226,13 @@ struct Constant : Node<Constant> {
     V eval(const Point<V>&) const {
         return vm::splat<V>(c);
     }
-    template <class V, class S>
-    V backprop(const Point<V>&, V, S&) const {
-        return V{};
-    }
-    template <class V>
-    Dual<V> tangent(const Point<V>& p) const {
-        return {eval(p), V{}};
-    }
     [[nodiscard]] Interval range(const Box&) const { return {c, c}; }
-    template <class Fn>
-    void visit(Fn&&) {}
-    template <class V, class S>
-    void flush(const Point<V>&, S&) {}
 };
 
 // A tensor (any tensor expression: a Param, a Const, a Tensor, or an expression of them) read at
 // indices that are expressions of b, h, q, k. Bound to its evaluated value by Modifier before use.
 template <class E, class... I>
-struct Captured : Node<Captured<E, I...>> {
+struct Captured : ScoreFree<Captured<E, I...>> {
     using value_type = typename E::value_type;
     static constexpr int rank = sizeof...(I);
     static constexpr bool uses_score = false, uses_k = (I::uses_k || ...), is_bool = false,
@@ -302,17 +300,11 @@ struct Captured : Node<Captured<E, I...>> {
         }
         return V{};
     }
-    template <class V>
-    Dual<V> tangent(const Point<V>& p) const {
-        return {eval(p), V{}};
-    }
     [[nodiscard]] Interval range(const Box&) const { return values; }
     template <class Fn>
     void visit(Fn&& fn) {
         fn(*this);
     }
-    template <class V, class S>
-    void flush(const Point<V>&, S&) {}
 
 private:
     template <class V>
@@ -581,14 +573,7 @@ struct Unary : Node<Unary<Op, X>> {
         }
     }
     [[nodiscard]] Interval range(const Box& box) const { return op.range(x.range(box)); }
-    template <class Fn>
-    void visit(Fn&& fn) {
-        x.visit(fn);
-    }
-    template <class V, class S>
-    void flush(const Point<V>& p, S& sink) {
-        x.flush(p, sink);
-    }
+    auto children() { return std::tie(x); }
 };
 
 template <class Op, class A, class B>
@@ -630,16 +615,7 @@ struct Binary : Node<Binary<Op, A, B>> {
         }
     }
     [[nodiscard]] Interval range(const Box& box) const { return Op::range(a.range(box), b.range(box)); }
-    template <class Fn>
-    void visit(Fn&& fn) {
-        a.visit(fn);
-        b.visit(fn);
-    }
-    template <class V, class S>
-    void flush(const Point<V>& p, S& sink) {
-        a.flush(p, sink);
-        b.flush(p, sink);
-    }
+    auto children() { return std::tie(a, b); }
 };
 
 // F with the score replaced by G's value: a score function applied after another one.
@@ -678,16 +654,7 @@ struct Compose : Node<Compose<F, G>> {
         at.s = inner.range(box);
         return outer.range(at);
     }
-    template <class Fn>
-    void visit(Fn&& fn) {
-        outer.visit(fn);
-        inner.visit(fn);
-    }
-    template <class V, class S>
-    void flush(const Point<V>& p, S& sink) {
-        outer.flush(p, sink);
-        inner.flush(p, sink);
-    }
+    auto children() { return std::tie(outer, inner); }
 };
 
 // F ∘ G, with the identity (Score) folded away.
@@ -751,8 +718,6 @@ struct Ref : Node<Ref<E>> {
         return e->tangent(p);
     }
     [[nodiscard]] Interval range(const Box& box) const { return e->range(box); }
-    template <class V, class S>
-    void flush(const Point<V>&, S&) {}
 };
 
 template <class E>
