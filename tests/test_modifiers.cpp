@@ -60,6 +60,18 @@ TEST_CASE("is_fused_v: score functions, biases inside or outside them, and mask 
     CHECK(ad::is_fused_v<decltype(ad::matmul(ad::softmax(s + relative), in.v))>);
 }
 
+TEST_CASE("outside the grammar: the generic path runs, with the same numbers as under NoFusionGuard") {
+    Inputs in;
+    P b2 = param({Inputs::Lq, Inputs::Lk}, 9, "b2");
+    auto f = [&] { return ad::matmul(ad::softmax(ad::tanh(in.scores() + in.bias) + b2), in.v); };  // two biases
+    static_assert(!ad::is_fused_v<decltype(f())>);
+    ad::Tape tape;
+    ad::TapeGuard guard(tape);
+    ad::Var<double> O = f();
+    CHECK(tape.size() > 1);  // node by node
+    CHECK(fused_vs_generic<double>(f, {in.q, in.k, in.v, in.bias, b2}) == 0.0);
+}
+
 TEST_CASE("a modified fused attention is one tape record") {
     Inputs in;
     ad::Tape tape;
