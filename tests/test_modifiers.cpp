@@ -319,3 +319,66 @@ TEST_CASE("bad modifiers throw autodiff::Error naming the op and the shapes") {
                       {"index 0 of a captured tensor of shape (2) takes values in [0, 2]"});
     test::check_error([&] { (void)ad::score_mod(in.slopes, ad::score * 2.0); }, "score_mod", {"scores must have rank 2 to 4, got (3)"});
 }
+
+namespace {
+
+// A hand-written modifier for the kernel layer's contract: f(x) = 2x, and a mask keeping k <= q + 3.
+struct DoubleScores final : ad::AttentionModifier<double> {
+    bool modifies_scores() const override { return true; }
+    bool masks() const override { return true; }
+    bool bias_inside() const override { return true; }
+    void modify(const ad::ScoreTile& t, const double* x, std::int64_t ldx, double* s, std::int64_t lds) const override {
+        for (std::int64_t r = 0; r < t.rows; ++r)
+            for (std::int64_t c = 0; c < t.cols; ++c) s[r * lds + c] = 2 * x[r * ldx + c];
+    }
+    void modify_with_derivative(const ad::ScoreTile& t, const double* x, std::int64_t ldx, double* s, std::int64_t lds, double* d,
+                                std::int64_t ldd) const override {
+        modify(t, x, ldx, s, lds);
+        for (std::int64_t r = 0; r < t.rows; ++r)
+            for (std::int64_t c = 0; c < t.cols; ++c) d[r * ldd + c] = 2;
+    }
+    bool needs_reverse() const override { return false; }
+    void modify_backward(const ad::ScoreTile& t, const double*, std::int64_t, double* g, std::int64_t ldg, double* const*) const override {
+        for (std::int64_t r = 0; r < t.rows; ++r)
+            for (std::int64_t c = 0; c < t.cols; ++c) g[r * ldg + c] *= 2;
+    }
+    const std::vector<ad::Shape>& gradient_shapes() const override { return shapes; }
+    ad::TileKind classify(const ad::ScoreTile& t) const override {
+        if (t.j0 > t.i0 + t.rows - 1 + 3) return ad::TileKind::empty;
+        if (t.j0 + t.cols - 1 <= t.i0 + 3) return ad::TileKind::full;
+        return ad::TileKind::partial;
+    }
+    void apply_mask(const ad::ScoreTile& t, double* s, std::int64_t ld) const override {
+        for (std::int64_t r = 0; r < t.rows; ++r)
+            for (std::int64_t c = 0; c < t.cols; ++c)
+                if (t.j0 + c > t.i0 + r + 3) s[r * ld + c] = -std::numeric_limits<double>::infinity();
+    }
+    std::vector<ad::Shape> shapes;
+};
+
+}  // namespace
+
+TEST_CASE("kernel layer: attention_forward/backward with a hand-written AttentionModifier equal the same attention spelled with a scale and a keep mask") {
+    const std::int64_t n = 1, h = 2, L = 150, d = 8;
+    const ad::Tensor<double> q = ad::randn<double>({n, h, L, d}, 1), k = ad::randn<double>({n, h, L, d}, 2),
+                             v = ad::randn<double>({n, h, L, d}, 3), b = ad::randn<double>({h, L, L}, 4), dO = ad::randn<double>({n, h, L, d}, 5);
+    ad::Tensor<bool> keep({L, L});
+    for (std::int64_t i = 0; i < L; ++i)
+        for (std::int64_t j = 0; j < L; ++j) keep(i, j) = j <= i + 3;
+    const DoubleScores mod;
+    ad::AttentionOptions with_mod{0.3, 1.0, {}, {}, false};
+    ad::AttentionOptions reference{0.6, 2.0, ad::keep_mask(keep), {}, false};  // 2·(0.3·QKᵀ + B)
+    ad::AttentionSaved<double> a = ad::attention_forward(q, k, v, b, {}, with_mod, &mod);
+    ad::AttentionSaved<double> r = ad::attention_forward(q, k, v, b, {}, reference);
+    CHECK(ad::max_abs_diff(a.O, r.O) < 1e-13);
+    ad::Tensor<double> dq1, dk1, dv1, db1, dq2, dk2, dv2, db2;
+    std::vector<ad::Tensor<double>> captured;
+    ad::attention_backward<double>(&dq1, &dk1, &dv1, &db1, dO, q, k, v, b, {}, a, with_mod, &mod, &captured);
+    ad::attention_backward<double>(&dq2, &dk2, &dv2, &db2, dO, q, k, v, b, {}, r, reference);
+    CHECK(captured.empty());
+    CHECK(ad::max_abs_diff(dq1, dq2) < 1e-12);
+    CHECK(ad::max_abs_diff(dk1, dk2) < 1e-12);
+    CHECK(ad::max_abs_diff(dv1, dv2) < 1e-12);
+    CHECK(ad::max_abs_diff(db1, db2) < 1e-12);
+}
+
