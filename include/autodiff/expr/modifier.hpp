@@ -8,8 +8,8 @@
 // captured tensors indexed by expressions (ad::at(slopes, ad::h_idx)), + − × ÷, min, max, clamp,
 // neg, abs, exp, log, tanh, sigmoid, relu, pow, comparisons and & | ! (docs/MODIFIERS.md has the
 // grammar). The expression is a type: from it this header generates, for a row of a tile, the values
-// of f in SIMD vectors, ∂f/∂score and the gradients of captured tensors (reverse mode over the tree,
-// at compile time), the interval of values of any sub-expression over a tile (used to classify tiles
+// of f in SIMD vectors, ∂f/∂score (forward mode, in the same pass as f) and the gradients of captured
+// tensors (reverse mode over the tree), the interval of values of any sub-expression over a tile (used to classify tiles
 // of a mask as empty, full or partial without looking at their elements), and the element-wise mask.
 // The fused attention kernels call this code per tile through AttentionModifier
 // (kernels/attention.hpp); the generic path calls the same code over whole tensors (ScoreMod below,
@@ -126,10 +126,10 @@ template <class V, class M>
 V pick(M mask, V a, V b) {
     return detail::select(mask, a, b);
 }
-// tanh. float: x·P(x²)/Q(x²) over |x| <= 7.9 (±1 beyond, where float's tanh rounds to ±1), the minimax rational of Eigen's
-// fast float tanh: 16 operations where the exponential form takes twice as many. double: a rational
-// near 0 (Cephes; no cancellation) and (1 − e^−2|x|)/(1 + e^−2|x|) beyond 0.625. Both within a few
-// ulp (tests/test_modifiers.cpp sweeps the range).
+// tanh. float: x·P(x²)/Q(x²) over |x| <= 7.9 and ±1 beyond, the minimax rational of Eigen's fast
+// float tanh (16 operations where the exponential form takes twice as many). double: a rational near
+// 0 (Cephes; no cancellation) and (1 − e^−2|x|)/(1 + e^−2|x|) beyond 0.625. Both within a few ulp
+// (tests/test_modifiers.cpp sweeps the range).
 template <class V>
 V vtanh(V x) {
     using T = lane_t<V>;
