@@ -130,6 +130,15 @@ TEST_CASE("fused vs generic: every variant, odd sizes (Lq=37, Lk=53, d=24, dv=16
         };
         CHECK(fused_vs_generic<double>(f, all) < tol);
     }
+    SUBCASE("a mask function and a broadcast keep mask: kept where both keep") {
+        ad::Tensor<bool> keep_k = ad::full<bool>({Inputs::Lk}, true), keep_qk = ad::full<bool>({Inputs::Lq, Inputs::Lk}, true);
+        for (std::int64_t j = 0; j < Inputs::Lk; j += 3) keep_k(j) = false;
+        for (std::int64_t i = 0; i < Inputs::Lq; ++i) keep_qk(i, (5 * i) % Inputs::Lk) = false;
+        for (const ad::Tensor<bool>& keep : {keep_k, keep_qk}) {
+            CAPTURE(keep.shape());
+            CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + in.bias, ad::sliding_window(7), ad::keep_mask(keep)), in.v); }, all) < tol);
+        }
+    }
     SUBCASE("fully masked rows give 0 and no gradient on both paths") {
         auto f = [&] { return ad::matmul(ad::softmax(ad::tanh(s()) + in.bias, ad::q_idx - ad::k_idx > 20), in.v); };
         CHECK(fused_vs_generic<double>(f, all) < tol);
@@ -318,6 +327,10 @@ TEST_CASE("bad modifiers throw autodiff::Error naming the op and the shapes") {
     test::check_error([&] { ad::Var<double> O = ad::matmul(ad::softmax(in.scores() + ad::alibi(few)), in.v); }, "attention",
                       {"index 0 of a captured tensor of shape (2) takes values in [0, 2]"});
     test::check_error([&] { (void)ad::score_mod(in.slopes, ad::score * 2.0); }, "score_mod", {"scores must have rank 2 to 4, got (3)"});
+    test::check_error([&] { (void)ad::sliding_window(-1); }, "sliding_window", {"width must be >= 0, got -1"});
+    test::check_error([&] { (void)ad::causal_window(0); }, "causal_window", {"width must be >= 1 (the query's own key), got 0"});
+    test::check_error([&] { ad::Var<double> y = ad::softmax(in.slopes * 2.0, ad::sliding_window(1)); }, "softmax",
+                      {"scores must have rank 2 to 4, got (3)"});
 }
 
 namespace {

@@ -844,9 +844,15 @@ auto alibi(const S& slopes) {
     return at(slopes, h_idx) * (k_idx - q_idx);
 }
 // Keys within w of the query on either side: |q − k| <= w.
-inline auto sliding_window(std::int64_t w) { return abs(q_idx - k_idx) <= w; }
+inline auto sliding_window(std::int64_t w) {
+    if (w < 0) fail("sliding_window", "width must be >= 0, got {}", w);
+    return abs(q_idx - k_idx) <= w;
+}
 // The query and the w − 1 keys before it: k <= q and q − k < w (causal sliding window of w keys).
-inline auto causal_window(std::int64_t w) { return (k_idx <= q_idx) & (q_idx - k_idx < w); }
+inline auto causal_window(std::int64_t w) {
+    if (w < 1) fail("causal_window", "width must be >= 1 (the query's own key), got {}", w);
+    return (k_idx <= q_idx) & (q_idx - k_idx < w);
+}
 // Causal as a mask function (ad::causal is the equivalent Mask): k <= q.
 inline auto causal_fn() { return k_idx <= q_idx; }
 // Document masking: query and key in the same segment; seg (batch, L) holds segment ids (numbers).
@@ -1183,19 +1189,10 @@ struct Evaluator<Softmax<C, M>> {
         const std::int64_t Lk = s.dim_from_end(1), L2 = s.dim_from_end(2) * Lk;
         parallel_for(mod.items(), L2 * 4, [&](std::int64_t t) { mod.keep_mask(mod.whole(t), keep.data() + t * L2, Lk); });
         Mask m = e.mask;
-        if (m.keep.defined()) {  // both keep: and of the two, the user's broadcast over the scores
-            const auto bs = m.keep.shape().broadcast_strides();
-            const auto ps = s.padded();
-            for (std::int64_t i = 0; i < s.numel(); ++i) {
-                std::int64_t rest = i, src = 0;
-                for (int dim = 3; dim >= 0; --dim) {
-                    const std::int64_t idx = rest % ps[static_cast<std::size_t>(dim)];
-                    rest /= ps[static_cast<std::size_t>(dim)];
-                    src += idx * bs[static_cast<std::size_t>(dim)];
-                }
-                keep.data()[i] = keep.data()[i] && m.keep.data()[src];
-            }
-        }
+        if (m.keep.defined())  // both keep: and of the two, the user's broadcast over the scores
+            detail::for_each_broadcast_row<bool, 1>(s, {&m.keep}, [&](std::int64_t o, std::int64_t n, auto row, auto contiguous) {
+                for (std::int64_t c = 0; c < n; ++c) keep.data()[o + c] = keep.data()[o + c] && row[0][contiguous[0] ? c : 0];
+            });
         m.keep = keep;
         Tensor<T> y = softmax_forward(x.value, m, e.additive);
         auto backward = [xt = x.target, Y = y](const Tensor<T>& dy, Tape& tape) { tape.accumulate(xt, softmax_backward(dy, Y)); };
