@@ -52,9 +52,62 @@ bool small_gemm(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T
 }
 
 // One product C = beta·C + alpha·op_c(op_a(A)·op_b(B)) on matrix views.
+// Products of at least this many multiply-adds run on packed_gemm; smaller ones on Eigen (whose
+// packing is cheap there) or the tile kernel (small_gemm).
+constexpr std::int64_t packed_product = 96 * 96 * 96;
+
+// C (m×n, leading dimension ldc) = beta·C + alpha·op_a(A)·op_b(B) on the tile micro-kernel
+// (tile_gemm.hpp) with op_b(B) packed: the dense layers' GEMM, chosen by measurement over Eigen's
+// product, OpenBLAS and BLIS (bench/gemm_backends.cpp, docs/PERFORMANCE.md).
+//   op_a(A)(r, p) = A[r·a_row + p·a_col]   op_b(B)(p, c) = B[p·b_row + c·b_col]
+// 1. op_b(B) is copied once into row-major panels of kc × nc (contiguous rows for the micro-kernel's
+//    vector loads; a transposed B is transposed here), the panels in parallel.
+// 2. C is cut into blocks of mc rows × nc columns; each block is one work item that runs the k panels
+//    in order (its C block, A's rows and one panel stay in the L2 cache). The cuts depend on the
+//    shapes only, never on the thread count: every element is computed by the same instructions in the
+//    same order, so results are bit-identical for any thread count.
+template <class T>
+void packed_gemm(std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col,
+                 const T* B, std::int64_t b_row, std::int64_t b_col, T beta, T* C, std::int64_t ldc) {
+    constexpr std::int64_t kc = 256, nc = 256, mc = 192;
+    const std::int64_t k_panels = (k + kc - 1) / kc, n_panels = (n + nc - 1) / nc, m_blocks = (m + mc - 1) / mc;
+    Tensor<T> packed(Shape{k_panels * n_panels * kc * nc});
+    auto panel = [&](std::int64_t kp, std::int64_t np) { return packed.data() + (kp * n_panels + np) * kc * nc; };
+    parallel_for(k_panels * n_panels, kc * nc, [&](std::int64_t i) {
+        const std::int64_t kp = i / n_panels, np = i % n_panels, k0 = kp * kc, c0 = np * nc;
+        const std::int64_t kk = std::min(kc, k - k0), cols = std::min(nc, n - c0);
+        T* dst = panel(kp, np);
+        if (b_col == 1) {
+            for (std::int64_t p = 0; p < kk; ++p) std::copy_n(B + (k0 + p) * b_row + c0, cols, dst + p * cols);
+        } else {  // transposed: 16 columns at a time, read along p (16 streams), written a line per p
+            for (std::int64_t cb = 0; cb < cols; cb += 16) {
+                const std::int64_t w = std::min<std::int64_t>(16, cols - cb);
+                for (std::int64_t p = 0; p < kk; ++p)
+                    for (std::int64_t c = cb; c < cb + w; ++c) dst[p * cols + c] = B[(k0 + p) * b_row + (c0 + c) * b_col];
+            }
+        }
+    });
+    parallel_for(m_blocks * n_panels, mc * nc * k, [&](std::int64_t i) {
+        const std::int64_t r0 = (i / n_panels) * mc, np = i % n_panels, c0 = np * nc;
+        const std::int64_t rows = std::min(mc, m - r0), cols = std::min(nc, n - c0);
+        for (std::int64_t kp = 0; kp < k_panels; ++kp) {
+            const std::int64_t k0 = kp * kc;
+            detail::tile_gemm<T>(rows, cols, std::min(kc, k - k0), alpha, A + r0 * a_row + k0 * a_col, a_row, a_col, panel(kp, np), cols,
+                                 kp ? T(1) : beta, C + r0 * ldc + c0, ldc);
+        }
+    });
+}
+
 template <class T>
 void gemm_one(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T beta, MMap<T> C, bool tc) {
     if (!tc && small_gemm(alpha, A, ta, B, tb, beta, C)) return;
+    if (!tc) {
+        const std::int64_t m = C.rows(), n = C.cols(), k = ta ? A.rows() : A.cols();
+        if (m * n * k >= packed_product) {
+            packed_gemm<T>(m, n, k, alpha, A.data(), ta ? 1 : k, ta ? m : 1, B.data(), tb ? 1 : n, tb ? k : 1, beta, C.data(), n);
+            return;
+        }
+    }
     auto run = [&](const auto& a, const auto& b) {
         auto assign = [&](auto&& dst, const auto& lhs, const auto& rhs) {
             if (beta == T(0)) {
