@@ -1,5 +1,5 @@
-// One multi-head attention training step (forward + backward of every input and parameter) of
-// nn::MultiHeadAttention, timed: the C++ side of bench/mha_vs_torch.py.
+// One multi-head attention training step (forward + backward of every input and parameter, then an
+// Adam step) of nn::MultiHeadAttention, timed: the C++ side of bench/mha_vs_torch.py.
 //
 //   bench_mha_step E H B L dropout reps   ->   prints one JSON object with per-step times in ms
 #include <algorithm>
@@ -31,11 +31,13 @@ int main(int argc, char** argv) {
     ad::Param<float> X(ad::randn<float>({B, L, E}, 2), "x");
     const ad::Tensor<float> dO = ad::randn<float>({B, L, E}, 3);
     std::vector<ad::Param<float>> params = mha.parameters();
+    ad::nn::Adam<float> adam(params, {.lr = 1e-4});
     auto step = [&] {
         for (auto& p : params) p.zero_grad();
         X.zero_grad();
         ad::Var<float> out = mha(X, X, X);
         out.backward(dO);
+        adam.step();
     };
     for (int i = 0; i < 3; ++i) step();  // warm the pool, the arena and the thread pool
     std::vector<double> ms;

@@ -213,6 +213,61 @@ TEST_CASE("strided_batched_gemm: every alpha, beta and transpose flag, batched a
                 }
 }
 
+TEST_CASE("strided_batched_gemm: large products (the packed GEMM) equal the loops, over several row, column and k panels") {
+    // Products of at least 96^3 multiply-adds run on the packed GEMM (panels of 256 k × 256 columns,
+    // blocks of 192 rows): 197 × 300 × 301 spans two of each and ends in partial ones; 7 × 513 × 260
+    // has fewer rows than one micro-kernel block height twice over and three column panels; the batched
+    // case runs one packed product per batch entry. Sums of ≤ 301 O(1) terms: fp64_tol holds.
+    struct Case {
+        ad::Shape batch;
+        std::int64_t m, k, n;
+    };
+    for (const Case& c : {Case{{}, 197, 301, 300}, Case{{}, 7, 260, 513}, Case{{2}, 100, 100, 100}})
+        for (const Flags f : all_flags())
+            for (double beta : {0.0, 0.3}) {
+                CAPTURE(c.m);
+                CAPTURE(f.ta);
+                CAPTURE(f.tb);
+                CAPTURE(f.tc);
+                CAPTURE(beta);
+                const Tensor A = randn(matrix_shape(c.batch, c.m, c.k, f.ta), 1);
+                const Tensor B = randn(matrix_shape(c.batch, c.k, c.n, f.tb), 2);
+                Tensor C = beta == 0 ? ad::full<double>(matrix_shape(c.batch, c.m, c.n, f.tc), qnan)
+                                     : randn(matrix_shape(c.batch, c.m, c.n, f.tc), 3);
+                const Tensor want = naive_gemm(0.5, A, B, beta, C, f);
+                ad::strided_batched_gemm<double>(0.5, A, B, beta, C, gemm_flags(f));
+                check_close(C, want);
+            }
+}
+
+TEST_CASE("strided_batched_gemm and linear_forward: large products are bitwise identical on 1 and 2 threads") {
+    const ad::Tensor<float> x = ad::randn<float>({3, 70, 300}, 1), W = ad::randn<float>({260, 300}, 2), b = ad::randn<float>({260}, 3);
+    auto run = [&](int threads) {
+        ad::set_num_threads(threads);
+        ad::Tensor<float> C({3, 70, 260});
+        ad::strided_batched_gemm<float>(1.f, x, W, 0.f, C, {false, true, false});
+        return std::pair{C, ad::linear_forward(x, W, b)};
+    };
+    const auto [c1, y1] = run(1);
+    const auto [c2, y2] = run(2);
+    ad::set_num_threads(2);
+    CHECK(std::memcmp(c1.data(), c2.data(), sizeof(float) * static_cast<std::size_t>(c1.numel())) == 0);
+    CHECK(std::memcmp(y1.data(), y2.data(), sizeof(float) * static_cast<std::size_t>(y1.numel())) == 0);
+}
+
+TEST_CASE("linear_forward: a large product with its bias added in the GEMM's output pass equals the loops") {
+    const Tensor x = randn({2, 150, 300}, 1), W = randn({270, 300}, 2), b = randn({270}, 3);
+    const Tensor y = ad::linear_forward(x, W, b);
+    Tensor want({2, 150, 270});
+    for (std::int64_t r = 0; r < 300; ++r)
+        for (std::int64_t o = 0; o < 270; ++o) {
+            double s = b(o);
+            for (std::int64_t i = 0; i < 300; ++i) s += x.data()[r * 300 + i] * W(o, i);
+            want.data()[r * 270 + o] = s;
+        }
+    check_close(y, want);
+}
+
 TEST_CASE("strided_batched_gemm: a rank-2 C receives the sum over the batch, for every alpha, beta and flag") {
     for (const Flags f : all_flags())
         for (double alpha : {1.0, 0.5, -2.0})

@@ -6,6 +6,7 @@
 
 #include "autodiff/kernels/layout.hpp"
 #include "autodiff/parallel.hpp"
+#include "gemm_internal.hpp"
 #include "tile_gemm.hpp"
 
 namespace autodiff {
@@ -66,9 +67,11 @@ constexpr std::int64_t packed_product = 96 * 96 * 96;
 //    in order (its C block, A's rows and one panel stay in the L2 cache). The cuts depend on the
 //    shapes only, never on the thread count: every element is computed by the same instructions in the
 //    same order, so results are bit-identical for any thread count.
+// 3. Epilogue: with a column bias (n values), each block adds it to its rows after its last panel,
+//    while the block is still in the cache (linear's + b without another pass over y).
 template <class T>
 void packed_gemm(std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col,
-                 const T* B, std::int64_t b_row, std::int64_t b_col, T beta, T* C, std::int64_t ldc) {
+                 const T* B, std::int64_t b_row, std::int64_t b_col, T beta, T* C, std::int64_t ldc, const T* col_bias = nullptr) {
     constexpr std::int64_t kc = 256, nc = 256, mc = 192;
     const std::int64_t k_panels = (k + kc - 1) / kc, n_panels = (n + nc - 1) / nc, m_blocks = (m + mc - 1) / mc;
     Tensor<T> packed(Shape{k_panels * n_panels * kc * nc});
@@ -95,6 +98,10 @@ void packed_gemm(std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const 
             detail::tile_gemm<T>(rows, cols, std::min(kc, k - k0), alpha, A + r0 * a_row + k0 * a_col, a_row, a_col, panel(kp, np), cols,
                                  kp ? T(1) : beta, C + r0 * ldc + c0, ldc);
         }
+        if (col_bias)
+            for (std::int64_t r = r0; r < r0 + rows; ++r)
+                Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>(C + r * ldc + c0, cols) +=
+                    Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(col_bias + c0, cols);
     });
 }
 
@@ -210,6 +217,17 @@ void strided_batched_gemm(T alpha, const Tensor<T>& A, const Tensor<T>& B, T bet
 }
 
 template <class T>
+void linear_product(const Tensor<T>& x2, const Tensor<T>& W, const Tensor<T>& b, Tensor<T>& y2) {
+    const std::int64_t m = x2.dim(0), k = x2.dim(1), n = W.dim(0);
+    if (m * n * k >= packed_product) {
+        packed_gemm<T>(m, n, k, T(1), x2.data(), k, 1, W.data(), 1, k, T(0), y2.data(), n, b.defined() ? b.data() : nullptr);
+        return;
+    }
+    strided_batched_gemm<T>(T(1), x2, W, T(0), y2, {false, true, false});
+    if (b.defined()) y2.matrix().rowwise() += b.matrix().row(0);
+}
+
+template <class T>
 Tensor<T> matmul_forward(const Tensor<T>& A, bool trans_a, const Tensor<T>& B, bool trans_b) {
     Tensor<T> C(gemm_output_shape("matmul", A.shape(), trans_a, B.shape(), trans_b));
     strided_batched_gemm<T>(T(1), A, B, T(0), C, {trans_a, trans_b, false});
@@ -260,6 +278,7 @@ void matmul_backward(NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, const Ten
     template void strided_batched_gemm_backward<T>(Tensor<T>*, Tensor<T>*, const Tensor<T>&, T, const Tensor<T>&, \
                                                    const Tensor<T>&, T, GemmFlags);                               \
     template Tensor<T> matmul_forward<T>(const Tensor<T>&, bool, const Tensor<T>&, bool);                         \
+    template void linear_product<T>(const Tensor<T>&, const Tensor<T>&, const Tensor<T>&, Tensor<T>&);           \
     template void matmul_backward<T>(Tensor<T>*, Tensor<T>*, const Tensor<T>&, const Tensor<T>&, bool,            \
                                      const Tensor<T>&, bool);
 AUTODIFF_INSTANTIATE(float)

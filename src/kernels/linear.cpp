@@ -1,6 +1,7 @@
 #include "autodiff/kernels/linear.hpp"
 
 #include "autodiff/kernels/gemm.hpp"
+#include "gemm_internal.hpp"
 
 namespace autodiff {
 
@@ -28,8 +29,7 @@ Tensor<T> linear_forward(const Tensor<T>& x, const Tensor<T>& W, const Tensor<T>
     const Shape* bs = b.defined() ? &b.shape() : nullptr;
     Tensor<T> y(linear_output_shape("linear", x.shape(), W.shape(), bs));
     Tensor<T> y2 = y.reshaped({x.numel() / x.shape().dim_from_end(1), W.dim(0)});
-    strided_batched_gemm<T>(T(1), as_rows(x), W, T(0), y2, {false, true, false});
-    if (b.defined()) y2.matrix().rowwise() += b.matrix().row(0);
+    linear_product(as_rows(x), W, b, y2);
     return y;
 }
 
