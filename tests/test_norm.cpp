@@ -366,6 +366,32 @@ TEST_CASE("layer_norm, rms_norm and bias_gelu: bitwise identical results on 1 an
     }
 }
 
+TEST_CASE("many chunks of rows: the weight and bias gradients equal the naive column sums over every row") {
+    // 600 rows of 96: more than one chunk (row_sums.hpp: at least 2^14 elements, at most 64 chunks), the
+    // last one partial. The gradients by their definition, Σ_rows dy ⊙ x̂ and Σ_rows dy, with plain loops.
+    const ad::Shape xs{5, 120, 96}, ns{96};
+    const std::int64_t n = 96, rows = 600;
+    const Tensor x = input(xs, 1), dy = ad::randn<double>(xs, 2);
+    ad::Param<double> w(weight_like(ns, 3)), b(ad::randn<double>(ns, 4)), bg(ad::randn<double>(ns, 5));
+    ad::Var<double> y = ad::layer_norm(x, ns, w, b);
+    y.backward(dy);
+    const Tensor xhat = naive_norm(x, n, {}, {}, 1e-5, true);
+    Tensor dw = ad::zeros<double>(ns), db = ad::zeros<double>(ns), dbg = ad::zeros<double>(ns);
+    for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t j = 0; j < n; ++j) {
+            const double v = x.data()[r * n + j] + bg.value().data()[j];
+            dw.data()[j] += dy.data()[r * n + j] * xhat.data()[r * n + j];
+            db.data()[j] += dy.data()[r * n + j];
+            dbg.data()[j] += dy.data()[r * n + j] * (0.5 * (1 + std::erf(v / std::sqrt(2.0))) + v * std::exp(-0.5 * v * v) / std::sqrt(2 * std::acos(-1.0)));
+        }
+    // Sums of 600 O(1) terms in another order: rounding ~1e-13.
+    CHECK(ad::max_abs_diff(w.grad(), dw) < 1e-11);
+    CHECK(ad::max_abs_diff(b.grad(), db) < 1e-11);
+    ad::Var<double> g = ad::bias_gelu(x, bg);
+    g.backward(dy);
+    CHECK(ad::max_abs_diff(bg.grad(), dbg) < 1e-11);
+}
+
 TEST_CASE("layer_norm, rms_norm and bias_gelu: float agrees with double to float precision") {
     const ad::Shape xs{3, 7, 40}, ns{40};
     const Tensor x = input(xs, 1), w = weight_like(ns, 2), b = ad::randn<double>(ns, 3), dy = ad::randn<double>(xs, 4);
