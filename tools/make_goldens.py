@@ -268,6 +268,73 @@ def linear_case(seed, dtype, x_shape, out_features=4):
             "grad.x": x.grad, "grad.weight": lin.weight.grad, "grad.bias": lin.bias.grad}
 
 
+# ---- g: layer_norm, rms_norm, gelu, bias_gelu (issue 11) ---------------------------------------
+
+
+def layer_norm_case(seed, dtype, x_shape, normalized_rank, weight=True, bias=True, eps=1e-5):
+    """y = F.layer_norm(x, x_shape[-normalized_rank:], weight, bias, eps); `eps` and `normalized_rank` are
+    stored as scalars, weight and bias only when present."""
+    g = generator(seed)
+    ns = tuple(x_shape[len(x_shape) - normalized_rank:])
+    x = (randn(g, *x_shape, scale=2.0) + 0.5).to(dtype).requires_grad_()
+    t = {"x": x, "eps": torch.tensor(eps, dtype=dtype), "normalized_rank": torch.tensor(float(normalized_rank), dtype=dtype)}
+    w = (1 + randn(g, *ns, scale=0.5)).to(dtype).requires_grad_() if weight else None
+    b = randn(g, *ns, scale=0.5).to(dtype).requires_grad_() if bias else None
+    if w is not None:
+        t["weight"] = w
+    if b is not None:
+        t["bias"] = b
+    y = F.layer_norm(x, ns, w, b, eps)
+    dy = randn(g, *y.shape).to(dtype)
+    y.backward(dy)
+    t.update({"dout": dy, "out": y, "grad.x": x.grad})
+    if w is not None:
+        t["grad.weight"] = w.grad
+    if b is not None:
+        t["grad.bias"] = b.grad
+    return t
+
+
+def rms_norm_case(seed, dtype, x_shape, normalized_rank, weight=True, eps=None):
+    """y = F.rms_norm(x, normalized_shape, weight, eps); eps=None is torch.finfo(dtype).eps, and the eps
+    torch used is stored."""
+    g = generator(seed)
+    ns = tuple(x_shape[len(x_shape) - normalized_rank:])
+    x = (randn(g, *x_shape, scale=2.0) + 0.5).to(dtype).requires_grad_()
+    used_eps = torch.finfo(dtype).eps if eps is None else eps
+    t = {"x": x, "eps": torch.tensor(used_eps, dtype=dtype), "normalized_rank": torch.tensor(float(normalized_rank), dtype=dtype)}
+    w = (1 + randn(g, *ns, scale=0.5)).to(dtype).requires_grad_() if weight else None
+    if w is not None:
+        t["weight"] = w
+    y = F.rms_norm(x, ns, w, eps)
+    dy = randn(g, *y.shape).to(dtype)
+    y.backward(dy)
+    t.update({"dout": dy, "out": y, "grad.x": x.grad})
+    if w is not None:
+        t["grad.weight"] = w.grad
+    return t
+
+
+def gelu_case(seed, dtype, x_shape, approximate, bias):
+    """y = F.gelu(x + b, approximate) with b (n) broadcast over the rows, or F.gelu(x) without b;
+    `approximate` is stored as 0 ('none') or 1 ('tanh')."""
+    g = generator(seed)
+    x = randn(g, *x_shape, scale=2.0).to(dtype).requires_grad_()
+    t = {"x": x, "approximate": torch.tensor(float(approximate == "tanh"), dtype=dtype)}
+    z = x
+    if bias:
+        b = randn(g, x_shape[-1]).to(dtype).requires_grad_()
+        t["bias"] = b
+        z = x + b
+    y = F.gelu(z, approximate=approximate)
+    dy = randn(g, *y.shape).to(dtype)
+    y.backward(dy)
+    t.update({"dout": dy, "out": y, "grad.x": x.grad})
+    if bias:
+        t["grad.bias"] = b.grad
+    return t
+
+
 # ---- the cases ---------------------------------------------------------------------------------
 
 CASES = {
@@ -307,6 +374,21 @@ CASES = {
     "linear_rank3": lambda dt: linear_case(41, dt, (2, 3, 7)),
     # f. training steps
     "training_step": lambda dt: training_case(50, dt),
+    # g. normalisation and activations of the transformer block
+    "layer_norm_rank2": lambda dt: layer_norm_case(60, dt, (5, 8), 1),
+    "layer_norm_rank4_two_dims": lambda dt: layer_norm_case(61, dt, (2, 3, 4, 6), 2),
+    "layer_norm_rank3_all_dims": lambda dt: layer_norm_case(62, dt, (2, 3, 5), 3, eps=1e-3),
+    "layer_norm_rank1_no_affine": lambda dt: layer_norm_case(63, dt, (7,), 1, weight=False, bias=False),
+    "layer_norm_weight_only": lambda dt: layer_norm_case(64, dt, (2, 3, 5), 1, bias=False, eps=1e-3),
+    "layer_norm_bias_only": lambda dt: layer_norm_case(65, dt, (3, 4), 1, weight=False, eps=0.1),
+    "layer_norm_size1": lambda dt: layer_norm_case(66, dt, (4, 1), 1),
+    "rms_norm_default_eps": lambda dt: rms_norm_case(70, dt, (2, 3, 8), 1),
+    "rms_norm_two_dims_no_weight": lambda dt: rms_norm_case(71, dt, (3, 4, 5), 2, weight=False, eps=1e-6),
+    "rms_norm_rank1": lambda dt: rms_norm_case(72, dt, (9,), 1, eps=0.5),
+    "gelu_exact": lambda dt: gelu_case(80, dt, (4, 7), "none", bias=False),
+    "gelu_tanh": lambda dt: gelu_case(81, dt, (4, 7), "tanh", bias=False),
+    "bias_gelu_exact": lambda dt: gelu_case(82, dt, (2, 3, 8), "none", bias=True),
+    "bias_gelu_tanh": lambda dt: gelu_case(83, dt, (2, 3, 8), "tanh", bias=True),
 }
 
 

@@ -97,6 +97,11 @@ template <ExprLike X> auto tanh(const X& x) { return detail::unary(Tanh{}, x); }
 template <ExprLike X> auto sigmoid(const X& x) { return detail::unary(Sigmoid{}, x); }
 template <ExprLike X> auto relu(const X& x) { return detail::unary(Relu{}, x); }
 template <ExprLike X> auto gelu(const X& x) { return detail::unary(Gelu{}, x); }
+// gelu(x, GeluApproximate::tanh): torch.nn.functional.gelu(x, approximate='tanh'); ::none is gelu(x).
+template <ExprLike X> auto gelu(const X& x, GeluApproximate approximate) {
+    check_gelu_approximate("gelu", approximate);
+    return detail::unary(Gelu{approximate}, x);
+}
 template <ExprLike X> auto abs(const X& x) { return detail::unary(Abs{}, x); }
 template <ExprLike X> auto neg(const X& x) { return detail::unary(Neg{}, x); }
 template <Operand X> auto operator-(const X& x) { return detail::unary(Neg{}, x); }

@@ -77,22 +77,56 @@ struct Relu {
     }
 };
 
-// Exact GELU, as torch.nn.functional.gelu(approximate='none'): x·Φ(x).
+// torch.nn.functional.gelu's `approximate` argument.
+enum class GeluApproximate {
+    none,  // exact: x·Φ(x)
+    tanh,  // x/2·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+};
+
+// Throws unless `a` is one of the enumerators (a value cast from an integer may be neither).
+inline void check_gelu_approximate(std::string_view op, GeluApproximate a) {
+    if (a != GeluApproximate::none && a != GeluApproximate::tanh)
+        fail(op, "approximate must be GeluApproximate::none or GeluApproximate::tanh, got {}", static_cast<int>(a));
+}
+
+// GELU, as torch.nn.functional.gelu(approximate='none' | 'tanh'). value() and derivative() are the one
+// place of both formulas: the elementwise node and the fused bias_gelu kernel (kernels/activation.hpp)
+// call them, so gelu(x + b) and bias_gelu(x, b) round alike.
 struct Gelu {
     static constexpr const char* name = "gelu";
     static constexpr bool needs_input = true, needs_output = false;
+    GeluApproximate approximate = GeluApproximate::none;
+
+    // Constants as torch's (aten/src/ATen/native/cpu/Activation.cpp): √(2/π), 0.044715, 1/√2, 1/√(2π).
+    template <class T> static constexpr T beta = T(std::numbers::sqrt2 * std::numbers::inv_sqrtpi);
+    template <class T> static constexpr T kappa = T(0.044715);
+
+    // y = x·Φ(x), or x/2·(1 + tanh(β(x + κx³)))
+    template <class T>
+    static T value(T v, GeluApproximate a) {
+        if (a == GeluApproximate::tanh) return T(0.5) * v * (T(1) + std::tanh(beta<T> * (v + kappa<T> * v * v * v)));
+        return T(0.5) * v * (T(1) + std::erf(v * T(std::numbers::sqrt2 / 2)));
+    }
+    // dy/dx = Φ(x) + x·φ(x), or (1 + t)/2 + x/2·(1 − t²)·β(1 + 3κx²) with t = tanh(β(x + κx³))
+    template <class T>
+    static T derivative(T v, GeluApproximate a) {
+        if (a == GeluApproximate::tanh) {
+            const T t = std::tanh(beta<T> * (v + kappa<T> * v * v * v));
+            return T(0.5) * (T(1) + t) + T(0.5) * v * (T(1) - t * t) * beta<T> * (T(1) + T(3) * kappa<T> * v * v);
+        }
+        const T cdf = T(0.5) * (T(1) + std::erf(v * T(std::numbers::sqrt2 / 2)));
+        const T pdf = std::exp(T(-0.5) * v * v) * T(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
+        return cdf + v * pdf;
+    }
+
     template <class X> auto forward(const X& x) const {
         using T = typename X::Scalar;
-        return x.unaryExpr([](T v) { return T(0.5) * v * (T(1) + std::erf(v * T(std::numbers::sqrt2 / 2))); });
+        return x.unaryExpr([a = approximate](T v) { return value(v, a); });
     }
-    // dx = dy · (Φ(x) + x·φ(x))
+    // dx = dy · gelu'(x)
     template <class G, class X, class Y> auto backward(const G& dy, const X& x, const Y&) const {
         using T = typename X::Scalar;
-        return dy * x.unaryExpr([](T v) {
-            const T cdf = T(0.5) * (T(1) + std::erf(v * T(std::numbers::sqrt2 / 2)));
-            const T pdf = std::exp(T(-0.5) * v * v) * T(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
-            return cdf + v * pdf;
-        });
+        return dy * x.unaryExpr([a = approximate](T v) { return derivative(v, a); });
     }
 };
 
