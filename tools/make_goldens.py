@@ -335,6 +335,51 @@ def gelu_case(seed, dtype, x_shape, approximate, bias):
     return t
 
 
+# ---- h: torch.nn.TransformerEncoderLayer ----------------------------------------------------------
+
+
+def encoder_layer_case(seed, dtype, norm_first, activation, batch_first, B=2, L=5, E=16, H=4, FF=24, bias_shape=None,
+                       causal=False):
+    """One TransformerEncoderLayer call (eval mode: no dropout), forward and backward: output, d(src),
+    d(attention bias) and every parameter's gradient. `activation` is 'relu', 'gelu' or 'gelu_tanh'
+    (stored as 0, 1, 2); norm_first and batch_first are stored as 0/1."""
+    g = generator(seed)
+    act = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[activation]
+    layer = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=FF, dropout=0.0, activation=act,
+                                             batch_first=batch_first, norm_first=norm_first)
+    with torch.no_grad():
+        for _, p in layer.named_parameters():
+            p.copy_(randn(g, *p.shape, scale=0.3))
+    layer = layer.to(dtype).eval()
+    t = {"num_heads": torch.tensor(float(H), dtype=dtype),
+         "norm_first": torch.tensor(float(norm_first), dtype=dtype),
+         "batch_first": torch.tensor(float(batch_first), dtype=dtype),
+         "activation": torch.tensor(float(["relu", "gelu", "gelu_tanh"].index(activation)), dtype=dtype)}
+    src = randn(g, *((B, L, E) if batch_first else (L, B, E))).to(dtype).requires_grad_()
+    t["src"] = src
+    for n, p in layer.named_parameters():
+        t[n] = p
+    mask = None
+    if causal:
+        mask = causal_torch_mask(L, L)
+        t["causal_mask"] = as_mask(mask, dtype)
+    bias = None
+    if bias_shape is not None:
+        assert mask is None
+        bias = randn(g, *bias_shape, scale=0.5).to(dtype).requires_grad_()
+        mask = bias
+        t["attn_bias"] = bias
+    out = layer(src, src_mask=mask)
+    dout = randn(g, *out.shape).to(dtype)
+    out.backward(dout)
+    t.update({"dout": dout, "out": out, "grad.src": src.grad})
+    if bias is not None:
+        t["grad.attn_bias"] = bias.grad
+    for n, p in layer.named_parameters():
+        t["grad." + n] = p.grad
+    return t
+
+
 # ---- the cases ---------------------------------------------------------------------------------
 
 CASES = {
@@ -389,6 +434,12 @@ CASES = {
     "gelu_tanh": lambda dt: gelu_case(81, dt, (4, 7), "tanh", bias=False),
     "bias_gelu_exact": lambda dt: gelu_case(82, dt, (2, 3, 8), "none", bias=True),
     "bias_gelu_tanh": lambda dt: gelu_case(83, dt, (2, 3, 8), "tanh", bias=True),
+    # h. transformer encoder layer (eval mode), both norm placements, every activation, both layouts
+    "encoder_post_norm_relu": lambda dt: encoder_layer_case(90, dt, False, "relu", False),
+    "encoder_pre_norm_gelu_batch_first": lambda dt: encoder_layer_case(91, dt, True, "gelu", True),
+    "encoder_post_norm_gelu_tanh_bias": lambda dt: encoder_layer_case(92, dt, False, "gelu_tanh", True,
+                                                                       bias_shape=(2 * 4, 5, 5)),
+    "encoder_pre_norm_relu_causal": lambda dt: encoder_layer_case(93, dt, True, "relu", False, causal=True),
 }
 
 

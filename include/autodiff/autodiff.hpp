@@ -38,3 +38,4 @@
 #include "autodiff/nn/layer_norm.hpp"
 #include "autodiff/nn/linear.hpp"
 #include "autodiff/nn/multihead_attention.hpp"
+#include "autodiff/nn/transformer.hpp"
