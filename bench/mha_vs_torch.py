@@ -7,7 +7,10 @@ threads. Each configuration runs both sides in separate processes, alternating, 
 (BENCHMARKING.md); the table reports medians with min-max and the ratio of medians.
 
     pip install torch numpy
-    python3 bench/mha_vs_torch.py --build build [--rounds 3] [--no-limits]
+    python3 bench/mha_vs_torch.py --build build [--module mha|encoder] [--rounds 3] [--no-limits]
+
+--module encoder times one torch.nn.TransformerEncoderLayer(512, 8, dim_feedforward=2048,
+batch_first=True) step against nn::TransformerEncoderLayer instead.
 """
 import argparse
 import os
@@ -19,16 +22,22 @@ from benchlib import print_machine, run_json
 TORCH_SNIPPET = r"""
 import json, sys, time, torch
 E, H, B, L, p, reps, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+encoder = sys.argv[8] == "encoder"
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-mha = torch.nn.MultiheadAttention(E, H, dropout=p, batch_first=True)
-opt = torch.optim.Adam(mha.parameters(), lr=1e-4)
+if encoder:
+    layer = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=4 * E, dropout=p, batch_first=True)
+    module, call = layer, lambda x: layer(x)
+else:
+    mha = torch.nn.MultiheadAttention(E, H, dropout=p, batch_first=True)
+    module, call = mha, lambda x: mha(x, x, x, need_weights=False)[0]
+opt = torch.optim.Adam(module.parameters(), lr=1e-4)
 x = torch.randn(B, L, E, requires_grad=True)
 dO = torch.randn(B, L, E)
 def step():
-    mha.zero_grad(set_to_none=True)
+    module.zero_grad(set_to_none=True)
     x.grad = None
-    out, _ = mha(x, x, x, need_weights=False)
+    out = call(x)
     out.backward(dO)
     opt.step()
 for _ in range(3):
@@ -49,11 +58,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per configuration")
     ap.add_argument("--reps", type=int, default=10, help="timed steps per process")
     ap.add_argument("--no-limits", action="store_true")
+    ap.add_argument("--module", choices=["mha", "encoder"], default="mha",
+                    help="mha: nn.MultiheadAttention; encoder: nn.TransformerEncoderLayer (post-norm, ReLU, FF = 4E)")
     a = ap.parse_args()
     import torch
 
     print_machine(a.no_limits)
-    print(f"torch {torch.__version__}; E=512, heads=8, batch 2, fp32; {a.rounds} alternating rounds x {a.reps} steps\n")
+    what = "nn.MultiheadAttention" if a.module == "mha" else "nn.TransformerEncoderLayer (post-norm, ReLU, FF=2048)"
+    print(f"torch {torch.__version__}; {what}; E=512, heads=8, batch 2, fp32, fwd+bwd+Adam step; "
+          f"{a.rounds} alternating rounds x {a.reps} steps\n")
     ours_bin = os.path.join(a.build, "bench", "bench_mha_step")
     print("| threads | L | dropout | ours ms median (min–max) | torch ms median (min–max) | speed-up | ours pool peak MiB |")
     print("|---|---|---|---|---|---|---|")
@@ -63,9 +76,9 @@ def main():
                 args = ["512", "8", "2", str(L), str(p), str(a.reps)]
                 ours, theirs = [], []
                 for _ in range(a.rounds):
-                    o = run_json([ours_bin, *args], t)
+                    o = run_json([ours_bin, *args, a.module], t)
                     ours.append(o["median_ms"])
-                    theirs.append(run_json([sys.executable, "-c", TORCH_SNIPPET, *args, str(t)], t)["median_ms"])
+                    theirs.append(run_json([sys.executable, "-c", TORCH_SNIPPET, *args, str(t), a.module], t)["median_ms"])
                 mo, mt = statistics.median(ours), statistics.median(theirs)
                 print(f"| {t} | {L} | {p} | {mo:.1f} ({min(ours):.1f}–{max(ours):.1f}) | {mt:.1f} ({min(theirs):.1f}–{max(theirs):.1f}) "
                       f"| {mt / mo:.2f}× | {o['peak_pool_mib']:.0f} |", flush=True)
