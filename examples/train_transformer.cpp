@@ -118,7 +118,9 @@ int main(int argc, char** argv) {
     csv.close();
 
     model.train(false);
-    const auto [Xe, Ye] = make_batch<float>(batch, 1'000'000);
+    const auto held_out = make_batch<float>(batch, 1'000'000);
+    const ad::Tensor<float>& Xe = held_out.first;
+    const ad::Tensor<float>& Ye = held_out.second;
     const float eval_loss = [&] {
         ad::NoGradGuard no_grad;
         return ad::Var<float>(ad::mse(model(Xe), Ye)).item();
@@ -138,7 +140,9 @@ int main(int argc, char** argv) {
     for (std::size_t i = 0; i < named.size(); ++i)
         for (std::int64_t k = 0; k < named[i].second.value().numel(); ++k)
             named64[i].second.state()->value.data()[k] = static_cast<double>(named[i].second.value().data()[k]);
-    const auto [X64, Y64] = make_batch<double>(2, 42);
+    const auto check_batch = make_batch<double>(2, 42);
+    const ad::Tensor<double>& X64 = check_batch.first;
+    const ad::Tensor<double>& Y64 = check_batch.second;
     fmt::print("== Gradient check of the loss at the trained parameters ({} tensors, double, central differences)\n", named64.size());
     const ad::GradcheckReport report = ad::gradcheck([&] { return ad::mse(model64(X64), Y64); }, model64.parameters());
     fmt::print("{}", report.str());

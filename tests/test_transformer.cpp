@@ -44,7 +44,9 @@ ad::nn::TransformerEncoderLayer<T> layer_from(const golden::Fixture& fx) {
                                                                               : ad::nn::Activation::gelu_tanh,
                                               .batch_first = fx.tensor<T>("batch_first").item() != 0,
                                               .norm_first = fx.tensor<T>("norm_first").item() != 0});
-    for (auto& [name, p] : layer.named_parameters()) {
+    for (auto& named : layer.named_parameters()) {  // (no structured binding: Clang 14 cannot capture one)
+        const std::string& name = named.first;
+        ad::Param<T>& p = named.second;
         const ad::Tensor<T> value = fx.tensor<T>(name);
         REQUIRE_MESSAGE(p.shape() == value.shape(), name);
         std::copy(value.data(), value.data() + value.numel(), p.value().data());
