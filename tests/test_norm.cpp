@@ -335,8 +335,9 @@ TEST_CASE("layer_norm, rms_norm and bias_gelu are one tape record each") {
 
 TEST_CASE("layer_norm, rms_norm and bias_gelu: bitwise identical results on 1 and 2 threads") {
     // Shapes large enough for the parallel paths: many row chunks for the weight and bias gradients.
-    for (const auto& [xs, ns] : {std::pair{ad::Shape{96, 2048}, ad::Shape{2048}}, std::pair{ad::Shape{8, 512, 48}, ad::Shape{48}},
-                                 std::pair{ad::Shape{4, 64, 4, 33}, ad::Shape{4, 33}}}) {
+    for (const auto& shapes : {std::pair{ad::Shape{96, 2048}, ad::Shape{2048}}, std::pair{ad::Shape{8, 512, 48}, ad::Shape{48}},
+                               std::pair{ad::Shape{4, 64, 4, 33}, ad::Shape{4, 33}}}) {
+        const ad::Shape xs = shapes.first, ns = shapes.second;  // not a structured binding: Clang 14 cannot capture one
         CAPTURE(xs);
         ad::Param<float> x(ad::randn<float>(xs, 1)), w(ad::randn<float>(ns, 2)), b(ad::randn<float>(ns, 3));
         ad::Param<float> bg(ad::randn<float>({xs.dim_from_end(1)}, 4));

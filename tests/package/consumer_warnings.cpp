@@ -3,7 +3,7 @@
 // embeds the library with add_subdirectory or FetchContent, so the user's warning flags apply to them.
 // A warning in a template shows only where it is instantiated: this file instantiates the public API
 // (tensors, every expression node, the fused attention spellings, score and mask functions, the tape,
-// gradcheck, the modules, the optimisers and the functional kernels) for float and double. It is
+// gradcheck, the modules, the optimisers, the functional kernels and the normalisations) for float and double. It is
 // compiled, not run.
 #include <cstdint>
 #include <string>
@@ -141,6 +141,26 @@ T kernels() {
            ad::sum_forward(Pm) + dX.array().sum() + dW.array().sum() + db.array().sum() + dA.array().sum();
 }
 
+// Normalisations and the MLP's activation: nodes (weight and bias given or ad::none), modules, kernels.
+template <class T>
+T norms() {
+    ad::Param<T> x(ad::randn<T>({2, 3, 4}, 15), "x"), w(ad::ones<T>({4}), "w"), b(ad::zeros<T>({4}), "b");
+    ad::nn::LayerNorm<T> ln(4);
+    ad::nn::RMSNorm<T> rms(ad::Shape{3, 4}, 1e-6, false);
+    ad::Var<T> y = ad::layer_norm(x, {4}, w, b) + ad::layer_norm(x, {3, 4}, ad::none, ad::none, 1e-3) +
+                   ad::rms_norm(x, {4}, w, 1e-6) + ad::bias_gelu(x, b, ad::GeluApproximate::tanh) +
+                   ad::gelu(x, ad::GeluApproximate::tanh) + ln.forward(x) + rms(x);
+    ad::Var<T> loss = ad::sum(y);
+    loss.backward();
+    const ad::NormForward<T> f = ad::layer_norm_forward(x.value(), {4}, w.value(), b.value(), T(1e-5));
+    const ad::NormForward<T> g = ad::rms_norm_forward(x.value(), {4}, w.value(), T(1e-5));
+    ad::Tensor<T> dx, dw, db;
+    ad::layer_norm_backward<T>(&dx, &dw, &db, f.y, x.value(), w.value(), f.mean, f.rstd, {4});
+    ad::rms_norm_backward<T>(&dx, &dw, g.y, x.value(), w.value(), g.rstd, {4});
+    ad::bias_gelu_backward<T>(&dx, &db, ad::bias_gelu_forward(x.value(), b.value()), x.value(), b.value());
+    return loss.item() + dx.array().sum() + dw.array().sum() + db.array().sum();
+}
+
 double gradients() {
     ad::Param<double> Q(ad::randn<double>({1, 2, 3, 4}, 12)), K(ad::randn<double>({1, 2, 3, 4}, 13)),
         V(ad::randn<double>({1, 2, 3, 4}, 14));
@@ -155,7 +175,7 @@ double gradients() {
 double consumer_warnings_all() {
     ad::set_num_threads(1);
     return static_cast<double>(tensors<float>() + expressions<float>() + attention<float>() + modifiers<float>() +
-                               modules<float>() + kernels<float>()) +
+                               modules<float>() + kernels<float>() + norms<float>()) +
            tensors<double>() + expressions<double>() + attention<double>() + modifiers<double>() + modules<double>() +
-           kernels<double>() + gradients() + ad::num_threads();
+           kernels<double>() + norms<double>() + gradients() + ad::num_threads();
 }
