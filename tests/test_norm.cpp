@@ -748,3 +748,18 @@ TEST_CASE("nn::LayerNorm and nn::RMSNorm: bad construction throws") {
     check_error([] { (void)ad::nn::RMSNorm<double>(4, -1.0); }, "nn::RMSNorm", {"eps must be finite and > 0, got -1"});
     check_error([] { (void)ad::nn::RMSNorm<double>(4, std::nullopt, false).weight(); }, "nn::RMSNorm", {"no weight"});
 }
+
+TEST_CASE("gelu in float: its erf and tanh stay within 4e-7 of the double functions, and NaN propagates") {
+    double erf_err = 0, tanh_err = 0;
+    for (double x = -8; x <= 8; x += 1e-4) {
+        const auto f = static_cast<float>(x);
+        erf_err = std::max(erf_err, std::abs(static_cast<double>(ad::Gelu::erf_of(f)) - std::erf(static_cast<double>(f))));
+        tanh_err = std::max(tanh_err, std::abs(static_cast<double>(ad::Gelu::tanh_of(f)) - std::tanh(static_cast<double>(f))));
+    }
+    CHECK(erf_err < 4e-7);
+    CHECK(tanh_err < 4e-7);
+    CHECK(std::isnan(ad::Gelu::erf_of(std::numeric_limits<float>::quiet_NaN())));
+    CHECK(std::isnan(ad::Gelu::value(std::numeric_limits<float>::quiet_NaN(), ad::GeluApproximate::tanh)));
+    CHECK(ad::Gelu::tanh_of(100.f) == 1.f);
+    CHECK(ad::Gelu::tanh_of(-100.f) == -1.f);
+}
