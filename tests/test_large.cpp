@@ -7,7 +7,7 @@
 // decision of element (t, i, j) is a function of its index (t·Lq + i)·Lk + j, which passes 2³¹ in the
 // last rows of head 0 and 2³² in the last rows of head 1; a 32-bit index anywhere on that path would
 // change those rows' masks. Memory: the inputs and outputs, about 6 MB (no L×L buffer); time: about a
-// minute on 2 cores (the forward and backward visit 4.3·10⁹ scores each).
+// minute or two on 2 cores (the forward and backward visit 4.3·10⁹ scores each).
 #include <doctest/doctest.h>
 
 #include <algorithm>
