@@ -6,8 +6,8 @@
 // n = 1, h = 2, Lq = Lk = 46400 (n·h·Lq·Lk = 4.3·10⁹), d = 4, dv = 3, double, dropout 0.1: the dropout
 // decision of element (t, i, j) is a function of its index (t·Lq + i)·Lk + j, which passes 2³¹ in the
 // last rows of head 0 and 2³² in the last rows of head 1; a 32-bit index anywhere on that path would
-// change those rows' masks. Memory: inputs, outputs and gradients, about 25 MB (no L×L buffer; 40 MB resident); time: about a
-// minute or two on 2 cores (the forward and backward visit 4.3·10⁹ scores each).
+// change those rows' masks. Memory: inputs, outputs and gradients, about 25 MB (no L×L buffer; 40 MB
+// resident); time: one to two minutes on 2 cores (the forward and backward visit 4.3·10⁹ scores each).
 #include <doctest/doctest.h>
 
 #include <algorithm>
