@@ -2,10 +2,12 @@
 # The whole test suite: install the dependencies if missing, build, run every test with ctest.
 # Warnings are errors here (-DAUTODIFF_WERROR=ON), as in CI. Extra arguments go to CMake's configure step
 # and come last, so they win (e.g. -DAUTODIFF_SANITIZE=address,undefined, or -DAUTODIFF_WERROR=OFF).
+# AUTODIFF_CTEST_ARGS goes to ctest, e.g. "-LE large" to skip the large-size test (docs/NUMERICS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/deps.sh
 build=${AUTODIFF_BUILD_DIR:-build}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" -DAUTODIFF_WERROR=ON "$@"
 cmake --build "$build" -j"$(nproc)"
-ctest --test-dir "$build" --output-on-failure -j"$(nproc)"
+# shellcheck disable=SC2086  # AUTODIFF_CTEST_ARGS holds several words
+ctest --test-dir "$build" --output-on-failure -j"$(nproc)" ${AUTODIFF_CTEST_ARGS:-}
