@@ -1,0 +1,137 @@
+"""Fused CPU attention with a trainable bias for PyTorch, from the autodiff_attention C++ engine.
+
+    from autodiff_attention import attention
+    out = attention(q, k, v, bias=bias, mask=keep, is_causal=False, dropout_p=0.1)
+    out.sum().backward()          # q.grad, k.grad, v.grad, bias.grad (bias.grad in the bias's own shape)
+
+See attention() for the semantics, and README.md ("Python") for the parameter files and the graph view.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _C
+from ._C import Error
+
+__all__ = ["attention", "AttentionFunction", "Error"]
+
+_OP = "autodiff_attention"
+
+
+def _seed_from_torch() -> int:
+    """A dropout seed drawn from torch's default CPU generator: torch.manual_seed makes runs reproducible."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # detach(): DLPack refuses tensors that require grad; it is a view, not a copy.
+    # contiguous(): a copy only when the tensor is not contiguous already.
+    return None if t is None else t.detach().contiguous()
+
+
+@torch.library.custom_op(f"{_OP}::attention_forward", mutates_args=(), device_types="cpu")
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor], is_causal: bool, dropout_p: float, scale: float,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _C.attention_forward(_contiguous(q), _contiguous(k), _contiguous(v), _contiguous(bias),
+                                    _contiguous(mask), is_causal, dropout_p, scale, seed)
+    return out, lse
+
+
+@_forward_op.register_fake
+def _(q, k, v, bias, mask, is_causal, dropout_p, scale, seed):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(q.shape[:-1])
+
+
+@torch.library.custom_op(f"{_OP}::attention_backward", mutates_args=(), device_types="cpu")
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor,
+                 lse: torch.Tensor, is_causal: bool, dropout_p: float, scale: float, seed: int,
+                 needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _C.attention_backward(_contiguous(grad_out), _contiguous(q), _contiguous(k), _contiguous(v),
+                                  _contiguous(bias), _contiguous(mask), _contiguous(out), _contiguous(lse),
+                                  is_causal, dropout_p, scale, seed, needs)
+    # A custom op returns tensors: an empty one stands for a gradient that was not asked for.
+    return tuple(g if g is not None else q.new_empty(0) for g in grads)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, bias, mask, out, lse, is_causal, dropout_p, scale, seed, needs):
+    shapes = (q.shape, k.shape, v.shape, bias.shape if bias is not None else (0,))
+    return tuple(q.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
+
+
+class AttentionFunction(torch.autograd.Function):
+    """out = dropout(softmax(scale·q·kᵀ + bias, masked))·v, forward and backward by the fused C++ kernels.
+
+    apply(q, k, v, bias, mask, is_causal, dropout_p, scale, seed) with every argument given (attention()
+    fills in the defaults). The backward returns dq, dk, dv and dbias in the bias's own shape, with the
+    dropout mask regenerated from (seed, element index): the same mask as the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, is_causal, dropout_p, scale, seed):
+        out, lse = torch.ops.autodiff_attention.attention_forward(q, k, v, bias, mask, is_causal, dropout_p, scale, seed)
+        ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+        ctx.options = (is_causal, dropout_p, scale, seed)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias, mask, out, lse = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[:3]] + [ctx.has_bias and bool(ctx.needs_input_grad[3])]
+        if not any(needs):
+            return (None,) * 9
+        dq, dk, dv, dbias = torch.ops.autodiff_attention.attention_backward(
+            grad_out, q, k, v, bias, mask, out, lse, *ctx.options, needs)
+        grads = [g if need else None for g, need in zip((dq, dk, dv, dbias), needs)]
+        return (*grads, None, None, None, None, None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              mask: Optional[torch.Tensor] = None, is_causal: bool = False, dropout_p: float = 0.0,
+              scale: Optional[float] = None, seed: Optional[int] = None) -> torch.Tensor:
+    """Fused attention on CPU tensors, differentiable in q, k, v and bias.
+
+    out = dropout(softmax(scale·q·kᵀ + bias, masked), dropout_p)·v
+
+    q (..., Lq, E), k (..., Lk, E), v (..., Lk, Ev), with equal leading dimensions (rank 2 to 4);
+    out (..., Lq, Ev). float32 or float64, all the same dtype, on the CPU.
+    bias: a float tensor broadcastable to the scores (..., Lq, Lk), e.g. (Lq, Lk), (heads, Lq, Lk),
+      (batch, 1, Lq, Lk), (1, heads, 1, Lk); trainable: its gradient comes back in its own shape.
+    mask: a bool tensor broadcastable to the scores, True = keep (SDPA's boolean attn_mask).
+    is_causal: key j is visible to query i iff j <= i (top-left aligned, as SDPA); combines with mask.
+    dropout_p: drop probability of the attention weights (scaled by 1/(1-p)); applied whenever > 0 (as
+      SDPA, which has no train/eval flag: pass 0.0 in evaluation).
+    scale: of q·kᵀ; None gives 1/sqrt(E), as SDPA.
+    seed: the dropout stream's Philox key. None draws one from torch's default generator, so
+      torch.manual_seed(...) makes a run reproducible; the same seed gives the same mask. The backward
+      regenerates the forward's mask from it.
+
+    Semantics are those of torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias or
+    mask, ...), except that a query row whose keys are all masked gives 0 (and zero gradients) where SDPA
+    gives NaN, and that a float bias and a bool mask may be given together.
+
+    Copies: none for contiguous inputs (they are read in place through DLPack, and the results are the
+    kernels' own buffers handed to torch). A non-contiguous input (a transposed or expanded view, or a
+    non-contiguous incoming gradient) is made contiguous once, per call. Errors (shapes, dtypes, ranks, a
+    rate outside [0, 1)) raise autodiff_attention.Error (a ValueError) with the C++ message.
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise TypeError("attention: q, k and v must be torch tensors")
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask)):
+        if t is not None and t.device.type != "cpu":
+            raise Error(f"attention: {name} is on {t.device}; only CPU tensors are supported")
+    if mask is not None and mask.dtype != torch.bool:
+        raise Error(f"attention: mask must be a bool tensor (True = keep), got dtype {mask.dtype}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() > 0 and q.shape[-1] > 0 else 1.0
+    if seed is None:
+        seed = _seed_from_torch() if dropout_p > 0 else 0
+    elif not 0 <= seed < 2**63:
+        raise Error(f"attention: seed must be in [0, 2^63), got {seed}")
+    return AttentionFunction.apply(q, k, v, bias, mask, bool(is_causal), float(dropout_p), float(scale), int(seed))

@@ -1,0 +1,192 @@
+// The native half of the Python package autodiff_attention (python/autodiff_attention/__init__.py is
+// the other): the fused attention kernels (kernels/attention.hpp) on CPU torch tensors, without copies.
+//
+// Inputs arrive through DLPack (nanobind's ndarray) and are viewed in place by Tensor<T>::adopt: they
+// must be CPU, contiguous and row-major (the Python side calls .contiguous(), which copies only a
+// non-contiguous tensor). Outputs are this library's pool tensors handed to torch through DLPack with a
+// capsule that owns them: no copy either way. Errors are autodiff::Error, raised in Python as
+// autodiff_attention.Error (a ValueError) with the C++ message.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "autodiff/kernels/attention.hpp"
+
+namespace nb = nanobind;
+namespace ad = autodiff;
+
+namespace {
+
+using Array = nb::ndarray<nb::device::cpu>;
+using OptArray = std::optional<Array>;
+
+constexpr const char* op = "attention";
+
+enum class DType { f32, f64, boolean, other };
+
+DType dtype_of(const Array& a) {
+    if (a.dtype() == nb::dtype<float>()) return DType::f32;
+    if (a.dtype() == nb::dtype<double>()) return DType::f64;
+    if (a.dtype() == nb::dtype<bool>()) return DType::boolean;
+    return DType::other;
+}
+
+std::string dtype_name(const Array& a) {
+    switch (dtype_of(a)) {
+        case DType::f32: return "float32";
+        case DType::f64: return "float64";
+        case DType::boolean: return "bool";
+        default: return fmt::format("(DLPack code {}, {} bits)", a.dtype().code, a.dtype().bits);
+    }
+}
+
+ad::Shape shape_of(const char* arg, const Array& a) {
+    if (a.ndim() > static_cast<std::size_t>(ad::max_rank)) {
+        std::string dims;
+        for (std::size_t i = 0; i < a.ndim(); ++i) dims += (i ? "," : "") + std::to_string(a.shape(i));
+        ad::fail(op, "{} has rank {} ({}); at most {} is supported", arg, a.ndim(), dims, ad::max_rank);
+    }
+    ad::Shape s;
+    for (std::size_t i = 0; i < a.ndim(); ++i) s.push_back(static_cast<std::int64_t>(a.shape(i)));
+    return s;
+}
+
+// Views `a` without copying; throws unless it is contiguous and row-major (strides of size-1
+// dimensions do not matter).
+template <class T>
+ad::Tensor<T> view(const char* arg, const Array& a) {
+    const ad::Shape s = shape_of(arg, a);
+    std::int64_t expected = 1;
+    for (int i = s.rank() - 1; i >= 0; --i) {
+        if (s[i] != 1 && a.stride(static_cast<std::size_t>(i)) != expected) {
+            std::string strides;
+            for (std::size_t j = 0; j < a.ndim(); ++j) strides += (j ? "," : "") + std::to_string(a.stride(j));
+            ad::fail(op, "{} {} is not contiguous (strides ({}) in elements); call .contiguous() first", arg, s, strides);
+        }
+        expected *= s[i];
+    }
+    return ad::Tensor<T>::adopt(static_cast<T*>(a.data()), s);
+}
+
+template <class T>
+ad::Tensor<T> optional_view(const char* arg, const OptArray& a) {
+    return a ? view<T>(arg, *a) : ad::Tensor<T>();
+}
+
+// The float dtype shared by q, k, v (and bias, dO, O, lse when given).
+DType common_dtype(std::initializer_list<std::pair<const char*, const Array*>> arrays) {
+    const Array& first = *arrays.begin()->second;
+    const DType d = dtype_of(first);
+    if (d != DType::f32 && d != DType::f64)
+        ad::fail(op, "{} must be float32 or float64, got {}", arrays.begin()->first, dtype_name(first));
+    for (const auto& [name, a] : arrays)
+        if (a && dtype_of(*a) != d)
+            ad::fail(op, "{} has dtype {} but {} has {}: all must be equal", name, dtype_name(*a), arrays.begin()->first,
+                     dtype_name(first));
+    return d;
+}
+
+ad::Mask make_mask(const OptArray& mask, bool is_causal) {
+    ad::Mask m;
+    m.causal = is_causal;
+    if (mask) {
+        if (dtype_of(*mask) != DType::boolean)
+            ad::fail(op, "mask must be a bool tensor (true = keep), got dtype {}", dtype_name(*mask));
+        m.keep = view<bool>("mask", *mask);
+    }
+    return m;
+}
+
+ad::AttentionOptions make_options(const OptArray& mask, bool is_causal, double dropout_p, double scale, std::uint64_t seed) {
+    if (!std::isfinite(scale)) ad::fail(op, "scale must be finite, got {}", scale);
+    ad::AttentionOptions opt;
+    opt.scale = scale;
+    opt.mask = make_mask(mask, is_causal);
+    opt.dropout = ad::DropoutDescriptor{dropout_p, seed, 0, true};
+    ad::check_dropout(op, opt.dropout);
+    return opt;
+}
+
+// A torch tensor owning `t` (no copy): the capsule keeps the pool block alive until torch lets go.
+template <class T>
+nb::object to_torch(ad::Tensor<T> t) {
+    auto* owner = new ad::Tensor<T>(std::move(t));
+    nb::capsule capsule(owner, [](void* p) noexcept { delete static_cast<ad::Tensor<T>*>(p); });
+    std::size_t dims[ad::max_rank];
+    for (int i = 0; i < owner->rank(); ++i) dims[i] = static_cast<std::size_t>(owner->shape()[i]);
+    return nb::ndarray<nb::pytorch, T>(owner->data(), static_cast<std::size_t>(owner->rank()), dims, capsule).cast();
+}
+
+template <class T>
+nb::tuple forward(const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask, bool is_causal,
+                  double dropout_p, double scale, std::uint64_t seed) {
+    const ad::Tensor<T> Q = view<T>("q", q), K = view<T>("k", k), V = view<T>("v", v), B = optional_view<T>("bias", bias);
+    const ad::AttentionOptions opt = make_options(mask, is_causal, dropout_p, scale, seed);
+    ad::AttentionSaved<T> saved;
+    {
+        nb::gil_scoped_release release;
+        saved = ad::attention_forward(Q, K, V, B, ad::Tensor<T>(), opt);
+    }
+    return nb::make_tuple(to_torch(std::move(saved.O)), to_torch(std::move(saved.lse)));
+}
+
+template <class T>
+nb::tuple backward(const Array& dO, const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask,
+                   const Array& O, const Array& lse, bool is_causal, double dropout_p, double scale, std::uint64_t seed,
+                   const std::vector<bool>& needs) {
+    if (needs.size() != 4) ad::fail(op, "needs must have 4 flags (dq, dk, dv, dbias), got {}", needs.size());
+    const ad::Tensor<T> Q = view<T>("q", q), K = view<T>("k", k), V = view<T>("v", v), B = optional_view<T>("bias", bias);
+    const ad::Tensor<T> dOt = view<T>("grad_out", dO);
+    ad::AttentionSaved<T> saved{view<T>("out", O), view<T>("lse", lse), {}};
+    if (dOt.shape() != saved.O.shape()) ad::fail(op, "grad_out {} must have the output's shape {}", dOt.shape(), saved.O.shape());
+    if (needs[3] && !B.defined()) ad::fail(op, "the bias gradient was asked for without a bias");
+    const ad::AttentionOptions opt = make_options(mask, is_causal, dropout_p, scale, seed);
+    ad::Tensor<T> dQ, dK, dV, dB;
+    {
+        nb::gil_scoped_release release;
+        ad::attention_backward<T>(needs[0] ? &dQ : nullptr, needs[1] ? &dK : nullptr, needs[2] ? &dV : nullptr,
+                                  needs[3] ? &dB : nullptr, dOt, Q, K, V, B, ad::Tensor<T>(), saved, opt);
+    }
+    auto out = [](ad::Tensor<T>& t) { return t.defined() ? to_torch(std::move(t)) : nb::none(); };
+    return nb::make_tuple(out(dQ), out(dK), out(dV), out(dB));
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+    m.doc() = "Native kernels of autodiff_attention (use the functions of the package, not these).";
+    nb::exception<ad::Error>(m, "Error", PyExc_ValueError);
+
+    m.def(
+        "attention_forward",
+        [](const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask, bool is_causal,
+           double dropout_p, double scale, std::uint64_t seed) {
+            const DType d = common_dtype({{"q", &q}, {"k", &k}, {"v", &v}, {"bias", bias ? &*bias : nullptr}});
+            return d == DType::f32 ? forward<float>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed)
+                                   : forward<double>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed);
+        },
+        nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias").none(), nb::arg("mask").none(), nb::arg("is_causal"),
+        nb::arg("dropout_p"), nb::arg("scale"), nb::arg("seed"),
+        "O, lse = attention_forward(...): O (..., Lq, dv) and the per-row log-sum-exp (..., Lq).");
+
+    m.def(
+        "attention_backward",
+        [](const Array& dO, const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask,
+           const Array& O, const Array& lse, bool is_causal, double dropout_p, double scale, std::uint64_t seed,
+           const std::vector<bool>& needs) {
+            const DType d = common_dtype({{"q", &q}, {"k", &k}, {"v", &v}, {"bias", bias ? &*bias : nullptr}, {"grad_out", &dO},
+                                          {"out", &O}, {"lse", &lse}});
+            return d == DType::f32 ? backward<float>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs)
+                                   : backward<double>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs);
+        },
+        nb::arg("grad_out"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias").none(), nb::arg("mask").none(),
+        nb::arg("out"), nb::arg("lse"), nb::arg("is_causal"), nb::arg("dropout_p"), nb::arg("scale"), nb::arg("seed"),
+        nb::arg("needs"), "dq, dk, dv, dbias (None where not needed) = attention_backward(...).");
+}
