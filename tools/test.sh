@@ -9,3 +9,10 @@ build=${AUTODIFF_BUILD_DIR:-build}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" -DAUTODIFF_WERROR=ON "$@"
 cmake --build "$build" -j"$(nproc)"
 ctest --test-dir "$build" --output-on-failure -j"$(nproc)"
+
+# ---- Python package (issue 13) ---------------------------------------------------------------------
+# Builds `pip install .` into a virtual environment under the build folder and runs its pytest suite,
+# when python3 exists. AUTODIFF_PYTHON_TESTS=0 skips it (CI's second and later builds do).
+if [ "${AUTODIFF_PYTHON_TESTS:-1}" != 0 ] && command -v python3 > /dev/null 2>&1; then
+  bash tools/test_python.sh "$build"
+fi
