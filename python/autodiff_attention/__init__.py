@@ -16,7 +16,7 @@ import torch
 from . import _C
 from ._C import Error
 
-__all__ = ["attention", "AttentionFunction", "Error"]
+__all__ = ["attention", "AttentionFunction", "Error", "save_file", "load_file", "load_metadata", "to_dot"]
 
 _OP = "autodiff_attention"
 
@@ -135,3 +135,82 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     elif not 0 <= seed < 2**63:
         raise Error(f"attention: seed must be in [0, 2^63), got {seed}")
     return AttentionFunction.apply(q, k, v, bias, mask, bool(is_causal), float(dropout_p), float(scale), int(seed))
+
+
+# ---- parameter files -------------------------------------------------------------------------------
+
+def save_file(tensors: dict, path, metadata: Optional[dict] = None) -> None:
+    """Writes {name: tensor} (float32 or float64 CPU tensors) as a safetensors file with the C++ writer
+    (include/autodiff/io/safetensors.hpp): the format of nn::save, which safetensors.torch.load_file and
+    torch read. A non-contiguous tensor is made contiguous first (a copy); others are written in place."""
+    items = []
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            raise Error(f"save_safetensors: {path}: tensor '{name}' must be a CPU torch tensor")
+        items.append((name, t.detach().contiguous()))
+    _C.save_safetensors(str(path), items, dict(metadata or {}))
+
+
+def load_file(path) -> dict:
+    """Reads a safetensors file with the C++ reader, which validates everything in it (truncation, dtypes
+    other than F32/F64, shapes against byte ranges, overlaps); returns {name: tensor} in file order."""
+    tensors, _ = _C.load_safetensors(str(path))
+    return tensors
+
+
+def load_metadata(path) -> dict:
+    """The file's "__metadata__" (string to string)."""
+    return _C.load_safetensors(str(path))[1]
+
+
+# ---- graph view ------------------------------------------------------------------------------------
+
+def _dot_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def to_dot(output: torch.Tensor, params: Optional[dict] = None) -> str:
+    """The autograd graph that computed `output`, as Graphviz DOT (the Python counterpart of C++'s
+    ad::to_dot): one box per backward node, with the op, the shape of the output it differentiates and
+    "(fused)" for this package's attention (one node for the whole fused kernel); one ellipse per leaf
+    tensor, named from `params` ({name: tensor}, e.g. dict(model.named_parameters())) when given.
+    Render with `dot -Tpng graph.dot -o graph.png` (Debian's graphviz)."""
+    if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+        raise Error("to_dot: the tensor has no autograd graph (it does not require grad, or is a leaf)")
+    names = {id(t): n for n, t in (params or {}).items()}
+    ids, lines, stack = {}, [], []
+
+    def node_id(fn):
+        if fn not in ids:
+            ids[fn] = f"n{len(ids)}"
+            stack.append(fn)
+        return ids[fn]
+
+    def shape_of(fn):
+        meta = getattr(fn, "_input_metadata", None)
+        return "(" + ",".join(str(d) for d in meta[0].shape) + ")" if meta else "?"
+
+    node_id(output.grad_fn)
+    done = set()
+    while stack:
+        fn = stack.pop()
+        if fn in done:
+            continue
+        done.add(fn)
+        me = ids[fn]
+        if hasattr(fn, "variable"):  # AccumulateGrad: a leaf
+            v = fn.variable
+            label = names.get(id(v), "leaf")
+            shape = "(" + ",".join(str(d) for d in v.shape) + ")"
+            lines.append(f'  {me} [shape=ellipse, style=filled, fillcolor="#fdd0a2", label="{_dot_escape(label)}\\n{shape}"];')
+        else:
+            name = fn.name()
+            fused = name.startswith("AttentionFunctionBackward")
+            op = name.removesuffix("Backward0").removesuffix("Backward")
+            lines.append(f'  {me} [shape=box, style="rounded,filled", fillcolor="{"#9ecae1" if fused else "#f0f0f0"}", '
+                         f'label="{_dot_escape(op)}{" (fused)" if fused else ""}\\n{shape_of(fn)}"];')
+        for nxt, _ in getattr(fn, "next_functions", ()):
+            if nxt is None:
+                continue
+            lines.append(f"  {node_id(nxt)} -> {me};")  # an input used twice gets two edges
+    return "digraph autograd {\n  rankdir=BT;\n  node [fontname=\"Helvetica\", fontsize=10];\n" + "\n".join(lines) + "\n}\n"

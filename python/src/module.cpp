@@ -13,11 +13,13 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "autodiff/kernels/attention.hpp"
+#include "autodiff/autodiff.hpp"
 
 namespace nb = nanobind;
 namespace ad = autodiff;
@@ -158,6 +160,46 @@ nb::tuple backward(const Array& dO, const Array& q, const Array& k, const Array&
     return nb::make_tuple(out(dQ), out(dK), out(dV), out(dB));
 }
 
+// ---- parameter files ---------------------------------------------------------------------------
+
+void save_file(const std::string& path, const std::vector<std::pair<std::string, Array>>& tensors,
+               const std::map<std::string, std::string>& metadata) {
+    std::vector<ad::NamedTensor> named;
+    for (const auto& [name, a] : tensors) {
+        const std::string arg = "tensor '" + name + "'";
+        switch (dtype_of(a)) {
+            case DType::f32: named.push_back({name, view<float>(arg.c_str(), a)}); break;
+            case DType::f64: named.push_back({name, view<double>(arg.c_str(), a)}); break;
+            default: ad::fail("save_safetensors", "{}: {} has dtype {}; only float32 and float64 are supported", path, arg, dtype_name(a));
+        }
+    }
+    ad::save_safetensors(path, named, metadata);
+}
+
+nb::tuple load_file(const std::string& path) {
+    ad::SafetensorsFile file = ad::load_safetensors(path);
+    nb::dict tensors;
+    for (auto& t : file.tensors)
+        tensors[t.name.c_str()] = std::visit([](auto& v) { return to_torch(std::move(v)); }, t.value);
+    return nb::make_tuple(tensors, file.metadata);
+}
+
+// nn::MultiHeadAttention (self-attention, eval mode) for the interoperability tests: built from `seed`,
+// loaded from `load_path` and/or saved to `save_path`, applied to x (B, L, E).
+template <class T>
+nb::object mha_forward(std::int64_t embed_dim, std::int64_t num_heads, std::uint64_t seed, const std::optional<std::string>& load_path,
+                       const std::optional<std::string>& save_path, const Array& x) {
+    if (dtype_of(x) != DType::f32 && dtype_of(x) != DType::f64)
+        ad::fail("nn::MultiHeadAttention", "x must be float32 or float64, got {}", dtype_name(x));
+    ad::nn::MultiHeadAttention<T> mha({.embed_dim = embed_dim, .num_heads = num_heads, .seed = seed});
+    if (load_path) ad::nn::load(mha, *load_path);
+    if (save_path) ad::nn::save(mha, *save_path);
+    mha.eval();
+    const ad::Var<T> input(view<T>("x", x).clone());
+    ad::Var<T> out = mha(input, input, input);
+    return to_torch(out.value().clone());
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -189,4 +231,17 @@ NB_MODULE(_C, m) {
         nb::arg("grad_out"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias").none(), nb::arg("mask").none(),
         nb::arg("out"), nb::arg("lse"), nb::arg("is_causal"), nb::arg("dropout_p"), nb::arg("scale"), nb::arg("seed"),
         nb::arg("needs"), "dq, dk, dv, dbias (None where not needed) = attention_backward(...).");
+
+    m.def("save_safetensors", &save_file, nb::arg("path"), nb::arg("tensors"), nb::arg("metadata"),
+          "Writes [(name, tensor)] (float32/float64, contiguous) with the C++ writer.");
+    m.def("load_safetensors", &load_file, nb::arg("path"), "(tensors dict, metadata dict), read by the C++ reader.");
+    m.def(
+        "mha_forward",
+        [](std::int64_t embed_dim, std::int64_t num_heads, std::uint64_t seed, const std::optional<std::string>& load_path,
+           const std::optional<std::string>& save_path, const Array& x) {
+            return dtype_of(x) == DType::f64 ? mha_forward<double>(embed_dim, num_heads, seed, load_path, save_path, x)
+                                             : mha_forward<float>(embed_dim, num_heads, seed, load_path, save_path, x);
+        },
+        nb::arg("embed_dim"), nb::arg("num_heads"), nb::arg("seed"), nb::arg("load_path").none(), nb::arg("save_path").none(),
+        nb::arg("x"), "nn::MultiHeadAttention self-attention in eval mode (for the interoperability tests).");
 }
