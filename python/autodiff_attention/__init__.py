@@ -35,32 +35,36 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 @torch.library.custom_op(f"{_OP}::attention_forward", mutates_args=(), device_types="cpu")
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                 mask: Optional[torch.Tensor], is_causal: bool, dropout_p: float, scale: float,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _C.attention_forward(_contiguous(q), _contiguous(k), _contiguous(v), _contiguous(bias),
-                                    _contiguous(mask), is_causal, dropout_p, scale, seed)
-    return out, lse
+                seed: int, keep_scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse, scores = _C.attention_forward(_contiguous(q), _contiguous(k), _contiguous(v), _contiguous(bias),
+                                            _contiguous(mask), is_causal, dropout_p, scale, seed, keep_scores)
+    # A custom op returns tensors: an empty one stands for scores that were not kept.
+    return out, lse, scores if scores is not None else q.new_empty(0)
 
 
 @_forward_op.register_fake
-def _(q, k, v, bias, mask, is_causal, dropout_p, scale, seed):
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(q.shape[:-1])
+def _(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep_scores):
+    scores = q.shape[:-1] + k.shape[-2:-1] if keep_scores else (0,)
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(q.shape[:-1]), q.new_empty(scores)
 
 
-@torch.library.custom_op(f"{_OP}::attention_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op(f"{_OP}::attention_backward", mutates_args=("scores",), device_types="cpu")
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor,
                  lse: torch.Tensor, is_causal: bool, dropout_p: float, scale: float, seed: int,
-                 needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 needs: list[bool], scores: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """With `scores` (the forward's, kept for a full trainable bias) the bias gradient is written into
+    them: the returned dbias is then empty and the caller uses `scores`."""
     grads = _C.attention_backward(_contiguous(grad_out), _contiguous(q), _contiguous(k), _contiguous(v),
                                   _contiguous(bias), _contiguous(mask), _contiguous(out), _contiguous(lse),
-                                  is_causal, dropout_p, scale, seed, needs)
+                                  is_causal, dropout_p, scale, seed, needs, scores)
     # A custom op returns tensors: an empty one stands for a gradient that was not asked for.
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, bias, mask, out, lse, is_causal, dropout_p, scale, seed, needs):
-    shapes = (q.shape, k.shape, v.shape, bias.shape if bias is not None else (0,))
+def _(grad_out, q, k, v, bias, mask, out, lse, is_causal, dropout_p, scale, seed, needs, scores):
+    shapes = (q.shape, k.shape, v.shape, bias.shape if bias is not None and scores is None else (0,))
     return tuple(q.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
 
 
@@ -70,12 +74,23 @@ class AttentionFunction(torch.autograd.Function):
     apply(q, k, v, bias, mask, is_causal, dropout_p, scale, seed) with every argument given (attention()
     fills in the defaults). The backward returns dq, dk, dv and dbias in the bias's own shape, with the
     dropout mask regenerated from (seed, element index): the same mask as the forward.
+
+    A trainable bias of the scores' full shape (..., Lq, Lk): outside torch.compile the forward keeps the
+    scores S in an L×L buffer and the first backward reads P from it (instead of recomputing q·kᵀ + bias)
+    and returns the bias gradient in that same buffer, as the C++ engine does; a second backward
+    (retain_graph) recomputes. Under torch.compile the scores are always recomputed.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, is_causal, dropout_p, scale, seed):
-        out, lse = torch.ops.autodiff_attention.attention_forward(q, k, v, bias, mask, is_causal, dropout_p, scale, seed)
+        keep = (bias is not None and bias.requires_grad and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()
+                and tuple(bias.shape) == tuple(q.shape[:-1]) + (k.shape[-2],))
+        out, lse, scores = torch.ops.autodiff_attention.attention_forward(
+            q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep)
         ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+        # Not saved for backward: the backward overwrites it (with the bias gradient), once.
+        ctx.scores = scores if keep else None
         ctx.options = (is_causal, dropout_p, scale, seed)
         ctx.has_bias = bias is not None
         return out
@@ -86,8 +101,11 @@ class AttentionFunction(torch.autograd.Function):
         needs = [bool(n) for n in ctx.needs_input_grad[:3]] + [ctx.has_bias and bool(ctx.needs_input_grad[3])]
         if not any(needs):
             return (None,) * 9
+        scores, ctx.scores = (ctx.scores if needs[3] else None), None
         dq, dk, dv, dbias = torch.ops.autodiff_attention.attention_backward(
-            grad_out, q, k, v, bias, mask, out, lse, *ctx.options, needs)
+            grad_out, q, k, v, bias, mask, out, lse, *ctx.options, needs, scores)
+        if scores is not None and dbias.numel() == 0 and scores.numel() != 0:
+            dbias = scores
         grads = [g if need else None for g, need in zip((dq, dk, dv, dbias), needs)]
         return (*grads, None, None, None, None, None)
 

@@ -126,27 +126,44 @@ nb::object to_torch(ad::Tensor<T> t) {
     return nb::ndarray<nb::pytorch, T>(owner->data(), static_cast<std::size_t>(owner->rank()), dims, capsule).cast();
 }
 
+// keep_scores (a trainable full-shape bias): the forward also returns the masked scores S (..., Lq, Lk),
+// and the backward reads P from them instead of recomputing Q·Kᵀ + bias and writes the bias gradient
+// into their buffer (kernels/attention.hpp): one L×L buffer serves both, as in the C++ engine.
 template <class T>
 nb::tuple forward(const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask, bool is_causal,
-                  double dropout_p, double scale, std::uint64_t seed) {
+                  double dropout_p, double scale, std::uint64_t seed, bool keep_scores) {
     const ad::Tensor<T> Q = view<T>("q", q), K = view<T>("k", k), V = view<T>("v", v), B = optional_view<T>("bias", bias);
-    const ad::AttentionOptions opt = make_options(mask, is_causal, dropout_p, scale, seed);
+    ad::AttentionOptions opt = make_options(mask, is_causal, dropout_p, scale, seed);
+    if (keep_scores) {
+        // Validates the shapes before they are read below.
+        (void)ad::attention_output_shape(op, Q.shape(), K.shape(), V.shape(), B.defined() ? &B.shape() : nullptr, nullptr, opt.mask);
+        ad::Shape full = Q.shape();
+        full[full.rank() - 1] = K.shape()[K.rank() - 2];
+        if (!B.defined() || B.shape() != full)
+            ad::fail(op, "keep_scores needs a bias of the scores' full shape {}, got {}", full, B.defined() ? B.shape().str() : "none");
+        opt.keep_scores = true;
+    }
     ad::AttentionSaved<T> saved;
     {
         nb::gil_scoped_release release;
         saved = ad::attention_forward(Q, K, V, B, ad::Tensor<T>(), opt);
     }
-    return nb::make_tuple(to_torch(std::move(saved.O)), to_torch(std::move(saved.lse)));
+    nb::object S = saved.scores.defined() ? to_torch(std::move(saved.scores)) : nb::none();
+    return nb::make_tuple(to_torch(std::move(saved.O)), to_torch(std::move(saved.lse)), S);
 }
 
 template <class T>
 nb::tuple backward(const Array& dO, const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask,
                    const Array& O, const Array& lse, bool is_causal, double dropout_p, double scale, std::uint64_t seed,
-                   const std::vector<bool>& needs) {
+                   const std::vector<bool>& needs, const OptArray& scores) {
     if (needs.size() != 4) ad::fail(op, "needs must have 4 flags (dq, dk, dv, dbias), got {}", needs.size());
     const ad::Tensor<T> Q = view<T>("q", q), K = view<T>("k", k), V = view<T>("v", v), B = optional_view<T>("bias", bias);
     const ad::Tensor<T> dOt = view<T>("grad_out", dO);
-    ad::AttentionSaved<T> saved{view<T>("out", O), view<T>("lse", lse), {}};
+    // With the forward's scores, the bias gradient is written into their buffer (dbias then comes back as None).
+    const ad::Tensor<T> S = optional_view<T>("scores", scores);
+    if (S.defined() && (!B.defined() || S.shape() != B.shape()))
+        ad::fail(op, "scores {} must have the bias's full shape {}", S.shape(), B.defined() ? B.shape().str() : "none");
+    ad::AttentionSaved<T> saved{view<T>("out", O), view<T>("lse", lse), S};
     if (dOt.shape() != saved.O.shape()) ad::fail(op, "grad_out {} must have the output's shape {}", dOt.shape(), saved.O.shape());
     if (needs[3] && !B.defined()) ad::fail(op, "the bias gradient was asked for without a bias");
     const ad::AttentionOptions opt = make_options(mask, is_causal, dropout_p, scale, seed);
@@ -156,6 +173,7 @@ nb::tuple backward(const Array& dO, const Array& q, const Array& k, const Array&
         ad::attention_backward<T>(needs[0] ? &dQ : nullptr, needs[1] ? &dK : nullptr, needs[2] ? &dV : nullptr,
                                   needs[3] ? &dB : nullptr, dOt, Q, K, V, B, ad::Tensor<T>(), saved, opt);
     }
+    if (dB.defined() && dB.shares_storage_with(S)) dB = ad::Tensor<T>();  // it is in the caller's scores tensor
     auto out = [](ad::Tensor<T>& t) { return t.defined() ? to_torch(std::move(t)) : nb::none(); };
     return nb::make_tuple(out(dQ), out(dK), out(dV), out(dB));
 }
@@ -209,28 +227,30 @@ NB_MODULE(_C, m) {
     m.def(
         "attention_forward",
         [](const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask, bool is_causal,
-           double dropout_p, double scale, std::uint64_t seed) {
+           double dropout_p, double scale, std::uint64_t seed, bool keep_scores) {
             const DType d = common_dtype({{"q", &q}, {"k", &k}, {"v", &v}, {"bias", bias ? &*bias : nullptr}});
-            return d == DType::f32 ? forward<float>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed)
-                                   : forward<double>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed);
+            return d == DType::f32 ? forward<float>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep_scores)
+                                   : forward<double>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep_scores);
         },
         nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias").none(), nb::arg("mask").none(), nb::arg("is_causal"),
-        nb::arg("dropout_p"), nb::arg("scale"), nb::arg("seed"),
-        "O, lse = attention_forward(...): O (..., Lq, dv) and the per-row log-sum-exp (..., Lq).");
+        nb::arg("dropout_p"), nb::arg("scale"), nb::arg("seed"), nb::arg("keep_scores") = false,
+        "O, lse, scores = attention_forward(...): O (..., Lq, dv), the per-row log-sum-exp (..., Lq), and with "
+        "keep_scores the masked scores (..., Lq, Lk) for the backward (else None).");
 
     m.def(
         "attention_backward",
         [](const Array& dO, const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask,
            const Array& O, const Array& lse, bool is_causal, double dropout_p, double scale, std::uint64_t seed,
-           const std::vector<bool>& needs) {
+           const std::vector<bool>& needs, const OptArray& scores) {
             const DType d = common_dtype({{"q", &q}, {"k", &k}, {"v", &v}, {"bias", bias ? &*bias : nullptr}, {"grad_out", &dO},
-                                          {"out", &O}, {"lse", &lse}});
-            return d == DType::f32 ? backward<float>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs)
-                                   : backward<double>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs);
+                                          {"out", &O}, {"lse", &lse}, {"scores", scores ? &*scores : nullptr}});
+            return d == DType::f32 ? backward<float>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs, scores)
+                                   : backward<double>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs, scores);
         },
         nb::arg("grad_out"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias").none(), nb::arg("mask").none(),
         nb::arg("out"), nb::arg("lse"), nb::arg("is_causal"), nb::arg("dropout_p"), nb::arg("scale"), nb::arg("seed"),
-        nb::arg("needs"), "dq, dk, dv, dbias (None where not needed) = attention_backward(...).");
+        nb::arg("needs"), nb::arg("scores").none() = nb::none(),
+        "dq, dk, dv, dbias (None where not needed, or written into `scores` when given) = attention_backward(...).");
 
     m.def("save_safetensors", &save_file, nb::arg("path"), nb::arg("tensors"), nb::arg("metadata"),
           "Writes [(name, tensor)] (float32/float64, contiguous) with the C++ writer.");

@@ -141,6 +141,24 @@ def test_fully_masked_rows_give_zero_output_and_zero_gradient():
         assert_close(a, e, 1e-10, "grad")
 
 
+def test_a_full_trainable_bias_keeps_the_scores_and_a_second_backward_recomputes_them():
+    # The first backward reads the kept scores and returns dbias in their buffer; retain_graph's second
+    # backward must give the same gradients by recomputing.
+    q, k, v = qkv()
+    bias = make((N, H, LQ, LK), seed=4)
+    mask = torch.rand(LQ, LK, generator=torch.Generator().manual_seed(5)) > 0.2
+    mask[:, 0] = True
+    out = attention(q, k, v, bias=bias, mask=mask, is_causal=True, dropout_p=0.2, seed=4)
+    g = make(out.shape, seed=9, grad=False)
+    first = torch.autograd.grad(out, (q, k, v, bias), g, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v, bias), g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    weights = dropped_weights(q, k, 0.2, 4, bias=bias, mask=mask, is_causal=True)
+    (dv,) = torch.autograd.grad(weights @ v, (v,), g)
+    assert_close(first[2], dv, 1e-10, "dv")
+
+
 def test_scale_argument():
     q, k, v = qkv()
     out = attention(q, k, v, scale=0.3)
@@ -179,7 +197,8 @@ def test_the_native_function_reads_inputs_in_place_and_refuses_strided_ones():
     q, k, v = (t.detach() for t in qkv())
     with pytest.raises(aa.Error, match=r"attention: q \(2,3,8,7\) is not contiguous"):
         aa._C.attention_forward(q.transpose(-1, -2), k, v, None, None, False, 0.0, 1.0, 0)
-    out, lse = aa._C.attention_forward(q, k, v, None, None, False, 0.0, 1.0, 0)
+    out, lse, scores = aa._C.attention_forward(q, k, v, None, None, False, 0.0, 1.0, 0)
+    assert scores is None
     assert out.is_contiguous() and out.shape == (N, H, LQ, EV) and lse.shape == (N, H, LQ)
     expected = F.scaled_dot_product_attention(q, k, v, scale=1.0)
     del q, k, v
@@ -197,10 +216,11 @@ def test_gradcheck_float64_with_bias_mask_causal_and_dropout():
     assert torch.autograd.gradcheck(f, (q, k, v, bias), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def dropped_weights(q, k, p, seed):
+def dropped_weights(q, k, p, seed, **kw):
     """The attention weights after dropout: attention with v = identity returns them."""
     eye = torch.eye(k.shape[-2], dtype=q.dtype).expand(*k.shape[:-1], k.shape[-2])
-    return attention(q.detach(), k.detach(), eye, dropout_p=p, seed=seed)
+    kw = {name: t.detach() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
+    return attention(q.detach(), k.detach(), eye, dropout_p=p, seed=seed, **kw)
 
 
 def test_dropout_statistics_and_scaling():
@@ -266,11 +286,18 @@ def test_opcheck_of_the_custom_ops():
     q, k, v = (t.detach() for t in qkv())
     bias = make((H, LQ, LK), seed=4, grad=False)
     mask = torch.ones(LQ, LK, dtype=torch.bool)
-    args = (q, k, v, bias, mask, True, 0.1, 0.5, 3)
+    args = (q, k, v, bias, mask, True, 0.1, 0.5, 3, False)
     torch.library.opcheck(torch.ops.autodiff_attention.attention_forward, args)
-    out, lse = torch.ops.autodiff_attention.attention_forward(*args)
+    out, lse, _ = torch.ops.autodiff_attention.attention_forward(*args)
     torch.library.opcheck(torch.ops.autodiff_attention.attention_backward,
-                          (torch.ones_like(out), q, k, v, bias, mask, out, lse, True, 0.1, 0.5, 3, [True, False, True, True]))
+                          (torch.ones_like(out), q, k, v, bias, mask, out, lse, True, 0.1, 0.5, 3, [True, False, True, True], None))
+    full = make((N, H, LQ, LK), seed=5, grad=False)
+    args = (q, k, v, full, mask, True, 0.1, 0.5, 3, True)
+    torch.library.opcheck(torch.ops.autodiff_attention.attention_forward, args)
+    out, lse, scores = torch.ops.autodiff_attention.attention_forward(*args)
+    assert scores.shape == (N, H, LQ, LK)
+    torch.library.opcheck(torch.ops.autodiff_attention.attention_backward,
+                          (torch.ones_like(out), q, k, v, full, mask, out, lse, True, 0.1, 0.5, 3, [True, True, True, True], scores))
 
 
 @pytest.mark.parametrize("case, message", [
