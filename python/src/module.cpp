@@ -218,6 +218,30 @@ nb::object mha_forward(std::int64_t embed_dim, std::int64_t num_heads, std::uint
     return to_torch(out.value().clone());
 }
 
+// nn::Linear (float64) from (weight, bias) trained with nn::Adam(lr) on mse(layer(x_i), y_i), one step per
+// pair, after loading the optimiser's state from `load_state` if given; saves the state to `save_state`
+// if given; returns (weight, bias). For the interoperability tests with torch.optim.Adam.
+nb::tuple linear_adam(const Array& weight, const Array& bias, const std::vector<Array>& xs, const std::vector<Array>& ys, double lr,
+                      const std::optional<std::string>& load_state, const std::optional<std::string>& save_state) {
+    const ad::Tensor<double> W = view<double>("weight", weight), b = view<double>("bias", bias);
+    ad::check_rank("linear_adam", "weight", W.shape(), 2, 2);
+    ad::nn::Linear<double> layer(W.shape()[1], W.shape()[0], true, 0);
+    if (b.shape() != layer.bias().shape()) ad::fail("linear_adam", "bias {} must have shape {}", b.shape(), layer.bias().shape());
+    std::copy_n(W.data(), W.numel(), layer.weight().value().data());
+    std::copy_n(b.data(), b.numel(), layer.bias().value().data());
+    ad::nn::Adam<double> opt(layer.parameters(), {.lr = lr});
+    if (load_state) ad::nn::load(opt, *load_state);
+    if (xs.size() != ys.size()) ad::fail("linear_adam", "{} inputs but {} targets", xs.size(), ys.size());
+    for (std::size_t i = 0; i < xs.size(); ++i) {
+        opt.zero_grad();
+        ad::Var<double> loss = ad::mse(layer(view<double>("x", xs[i]).clone()), view<double>("y", ys[i]).clone());
+        loss.backward();
+        opt.step();
+    }
+    if (save_state) ad::nn::save(opt, *save_state);
+    return nb::make_tuple(to_torch(layer.weight().value().clone()), to_torch(layer.bias().value().clone()));
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -255,6 +279,9 @@ NB_MODULE(_C, m) {
     m.def("save_safetensors", &save_file, nb::arg("path"), nb::arg("tensors"), nb::arg("metadata"),
           "Writes [(name, tensor)] (float32/float64, contiguous) with the C++ writer.");
     m.def("load_safetensors", &load_file, nb::arg("path"), "(tensors dict, metadata dict), read by the C++ reader.");
+    m.def("linear_adam", &linear_adam, nb::arg("weight"), nb::arg("bias"), nb::arg("xs"), nb::arg("ys"), nb::arg("lr"),
+          nb::arg("load_state").none(), nb::arg("save_state").none(),
+          "nn::Linear trained by nn::Adam, state loaded/saved as safetensors (for the interoperability tests).");
     m.def(
         "mha_forward",
         [](std::int64_t embed_dim, std::int64_t num_heads, std::uint64_t seed, const std::optional<std::string>& load_path,

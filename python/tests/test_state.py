@@ -111,3 +111,59 @@ def test_loading_a_module_checks_names_shapes_and_dtypes(tmp_path):
     st_save(state, str(path))
     with pytest.raises(aa.Error, match=r"load_parameters: .*: no tensor 'out_proj.weight' \(expected shape \(8,8\), dtype F64\)"):
         aa._C.mha_forward(E, H, 1, str(path), None, x)
+
+
+def adam_problem(seed=11):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64)
+    data = [(torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64))
+            for _ in range(5)]
+    return w, b, data
+
+
+def torch_adam_steps(layer, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(layer(x), y).backward()
+        opt.step()
+
+
+def torch_layer(w, b):
+    layer = torch.nn.Linear(3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    return layer
+
+
+def test_our_adam_state_is_torchs_state_dict_flattened(tmp_path):
+    path = tmp_path / "adam.safetensors"
+    w, b, data = adam_problem()
+    ours_w, ours_b = aa._C.linear_adam(w, b, [x for x, _ in data[:3]], [y for _, y in data[:3]], 0.01, None, str(path))
+    layer = torch_layer(w, b)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.01)
+    torch_adam_steps(layer, opt, data[:3])
+    assert (ours_w - layer.weight).abs().max().item() < 1e-12
+    theirs = opt.state_dict()["state"]
+    file = st_load(str(path))
+    assert set(file) == {f"state.{i}.{k}" for i in (0, 1) for k in ("step", "exp_avg", "exp_avg_sq")}
+    for i in (0, 1):
+        assert file[f"state.{i}.step"].item() == theirs[i]["step"].item() == 3
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (file[f"state.{i}.{key}"] - theirs[i][key]).abs().max().item() < 1e-12, (i, key)
+
+
+def test_torchs_adam_state_resumes_in_ours(tmp_path):
+    path = tmp_path / "torch_adam.safetensors"
+    w, b, data = adam_problem()
+    layer = torch_layer(w, b)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.01)
+    torch_adam_steps(layer, opt, data[:3])
+    state = opt.state_dict()["state"]
+    st_save({f"state.{i}.{k}": v.to(torch.float64).reshape(v.shape).contiguous() for i, s in state.items() for k, v in s.items()},
+            str(path))
+    resumed_w, resumed_b = aa._C.linear_adam(layer.weight.detach().clone(), layer.bias.detach().clone(),
+                                             [x for x, _ in data[3:]], [y for _, y in data[3:]], 0.01, str(path), None)
+    torch_adam_steps(layer, opt, data[3:])
+    assert (resumed_w - layer.weight).abs().max().item() < 1e-12
+    assert (resumed_b - layer.bias).abs().max().item() < 1e-12
