@@ -68,8 +68,23 @@ Block* acquire(std::size_t bytes) {
     return b;
 }
 
+Block* adopt(void* data, std::size_t bytes, void (*on_release)(void* context) noexcept, void* context) {
+    auto* b = new Block;
+    b->capacity = bytes;
+    b->adopted = true;
+    b->external = data;
+    b->on_release = on_release;
+    b->context = context;
+    return b;
+}
+
 void release(Block* b) noexcept {
     if (b->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    if (b->adopted) {
+        if (b->on_release) b->on_release(b->context);
+        delete b;
+        return;
+    }
     State& s = state();
     bool keep = false;
     {

@@ -42,6 +42,7 @@ void* Tape::arena_allocate(std::size_t bytes, std::size_t align) {
 void Tape::destroy_records_from(std::size_t first) noexcept {
     for (std::size_t i = records_.size(); i-- > first;) records_[i].destroy(records_[i].closure);
     records_.resize(first);
+    info_.resize(first);
 }
 
 void Tape::clear_adjoints() noexcept {

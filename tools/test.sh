@@ -11,3 +11,10 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}
 cmake --build "$build" -j"$(nproc)"
 # shellcheck disable=SC2086  # AUTODIFF_CTEST_ARGS holds several words
 ctest --test-dir "$build" --output-on-failure -j"$(nproc)" ${AUTODIFF_CTEST_ARGS:-}
+
+# ---- Python package (issue 13) ---------------------------------------------------------------------
+# Builds `pip install .` into a virtual environment under the build folder and runs its pytest suite,
+# when python3 exists. AUTODIFF_PYTHON_TESTS=0 skips it (CI's second and later builds do).
+if [ "${AUTODIFF_PYTHON_TESTS:-1}" != 0 ] && command -v python3 > /dev/null 2>&1; then
+  bash tools/test_python.sh "$build"
+fi

@@ -8,6 +8,7 @@
 #include "autodiff/random.hpp"
 #include "autodiff/shape.hpp"
 #include "autodiff/tensor.hpp"
+#include "autodiff/io/safetensors.hpp"
 
 #include "autodiff/kernels/activation.hpp"
 #include "autodiff/kernels/attention.hpp"
@@ -34,8 +35,10 @@
 #include "autodiff/expr/variable.hpp"
 
 #include "autodiff/check.hpp"
+#include "autodiff/graph.hpp"
 #include "autodiff/nn/optim.hpp"
 #include "autodiff/nn/layer_norm.hpp"
 #include "autodiff/nn/linear.hpp"
 #include "autodiff/nn/multihead_attention.hpp"
 #include "autodiff/nn/transformer.hpp"
+#include "autodiff/nn/state.hpp"

@@ -26,16 +26,25 @@ struct Stats {
 };
 
 // One block of storage: a 64-byte header followed by the payload.
+// A block made by adopt() instead views memory owned by someone else (a torch tensor, a mapped file).
 struct Block {
     std::atomic<std::int64_t> refs{1};
-    std::size_t capacity = 0;  // payload bytes (the size class)
+    std::size_t capacity = 0;  // payload bytes (the size class); for an adopted block, its byte size
+    bool adopted = false;      // views `external` (else the payload follows this header)
+    void* external = nullptr;
+    void (*on_release)(void* context) noexcept = nullptr;  // adopted blocks: called when the last reference goes
+    void* context = nullptr;
 
-    [[nodiscard]] void* data() { return reinterpret_cast<std::byte*>(this) + header_bytes; }
+    [[nodiscard]] void* data() { return adopted ? external : reinterpret_cast<std::byte*>(this) + header_bytes; }
     static constexpr std::size_t header_bytes = 64;
 };
+static_assert(sizeof(Block) <= Block::header_bytes, "pool::Block: the header must fit before the payload");
 
 // A block of at least `bytes` payload bytes, with refs == 1. Throws std::bad_alloc on exhaustion.
 Block* acquire(std::size_t bytes);
+// A block viewing `bytes` bytes at `data`, which the caller owns: the pool neither caches nor frees
+// that memory; the last release calls on_release(context) (may be null). Not counted in stats().
+Block* adopt(void* data, std::size_t bytes, void (*on_release)(void* context) noexcept, void* context);
 // Drops one reference; the last one returns the block to its free list.
 void release(Block* block) noexcept;
 inline void retain(Block* block) noexcept { block->refs.fetch_add(1, std::memory_order_relaxed); }

@@ -7,11 +7,13 @@
 // kept across graphs, and slots and records live in vectors that keep their capacity, so a training
 // loop allocates nothing here in steady state.
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <new>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -35,6 +37,31 @@ struct GradTarget {
     std::int32_t slot = -1;
 
     [[nodiscard]] explicit operator bool() const { return leaf != nullptr || slot >= 0; }
+};
+
+// What a record computed, for the graph view (graph.hpp). evaluate() fills it in for the record an
+// expression node makes; fixed-size, so describing records allocates nothing.
+struct RecordInput {
+    std::int32_t slot = -1;    // the output slot of the record that made this input, or -1
+    bool param = false;        // a Param (then `name` holds its name, truncated), else a constant when slot < 0
+    std::array<char, 40> name{};
+    Shape shape;
+};
+struct RecordInputs {
+    static constexpr int capacity = 6;
+    std::array<RecordInput, capacity> input{};
+    int count = 0;  // inputs met; only the first `capacity` are kept
+    void add(const RecordInput& in) {
+        if (count < capacity) input[static_cast<std::size_t>(count)] = in;
+        ++count;
+    }
+};
+struct RecordInfo {
+    std::string_view op;   // the expression node's C++ type as the compiler spells it; empty if unknown
+    Shape shape;           // of the output
+    bool fused = false;    // computed by a fused kernel (one record for a whole pattern)
+    bool is_double = false;
+    RecordInputs inputs;
 };
 
 class Tape {
@@ -77,6 +104,20 @@ public:
     // Bytes held by the arena's chunks (kept across clears).
     [[nodiscard]] std::size_t arena_bytes() const;
 
+    // The graph view's description of record i (graph.hpp), and the output slot it writes.
+    [[nodiscard]] const RecordInfo& info(std::size_t i) const { return info_[i]; }
+    [[nodiscard]] std::int32_t record_slot(std::size_t i) const { return records_[i].slot; }
+    // Describes the last record, if it is the one that wrote `slot` of value type T.
+    template <class T>
+    void describe_last(std::int32_t slot, std::string_view op, const Shape& shape, bool fused, const RecordInputs& inputs) noexcept {
+        if (records_.empty() || records_.back().slot != slot || info_.back().is_double != std::is_same_v<T, double>) return;
+        RecordInfo& r = info_.back();
+        r.op = op;
+        r.shape = shape;
+        r.fused = fused;
+        r.inputs = inputs;
+    }
+
 private:
     struct Record {
         void (*run)(void* closure, Tape& tape, std::int32_t slot);
@@ -104,6 +145,7 @@ private:
     }
 
     std::vector<Record> records_;
+    std::vector<RecordInfo> info_;  // parallel to records_
     std::vector<Tensor<float>> adjoints_f_;
     std::vector<Tensor<double>> adjoints_d_;
     std::vector<Chunk> chunks_;
@@ -164,6 +206,7 @@ GradTarget<T> Tape::record(Backward&& backward) {
     const auto slot = static_cast<std::int32_t>(slots.size());
     // Grow first: once the closure exists, nothing below may throw.
     if (records_.size() == records_.capacity()) records_.reserve(2 * records_.capacity() + 64);
+    if (info_.size() == info_.capacity()) info_.reserve(records_.capacity());
     slots.emplace_back();
     void* mem = arena_allocate(sizeof(Closure), alignof(Closure));
     auto* closure = new (mem) Closure(std::forward<Backward>(backward));
@@ -173,6 +216,9 @@ GradTarget<T> Tape::record(Backward&& backward) {
             if (dy.defined()) (*static_cast<Closure*>(c))(std::as_const(dy), tape);
         },
         [](void* c) noexcept { static_cast<Closure*>(c)->~Closure(); }, closure, slot});
+    RecordInfo info;
+    info.is_double = std::is_same_v<T, double>;
+    info_.push_back(info);
     return GradTarget<T>{nullptr, slot};
 }
 

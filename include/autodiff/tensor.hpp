@@ -48,6 +48,17 @@ public:
     explicit Tensor(const Shape& shape) : shape_(shape) {
         block_ = pool::acquire(static_cast<std::size_t>(shape.numel()) * sizeof(T));
     }
+    // A tensor viewing memory it does not own (no copy): `data` must hold shape.numel() contiguous
+    // row-major elements and outlive every handle on it, or stay alive until on_release(context)
+    // runs (when the last handle goes; on_release may be null).
+    static Tensor adopt(T* data, const Shape& shape, void (*on_release)(void* context) noexcept = nullptr,
+                        void* context = nullptr) {
+        if (data == nullptr && shape.numel() > 0) fail("Tensor::adopt", "null data for shape {}", shape);
+        Tensor t;
+        t.shape_ = shape;
+        t.block_ = pool::adopt(data, static_cast<std::size_t>(shape.numel()) * sizeof(T), on_release, context);
+        return t;
+    }
     Tensor(const Tensor& o) : shape_(o.shape_), block_(o.block_) {
         if (block_) pool::retain(block_);
     }

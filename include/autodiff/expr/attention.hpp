@@ -346,6 +346,7 @@ struct Evaluator<MatMul<L, R>> {
             if constexpr (modified)
                 for (std::size_t i = 0; i < dmod.size(); ++i) tape.accumulate(mod.targets()[i], std::move(dmod[i]));
         };
+        ctx.fused = true;  // for the graph view (graph.hpp)
         return finish(ctx, std::move(O), needs, std::move(backward));
     }
 

@@ -179,19 +179,26 @@ public:
     }
     // Vector-Jacobian product with `seed` (same shape as the value).
     void backward(const Tensor<T>& seed, bool retain_graph = false) {
-        if (!target_)
-            fail("backward", "this Var does not require grad: its expression has no Param, or it was "
-                             "evaluated under NoGradGuard");
-        if (tape_alive_.expired())
-            fail("backward", "the Tape this Var was recorded on has been destroyed; keep an explicit Tape alive "
-                             "until backward()");
-        if (tape_->generation() != generation_)
-            fail("backward", "the graph of this Var was already freed by an earlier backward(); pass "
-                             "retain_graph = true to the first backward() to differentiate it again");
+        recorded_tape("backward");
         if (!seed.defined() || seed.shape() != shape())
             fail("backward", "seed gradient has shape {} but the output has shape {}",
                  seed.defined() ? seed.shape().str() : std::string("(undefined)"), shape());
         tape_->backward(target_, seed, record_end_, retain_graph);
+    }
+
+    // The tape holding this Var's graph; throws Error from `op` when there is none (the Var does not
+    // require grad, its tape was destroyed, or a backward() freed its graph).
+    const Tape& recorded_tape(std::string_view op) const {
+        if (!target_)
+            fail(op, "this Var does not require grad: its expression has no Param, or it was "
+                     "evaluated under NoGradGuard");
+        if (tape_alive_.expired())
+            fail(op, "the Tape this Var was recorded on has been destroyed; keep an explicit Tape alive "
+                     "until backward()");
+        if (tape_->generation() != generation_)
+            fail(op, "the graph of this Var was already freed by an earlier backward(); pass "
+                     "retain_graph = true to the first backward() to differentiate it again");
+        return *tape_;
     }
 
     // For the evaluator of VarLeaf.

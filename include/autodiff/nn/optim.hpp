@@ -63,6 +63,13 @@ public:
         for (auto& p : params_) p.zero_grad();
     }
     [[nodiscard]] const std::vector<Param<T>>& params() const { return params_; }
+    // Parameter i's momentum buffer (undefined before its first step with momentum): nn/state.hpp saves it.
+    [[nodiscard]] const Tensor<T>& momentum_buffer(std::size_t i) const { return velocity_.at(i); }
+    void set_momentum_buffer(std::size_t i, Tensor<T> buffer) {
+        if (buffer.defined() && buffer.shape() != params_.at(i).shape())
+            fail("SGD", "momentum buffer {} of parameter {} must have its shape {}", buffer.shape(), i, params_[i].shape());
+        velocity_.at(i) = std::move(buffer);
+    }
 
 private:
     std::vector<Param<T>> params_;
@@ -127,6 +134,31 @@ public:
     }
     [[nodiscard]] const std::vector<Param<T>>& params() const { return params_; }
     [[nodiscard]] long steps() const { return t_; }
+
+    // Parameter i's state as torch.optim.Adam keeps it (nn/state.hpp saves and loads it): the steps it
+    // took, and its moments (undefined before its first step).
+    struct ParamStateView {
+        long step = 0;
+        Tensor<T> exp_avg, exp_avg_sq;
+    };
+    [[nodiscard]] ParamStateView state(std::size_t i) const { return {param_steps_.at(i), m_.at(i), v_.at(i)}; }
+    void set_state(std::size_t i, ParamStateView s) {
+        const Shape& shape = params_.at(i).shape();
+        if (s.step < 0 || s.exp_avg.shape() != shape || s.exp_avg_sq.shape() != shape)
+            fail("Adam", "state of parameter {} (shape {}): step {} must be >= 0 and the moments {} and {} of its shape", i, shape, s.step,
+                 s.exp_avg.shape(), s.exp_avg_sq.shape());
+        param_steps_[i] = s.step;
+        m_[i] = std::move(s.exp_avg);
+        v_[i] = std::move(s.exp_avg_sq);
+    }
+    // Forgets every moment and step count (as a new optimiser over the same parameters).
+    void reset_state() {
+        for (std::size_t i = 0; i < params_.size(); ++i) {
+            m_[i] = v_[i] = Tensor<T>();
+            param_steps_[i] = 0;
+        }
+        t_ = 0;
+    }
 
 private:
     std::vector<Param<T>> params_;
