@@ -195,6 +195,32 @@ TEST_CASE("elementwise ops: the inputs or outputs each one saves are checked") {
     }
 }
 
+TEST_CASE("every unary op checks the value its backward reads (input or output), and neg reads none") {
+    ad::Param<double> a(ad::uniform<double>({2, 3}, 0.5, 2.0, 1));
+    ad::Var<double> y;
+    auto check_output = [&](const char* op, auto f) {
+        auto make = [&] {
+            y = f(a);
+            return ad::Var<double>(ad::sum(y));
+        };
+        check_modified(make, [&] { Tensor h = y.value(); h.fill(0.25); }, {&a}, op, "output", "(2,3)");
+    };
+    auto check_input = [&](const char* op, auto f) {
+        check_modified([&] { return ad::Var<double>(ad::sum(f(a))); }, [&] { a.value()(1, 2) = 1.25; }, {&a}, op, "input", "(2,3)");
+    };
+    check_output("tanh", [](const auto& x) { return ad::tanh(x); });
+    check_output("sigmoid", [](const auto& x) { return ad::sigmoid(x); });
+    check_input("relu", [](const auto& x) { return ad::relu(x); });
+    check_input("gelu", [](const auto& x) { return ad::gelu(x); });
+    check_input("abs", [](const auto& x) { return ad::abs(x); });
+    check_input("pow", [](const auto& x) { return ad::pow(x, 3.0); });
+    ad::Var<double> loss = ad::sum(-a);
+    a.value().fill(9.0);
+    a.zero_grad();
+    loss.backward();
+    CHECK(ad::max_abs_diff(a.grad(), ad::full<double>({2, 3}, -1.0)) == 0.0);
+}
+
 TEST_CASE("mse saves its input and target") {
     ad::Param<double> x(normal({3, 2}, 1));
     Tensor target = normal({3, 2}, 2);
