@@ -18,6 +18,7 @@ struct State {
     std::map<std::size_t, std::vector<Block*>> free_lists;  // by size class
     Stats stats;
     std::size_t cache_limit = std::numeric_limits<std::size_t>::max();
+    std::int64_t fail_after = -1;  // fail_acquire_after's countdown; < 0: off
 };
 
 // Never destroyed: tensors with static storage duration may be released after main returns.
@@ -41,10 +42,13 @@ std::size_t size_class(std::size_t bytes) {
 }
 
 Block* acquire(std::size_t bytes) {
+    if (bytes > max_bytes) throw std::bad_alloc();
     const std::size_t cls = size_class(bytes);
     State& s = state();
     {
         std::lock_guard lock(s.mutex);
+        if (s.fail_after >= 0) [[unlikely]]
+            if (s.fail_after-- == 0) throw std::bad_alloc();
         ++s.stats.requests;
         auto it = s.free_lists.find(cls);
         if (it != s.free_lists.end() && !it->second.empty()) {
@@ -125,6 +129,11 @@ void release_cached() {
         state().stats.bytes_cached = 0;
     }
     for (Block* b : blocks) system_free(b);
+}
+
+void fail_acquire_after(std::int64_t n) {
+    std::lock_guard lock(state().mutex);
+    state().fail_after = n < 0 ? -1 : n;
 }
 
 void set_cache_limit(std::size_t bytes) {

@@ -13,6 +13,12 @@ Shape::Shape(std::initializer_list<std::int64_t> dims) {
 void Shape::push_back(std::int64_t d) {
     if (rank_ == max_rank) fail("shape", "rank would exceed the maximum rank {} in {}", max_rank, str());
     if (d < 0) fail("shape", "negative dimension {} after {}", d, str());
+    // numel(), batch_count() and the strides multiply the dimensions: their product (zeros left out,
+    // as strides skip them) must fit in std::int64_t.
+    std::int64_t n = d ? d : 1;
+    for (int i = 0; i < rank_; ++i)
+        if ((*this)[i] && __builtin_mul_overflow(n, (*this)[i], &n))
+            fail("shape", "dimension {} after {} makes more than 2^63 - 1 elements", d, str());
     dims_[static_cast<std::size_t>(rank_++)] = d;
 }
 

@@ -45,6 +45,32 @@ void Tape::destroy_records_from(std::size_t first) noexcept {
     info_.resize(first);
 }
 
+namespace {
+template <class T>
+void finish(std::vector<ParamState<T>*>& touched, bool commit) noexcept {
+    for (ParamState<T>* p : touched) {
+        if (commit && p->pending.defined()) {
+            if (!p->grad.defined()) p->grad = std::move(p->pending);
+            else p->grad.array() += p->pending.array();
+        }
+        p->pending = Tensor<T>();
+    }
+    touched.clear();
+}
+}  // namespace
+
+void Tape::finish_params(bool commit) noexcept {
+    finish(touched_f_, commit);
+    finish(touched_d_, commit);
+}
+
+void saved_value_modified(const char* op, const char* which, const Shape& shape, std::uint64_t saved, std::uint64_t now) {
+    fail("backward",
+         "{}'s saved {} {} was modified in place after it was recorded (storage version {}, saved at {}); tensors "
+         "are shared handles: clone() a value before writing into it, or write after backward()",
+         op, which, shape, now, saved);
+}
+
 void Tape::clear_adjoints() noexcept {
     for (auto& a : adjoints_f_) a = Tensor<float>();
     for (auto& a : adjoints_d_) a = Tensor<double>();

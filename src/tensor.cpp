@@ -57,10 +57,13 @@ void append_nested(std::string& s, const T* data, const Shape& shape, std::int64
             const std::int64_t n = shape[Dim];
             const std::int64_t stride = n > 0 ? block / n : 0;
             s += '[';
+            const int half = max_per_dim / 2;  // shown at each end of an elided dimension
             for (std::int64_t i = 0; i < n; ++i) {
-                if (i == max_per_dim / 2 && n > max_per_dim) {
-                    s += "..., ";
-                    i = n - max_per_dim / 2;
+                if (i == half && n > max_per_dim) {
+                    s += "...";
+                    if (half == 0) break;  // nothing to show after the ellipsis (i = n would read past the end)
+                    s += ", ";
+                    i = n - half;
                 }
                 append_nested<Dim + 1>(s, data, shape, offset + i * stride, stride, max_per_dim);
                 if (i + 1 < n) s += Dim + 1 == shape.rank() ? ", " : ",\n" + std::string(std::size_t{Dim + 1}, ' ');

@@ -5,6 +5,7 @@
 // bit-identical for any thread count.
 
 #include <cstdint>
+#include <exception>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -25,8 +26,19 @@ template <class Body>
 void parallel_for(std::int64_t n, std::int64_t cost_per_item, Body&& body) {
 #if defined(_OPENMP)
     if (n > 1 && n * cost_per_item >= parallel_grain && !omp_in_parallel() && omp_get_max_threads() > 1) {
+        // An exception must not leave an OpenMP region (std::terminate): the first one is kept and
+        // rethrown after it, as the serial loop would throw it.
+        std::exception_ptr error;
 #pragma omp parallel for schedule(static)
-        for (std::int64_t i = 0; i < n; ++i) body(i);
+        for (std::int64_t i = 0; i < n; ++i) {
+            try {
+                body(i);
+            } catch (...) {
+#pragma omp critical(autodiff_parallel_for_error)
+                if (!error) error = std::current_exception();
+            }
+        }
+        if (error) std::rethrow_exception(error);
         return;
     }
 #else

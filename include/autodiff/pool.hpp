@@ -34,11 +34,21 @@ struct Block {
     void* external = nullptr;
     void (*on_release)(void* context) noexcept = nullptr;  // adopted blocks: called when the last reference goes
     void* context = nullptr;
+    // Bumped by every write access to the payload through a Tensor (Tensor::data() and what is built
+    // on it); a tape record compares it with the value it saw when it saved the tensor. Never reset,
+    // so it only moves forward over the block's lifetime, reuse included. Relaxed load + store, not a
+    // read-modify-write: two threads writing one tensor at once race on its data anyway, and a lost
+    // increment still moves the version away from every value a record saw.
+    std::atomic<std::uint64_t> version{0};
 
     [[nodiscard]] void* data() { return adopted ? external : reinterpret_cast<std::byte*>(this) + header_bytes; }
     static constexpr std::size_t header_bytes = 64;
 };
 static_assert(sizeof(Block) <= Block::header_bytes, "pool::Block: the header must fit before the payload");
+
+// The largest request acquire() serves (larger ones throw std::bad_alloc): size classes and the
+// header are then computed without overflow.
+inline constexpr std::size_t max_bytes = std::size_t{1} << 56;
 
 // A block of at least `bytes` payload bytes, with refs == 1. Throws std::bad_alloc on exhaustion.
 Block* acquire(std::size_t bytes);
@@ -48,6 +58,11 @@ Block* adopt(void* data, std::size_t bytes, void (*on_release)(void* context) no
 // Drops one reference; the last one returns the block to its free list.
 void release(Block* block) noexcept;
 inline void retain(Block* block) noexcept { block->refs.fetch_add(1, std::memory_order_relaxed); }
+
+// Testing hook (exception safety): after `n` more successful acquire() calls (counted over all
+// threads), the next one throws std::bad_alloc, once; n < 0 (the default) disables it. Costs acquire()
+// one predictable branch when disabled.
+void fail_acquire_after(std::int64_t n);
 
 // The payload size a request of `bytes` is rounded up to.
 std::size_t size_class(std::size_t bytes);

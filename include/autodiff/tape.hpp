@@ -28,6 +28,43 @@ struct ParamState {
     Tensor<T> value;
     Tensor<T> grad;
     std::string name;
+    // The contributions of the backward() in progress, added to grad only when that backward
+    // succeeds (Tape::backward): a backward that throws leaves grad as it was.
+    Tensor<T> pending;
+};
+
+// Throws the Error of a value saved for a backward that was written into since (tape.cpp):
+// "backward: <op>'s saved <which> (shape) was modified in place after it was recorded ...".
+[[noreturn]] void saved_value_modified(const char* op, const char* which, const Shape& shape, std::uint64_t saved,
+                                       std::uint64_t now);
+
+// Checks that `t` is unmodified since a record saved it at version `version`.
+template <class U>
+void check_saved(const char* op, const char* which, const Tensor<U>& t, std::uint64_t version) {
+    if (t.version() != version) [[unlikely]]
+        saved_value_modified(op, which, t.shape(), version, t.version());
+}
+
+// A value a record keeps for its backward, with the version of its storage when it was saved (one
+// integer). Tensors are shared handles: a write into the value between the forward and backward()
+// (through any handle or view on its storage) would silently corrupt the gradient; get() throws instead.
+template <class U>
+class Saved {
+public:
+    Saved() = default;
+    explicit Saved(Tensor<U> t) : tensor_(std::move(t)), version_(tensor_.version()) {}
+
+    // The value, after checking that nothing wrote into it since it was saved. `op` and `which`
+    // name the record and the value in the error ("matmul", "rhs").
+    [[nodiscard]] const Tensor<U>& get(const char* op, const char* which) const {
+        check_saved(op, which, tensor_, version_);
+        return tensor_;
+    }
+    [[nodiscard]] bool defined() const { return tensor_.defined(); }
+
+private:
+    Tensor<U> tensor_;
+    std::uint64_t version_ = 0;
 };
 
 // Where the gradient of a value goes: a Param's grad, an adjoint slot of the tape, or nowhere.
@@ -76,12 +113,15 @@ public:
     template <class T, class Backward>
     GradTarget<T> record(Backward&& backward);
 
-    // target's gradient += g. Takes g's storage when nobody else holds it, otherwise copies.
+    // target's gradient += g. Takes g's storage when nobody else holds it, otherwise copies. A
+    // Param's share goes to its pending gradient, added to grad() when the backward succeeds.
     template <class T>
     void accumulate(const GradTarget<T>& target, Tensor<T> g);
 
     // Seeds `target` with `seed` and runs the records [0, end) in reverse. Without retain_graph the
     // tape is cleared afterwards (every Var recorded on it can no longer be differentiated).
+    // If anything throws (a saved value modified in place, std::bad_alloc), every Param's grad() is
+    // left as it was, the adjoints are released and the graph stays recorded.
     template <class T>
     void backward(const GradTarget<T>& target, const Tensor<T>& seed, std::size_t end, bool retain_graph);
 
@@ -143,11 +183,21 @@ private:
     Tensor<T> take_adjoint(std::int32_t slot) {
         return std::move(adjoints<T>()[static_cast<std::size_t>(slot)]);
     }
+    template <class T>
+    std::vector<ParamState<T>*>& touched() {
+        if constexpr (std::is_same_v<T, float>) return touched_f_;
+        else return touched_d_;
+    }
+    // Ends a backward: adds (commit) or drops every touched Param's pending gradient.
+    void finish_params(bool commit) noexcept;
 
     std::vector<Record> records_;
     std::vector<RecordInfo> info_;  // parallel to records_
     std::vector<Tensor<float>> adjoints_f_;
     std::vector<Tensor<double>> adjoints_d_;
+    // The Params given a pending gradient by the backward in progress (capacity kept across graphs).
+    std::vector<ParamState<float>*> touched_f_;
+    std::vector<ParamState<double>*> touched_d_;
     std::vector<Chunk> chunks_;
     std::size_t chunk_ = 0;  // current chunk
     std::size_t used_ = 0;   // bytes used in it
@@ -224,7 +274,8 @@ GradTarget<T> Tape::record(Backward&& backward) {
 
 template <class T>
 void Tape::accumulate(const GradTarget<T>& target, Tensor<T> g) {
-    Tensor<T>& dst = target.leaf ? target.leaf->grad : adjoints<T>()[static_cast<std::size_t>(target.slot)];
+    if (target.leaf && !target.leaf->pending.defined()) touched<T>().push_back(target.leaf.get());  // may throw: nothing changed yet
+    Tensor<T>& dst = target.leaf ? target.leaf->pending : adjoints<T>()[static_cast<std::size_t>(target.slot)];
     if (!dst.defined())
         dst = g.is_unique() ? std::move(g) : g.clone();
     else
@@ -240,9 +291,11 @@ void Tape::backward(const GradTarget<T>& target, const Tensor<T>& seed, std::siz
             r.run(r.closure, *this, r.slot);
         }
     } catch (...) {
+        finish_params(false);
         clear_adjoints();
         throw;
     }
+    finish_params(true);
     if (retain_graph) clear_adjoints();
     else clear();
 }

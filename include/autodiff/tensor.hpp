@@ -46,7 +46,9 @@ public:
     Tensor() = default;
     // Uninitialised storage of the given shape.
     explicit Tensor(const Shape& shape) : shape_(shape) {
-        block_ = pool::acquire(static_cast<std::size_t>(shape.numel()) * sizeof(T));
+        const auto n = static_cast<std::size_t>(shape.numel());
+        if (n > pool::max_bytes / sizeof(T)) fail("tensor", "shape {} is too large to allocate ({} elements)", shape, n);
+        block_ = pool::acquire(n * sizeof(T));
     }
     // A tensor viewing memory it does not own (no copy): `data` must hold shape.numel() contiguous
     // row-major elements and outlive every handle on it, or stay alive until on_release(context)
@@ -84,8 +86,19 @@ public:
     [[nodiscard]] int rank() const { return shape_.rank(); }
     [[nodiscard]] std::int64_t dim(int i) const { return shape_[i]; }
     [[nodiscard]] std::int64_t numel() const { return block_ ? shape_.numel() : 0; }
-    [[nodiscard]] T* data() { return block_ ? static_cast<T*>(block_->data()) : nullptr; }
+    // Write access: bumps the storage's version (see version()). Everything that can write through a
+    // handle (array(), matrix(), operator(), at(), fill(), optimiser steps) goes through it; read
+    // through a const handle (std::as_const(t)) to leave the version alone.
+    [[nodiscard]] T* data() {
+        if (!block_) return nullptr;
+        block_->version.store(block_->version.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        return static_cast<T*>(block_->data());
+    }
     [[nodiscard]] const T* data() const { return block_ ? static_cast<const T*>(block_->data()) : nullptr; }
+    // How many times the storage was opened for writing (shared by every handle and reshaped view on
+    // it), like torch's Tensor._version. A tape record remembers the version of each value it saves
+    // and its backward refuses to run if it moved (an in-place write would corrupt the gradient).
+    [[nodiscard]] std::uint64_t version() const { return block_ ? block_->version.load(std::memory_order_relaxed) : 0; }
     // True when this handle is the only one on its storage (safe to modify in place).
     [[nodiscard]] bool is_unique() const { return block_ && block_->refs.load(std::memory_order_acquire) == 1; }
     // True when both handles share one storage block.

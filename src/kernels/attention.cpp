@@ -451,7 +451,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         for (std::int64_t t = g; t < p.items; ++t) {
             if (group_of(t) != g) continue;
             const T* dO_t = dO.data() + t * p.Lq * p.dv;
-            const T* O_t = saved.O.data() + t * p.Lq * p.dv;
+            const T* O_t = std::as_const(saved.O).data() + t * p.Lq * p.dv;
             {
                 AUTODIFF_PHASE(bwd_prologue);
                 Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
@@ -459,7 +459,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                 for (std::int64_t i = qa; i < qb; ++i)  // D_i = rowsum(dO_i ⊙ O_i)
                     s.D[static_cast<std::size_t>(i)] = (ConstRowMap<T>(dO_t + i * p.dv, p.dv) * ConstRowMap<T>(O_t + i * p.dv, p.dv)).sum();
             }
-            const T* lse = saved.lse.data() + t * p.Lq;
+            const T* lse = std::as_const(saved.lse).data() + t * p.Lq;
             for (std::int64_t j0 = 0; j0 < p.Lk; j0 += block_k) {
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
                 std::fill_n(s.dK.begin(), cols * p.d, T(0));

@@ -21,6 +21,11 @@ Shape permute_output_shape(std::string_view op, const Shape& x, const Permutatio
 }
 
 Permutation inverse_permutation(const Permutation& perm, int rank) {
+    if (rank < 0 || rank > max_rank) fail("inverse_permutation", "rank must be in [0, {}], got {}", max_rank, rank);
+    // Validated like permute's: an entry outside [0, rank) indexed past inv.
+    Shape dims;
+    for (int k = 0; k < rank; ++k) dims.push_back(1);
+    (void)permute_output_shape("inverse_permutation", dims, perm);
     Permutation inv{0, 1, 2, 3};
     for (int k = 0; k < rank; ++k) inv[static_cast<std::size_t>(perm[static_cast<std::size_t>(k)])] = k;
     return inv;

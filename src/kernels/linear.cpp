@@ -17,10 +17,16 @@ Shape linear_output_shape(std::string_view op, const Shape& x, const Shape& W, c
 }
 
 namespace {
+// The product of every dimension but the last (not numel / last: that divides by zero when in = 0).
+std::int64_t leading_rows(const Shape& s) {
+    std::int64_t n = 1;
+    for (int i = 0; i + 1 < s.rank(); ++i) n *= s[i];
+    return n;
+}
 // x (..., in) seen as the matrix (rows, in).
 template <class T>
 Tensor<T> as_rows(const Tensor<T>& x) {
-    return x.reshaped({x.numel() / x.shape().dim_from_end(1), x.shape().dim_from_end(1)});
+    return x.reshaped({leading_rows(x.shape()), x.shape().dim_from_end(1)});
 }
 }  // namespace
 
@@ -28,7 +34,7 @@ template <class T>
 Tensor<T> linear_forward(const Tensor<T>& x, const Tensor<T>& W, const Tensor<T>& b) {
     const Shape* bs = b.defined() ? &b.shape() : nullptr;
     Tensor<T> y(linear_output_shape("linear", x.shape(), W.shape(), bs));
-    Tensor<T> y2 = y.reshaped({x.numel() / x.shape().dim_from_end(1), W.dim(0)});
+    Tensor<T> y2 = y.reshaped({leading_rows(x.shape()), W.dim(0)});
     linear_product(as_rows(x), W, b, y2);
     return y;
 }

@@ -332,13 +332,23 @@ struct Evaluator<MatMul<L, R>> {
         Tensor<T> O = saved.O;
         bool needs = q.target || k.target || v.target || b.target;
         if constexpr (modified) needs = needs || !mod.targets().empty();
-        auto backward = [qt = q.target, kt = k.target, vt = v.target, bt = b.target, Q = q.value, K = k.value, V = v.value,
-                         B = b.value, A = additive, saved = std::move(saved), opt, mod = std::move(mod)](const Tensor<T>& dO, Tape& tape) mutable {
+        // The backward reads q, k, v, the bias, the masks, O (and the modifier's captured tensors): the
+        // versions they have now are checked before it runs. lse and the kept scores are private.
+        const SavedVersions versions{opt.mask.keep.version(), opt.mask.key_padding.version(), saved.O.version()};
+        auto backward = [qt = q.target, kt = k.target, vt = v.target, bt = b.target, Q = Saved<T>(q.value), K = Saved<T>(k.value),
+                         V = Saved<T>(v.value), B = Saved<T>(b.value), A = Saved<T>(additive), saved = std::move(saved), opt, versions,
+                         mod = std::move(mod)](const Tensor<T>& dO, Tape& tape) mutable {
+            constexpr const char* op = "attention";
+            check_saved(op, "keep mask", opt.mask.keep, versions.keep);
+            check_saved(op, "key padding mask", opt.mask.key_padding, versions.key_padding);
+            check_saved(op, "output", saved.O, versions.O);
+            if constexpr (modified) mod.check_saved(op);
             Tensor<T> dQ, dK, dV, dB;
             std::vector<Tensor<T>> dmod;
             const AttentionModifier<T>* modifier = as_modifier(mod);
-            attention_backward(qt ? &dQ : nullptr, kt ? &dK : nullptr, vt ? &dV : nullptr, bt ? &dB : nullptr, dO, Q, K, V, B,
-                               A, saved, opt, modifier, modified ? &dmod : nullptr);
+            attention_backward(qt ? &dQ : nullptr, kt ? &dK : nullptr, vt ? &dV : nullptr, bt ? &dB : nullptr, dO, Q.get(op, "q"),
+                               K.get(op, "k"), V.get(op, "v"), B.get(op, "bias"), A.get(op, "additive mask"), saved, opt, modifier,
+                               modified ? &dmod : nullptr);
             if (qt) tape.accumulate(qt, std::move(dQ));
             if (kt) tape.accumulate(kt, std::move(dK));
             if (vt) tape.accumulate(vt, std::move(dV));
@@ -364,6 +374,11 @@ struct Evaluator<MatMul<L, R>> {
             if (!broadcasts_to(Scores::bias(sm.child).shape(), scores_shape(q, k))) return false;
         return true;
     }
+
+    // The versions of the saved values that are not held as Saved<T>.
+    struct SavedVersions {
+        std::uint64_t keep, key_padding, O;
+    };
 
     static Shape scores_shape(const Shape& q, const Shape& k) {
         Shape scores = q;

@@ -28,9 +28,9 @@ struct Evaluator<Unary<Op, C>> {
     static Value<T> eval(const Unary<Op, C>& e, EvalContext& ctx) {
         Value<T> x = evaluate(e.child, ctx);
         Tensor<T> y = unary_forward(e.op, x.value);
-        auto backward = [op = e.op, xt = x.target, X = Op::needs_input ? x.value : Tensor<T>(),
-                         Y = Op::needs_output ? y : Tensor<T>()](const Tensor<T>& dy, Tape& tape) {
-            tape.accumulate(xt, unary_backward(op, dy, X, Y));
+        auto backward = [op = e.op, xt = x.target, X = Saved<T>(Op::needs_input ? x.value : Tensor<T>()),
+                         Y = Saved<T>(Op::needs_output ? y : Tensor<T>())](const Tensor<T>& dy, Tape& tape) {
+            tape.accumulate(xt, unary_backward(op, dy, X.get(Op::name, "input"), Y.get(Op::name, "output")));
         };
         return finish(ctx, std::move(y), static_cast<bool>(x.target), std::move(backward));
     }
@@ -58,9 +58,10 @@ struct Evaluator<Binary<Op, L, R>> {
         // Linear ops need only the operands' shapes: do not keep (possibly L×L) values alive.
         constexpr bool keep = !is_linear_binary_v<Op>;
         auto backward = [at = a.target, bt = b.target, as = a.value.shape(), bs = b.value.shape(),
-                         A = keep ? a.value : Tensor<T>(), B = keep ? b.value : Tensor<T>()](const Tensor<T>& g, Tape& tape) {
+                         A = Saved<T>(keep ? a.value : Tensor<T>()), B = Saved<T>(keep ? b.value : Tensor<T>())](const Tensor<T>& g,
+                                                                                                                 Tape& tape) {
             Tensor<T> da, db;
-            binary_backward(Op{}, g, A, B, as, bs, at ? &da : nullptr, bt ? &db : nullptr);
+            binary_backward(Op{}, g, A.get(Op::name, "lhs"), B.get(Op::name, "rhs"), as, bs, at ? &da : nullptr, bt ? &db : nullptr);
             if (at) tape.accumulate(at, std::move(da));
             if (bt) tape.accumulate(bt, std::move(db));
         };

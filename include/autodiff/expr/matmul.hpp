@@ -106,9 +106,10 @@ struct GenericMatMul {
         Value<T> b = evaluate(OpB::inner(e.rhs), ctx);
         Tensor<T> c = matmul_forward(a.value, OpA::transposed, b.value, OpB::transposed);
         return finish(ctx, std::move(c), a.target || b.target,
-                      [at = a.target, bt = b.target, A = a.value, B = b.value](const Tensor<T>& dC, Tape& tape) {
+                      [at = a.target, bt = b.target, A = Saved<T>(a.value), B = Saved<T>(b.value)](const Tensor<T>& dC, Tape& tape) {
                           Tensor<T> dA, dB;
-                          matmul_backward(at ? &dA : nullptr, bt ? &dB : nullptr, dC, A, OpA::transposed, B, OpB::transposed);
+                          matmul_backward(at ? &dA : nullptr, bt ? &dB : nullptr, dC, A.get("matmul", "lhs"), OpA::transposed,
+                                          B.get("matmul", "rhs"), OpB::transposed);
                           if (at) tape.accumulate(at, std::move(dA));
                           if (bt) tape.accumulate(bt, std::move(dB));
                       });
@@ -165,7 +166,10 @@ struct Evaluator<Linear<X, W, B>> {
         if constexpr (Linear<X, W, B>::has_bias) b = evaluate(e.bias, ctx);
         Tensor<T> y = linear_forward(x.value, w.value, b.value);
         return finish(ctx, std::move(y), x.target || w.target || b.target,
-                      [xt = x.target, wt = w.target, bt = b.target, X_ = x.value, W_ = w.value](const Tensor<T>& dy, Tape& tape) {
+                      [xt = x.target, wt = w.target, bt = b.target, Xs = Saved<T>(x.value), Ws = Saved<T>(w.value)](const Tensor<T>& dy,
+                                                                                                                   Tape& tape) {
+                          const Tensor<T>& X_ = Xs.get("linear", "input");
+                          const Tensor<T>& W_ = Ws.get("linear", "weight");
                           Tensor<T> dx;
                           Tensor<T> dW = wt ? zeros<T>(W_.shape()) : Tensor<T>();
                           Tensor<T> db = bt ? zeros<T>({W_.dim(0)}) : Tensor<T>();

@@ -908,6 +908,10 @@ public:
     [[nodiscard]] const std::vector<GradTarget<T>>& targets() const { return targets_; }
 
     [[nodiscard]] bool needs_reverse() const override { return !targets_.empty(); }
+    // Throws if a captured tensor was written into since the modifier was built (a backward reads them).
+    void check_saved(const char* op) const {
+        for (const Saved<T>& v : values_) (void)v.get(op, "captured tensor");
+    }
 
     void modify(const ScoreTile& tile, const T* x, std::int64_t ldx, T* s, std::int64_t lds) const override {
         if constexpr (has_fn)
@@ -1013,7 +1017,7 @@ private:
     M m_;
     bool bias_inside_;
     std::int64_t B_ = 1, H_ = 1, Lq_ = 0, Lk_ = 0;
-    std::vector<Tensor<T>> values_;  // keeps the captured tensors' storage alive
+    std::vector<Saved<T>> values_;  // keeps the captured tensors' storage alive, with their versions
     std::vector<GradTarget<T>> targets_;
     std::vector<Shape> grad_shapes_;
 
@@ -1034,7 +1038,7 @@ private:
             }
             if (v.value.numel() > std::numeric_limits<std::int32_t>::max())
                 fail(op, "a captured tensor of shape {} has more than 2^31 - 1 elements; capture smaller tensors", s);
-            leaf.data = v.value.data();
+            leaf.data = std::as_const(v.value).data();
             double lo = inf, hi = -inf;
             for (std::int64_t i = 0; i < v.value.numel(); ++i) {
                 const double x = static_cast<double>(leaf.data[i]);
@@ -1053,7 +1057,7 @@ private:
                 targets_.push_back(v.target);
                 grad_shapes_.push_back(s);
             }
-            values_.push_back(std::move(v.value));
+            values_.push_back(Saved<T>(std::move(v.value)));
         });
     }
 
@@ -1138,7 +1142,9 @@ struct Evaluator<ScoreMod<X, F>> {
         const std::int64_t Lk = x.value.shape().dim_from_end(1), plane = x.value.shape().dim_from_end(2) * Lk;
         parallel_for(mod.items(), plane * 16, [&](std::int64_t t) { mod.modify(mod.whole(t), y.data() + t * plane, Lk, y.data() + t * plane, Lk); });
         const bool needs = x.target || !mod.targets().empty();
-        auto backward = [xt = x.target, X_ = x.value, mod](const Tensor<T>& dy, Tape& tape) {
+        auto backward = [xt = x.target, Xs = Saved<T>(x.value), mod](const Tensor<T>& dy, Tape& tape) {
+            const Tensor<T>& X_ = Xs.get("score_mod", "input");
+            mod.check_saved("score_mod");
             Tensor<T> dx = dy.clone();
             const std::int64_t n = mod.items(), cols = X_.shape().dim_from_end(1), size = X_.shape().dim_from_end(2) * cols;
             const std::vector<Shape>& shapes = mod.gradient_shapes();
@@ -1195,7 +1201,9 @@ struct Evaluator<Softmax<C, M>> {
             });
         m.keep = keep;
         Tensor<T> y = softmax_forward(x.value, m, e.additive);
-        auto backward = [xt = x.target, Y = y](const Tensor<T>& dy, Tape& tape) { tape.accumulate(xt, softmax_backward(dy, Y)); };
+        auto backward = [xt = x.target, Y = Saved<T>(y)](const Tensor<T>& dy, Tape& tape) {
+            tape.accumulate(xt, softmax_backward(dy, Y.get("softmax", "output")));
+        };
         return finish(ctx, std::move(y), static_cast<bool>(x.target), std::move(backward));
     }
 };

@@ -72,9 +72,10 @@ struct Evaluator<MseLoss<A, B>> {
         Value<T> a = evaluate(e.input, ctx);
         Value<T> b = evaluate(e.target, ctx);
         return finish(ctx, full<T>({}, mse_loss_forward(a.value, b.value)), a.target || b.target,
-                      [at = a.target, bt = b.target, A_ = a.value, B_ = b.value](const Tensor<T>& dy, Tape& tape) {
+                      [at = a.target, bt = b.target, A_ = Saved<T>(a.value), B_ = Saved<T>(b.value)](const Tensor<T>& dy, Tape& tape) {
                           Tensor<T> da, db;
-                          mse_loss_backward(at ? &da : nullptr, bt ? &db : nullptr, dy.item(), A_, B_);
+                          mse_loss_backward(at ? &da : nullptr, bt ? &db : nullptr, dy.item(), A_.get("mse", "input"),
+                                            B_.get("mse", "target"));
                           if (at) tape.accumulate(at, std::move(da));
                           if (bt) tape.accumulate(bt, std::move(db));
                       });

@@ -42,7 +42,9 @@ struct Evaluator<Softmax<C>> {
     static Value<T> eval(const Softmax<C>& e, EvalContext& ctx) {
         Value<T> x = evaluate(e.child, ctx);
         Tensor<T> y = softmax_forward(x.value, e.mask, e.additive);
-        auto backward = [xt = x.target, Y = y](const Tensor<T>& dy, Tape& tape) { tape.accumulate(xt, softmax_backward(dy, Y)); };
+        auto backward = [xt = x.target, Y = Saved<T>(y)](const Tensor<T>& dy, Tape& tape) {
+            tape.accumulate(xt, softmax_backward(dy, Y.get("softmax", "output")));
+        };
         return finish(ctx, std::move(y), static_cast<bool>(x.target), std::move(backward));
     }
 };

@@ -23,7 +23,7 @@ public:
 
     explicit Param(Tensor<T> value, std::string name = {}) {
         if (!value.defined()) fail("Param", "value{} is an undefined tensor", name.empty() ? "" : " of '" + name + "'");
-        state_ = std::make_shared<ParamState<T>>(ParamState<T>{std::move(value), {}, std::move(name)});
+        state_ = std::make_shared<ParamState<T>>(ParamState<T>{std::move(value), {}, std::move(name), {}});
     }
 
     [[nodiscard]] const Tensor<T>& value() const { return state_->value; }

@@ -19,7 +19,7 @@
 // (seed = options().seed, offset = number of forward calls so far): the n-th call (from 0) uses
 // offset n, so two calls never share a mask, and dropout_descriptor() tells the one the next call
 // uses (to reproduce it with the functional API). Every call advances the offset, in eval mode too;
-// a call rejected for bad input does not.
+// a call that throws (bad input, std::bad_alloc) does not, and leaves the tape as it was.
 
 #include <cmath>
 #include <optional>
@@ -153,6 +153,23 @@ private:
         const std::int64_t E = opt_.embed_dim, H = opt_.num_heads;
         // Before the projections are recorded: a bad mask must leave the tape as it was.
         check_softmax_mask("nn::MultiHeadAttention", Shape{query.shape()[0], H, query.shape()[1], key.shape()[1]}, mask, Tensor<T>());
+        // A call is several Vars: if a later one throws (std::bad_alloc), the earlier ones' records are
+        // undone too, and the dropout offset advances only when the call succeeds.
+        Tape& tape = current_tape();
+        const Tape::Checkpoint cp = tape.checkpoint();
+        try {
+            Var<T> out = attend(query, key, value, mask, std::forward<AddBias>(add_bias_to), E, H);
+            ++calls_;
+            return out;
+        } catch (...) {
+            tape.rollback(cp);
+            throw;
+        }
+    }
+
+    template <class AddBias>
+    Var<T> attend(const Var<T>& query, const Var<T>& key, const Var<T>& value, const Mask& mask, AddBias&& add_bias_to,
+                  std::int64_t E, std::int64_t H) {
         Var<T> q, k, v;
         const bool self = query.value().shares_storage_with(key.value()) && key.value().shares_storage_with(value.value()) &&
                           query.shape() == key.shape() && key.shape() == value.shape() && packed();
@@ -168,7 +185,6 @@ private:
         }
         const T scale = T(1) / std::sqrt(static_cast<T>(E / H));
         const DropoutDescriptor drop = dropout_descriptor();
-        ++calls_;
         auto scores = matmul(split_heads(q, H), transpose(split_heads(k, H))) * scale;
         Var<T> attended = matmul(dropout(softmax(add_bias_to(scores), mask), drop), split_heads(v, H));
         return out_proj_(merge_heads(attended));
