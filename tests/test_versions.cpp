@@ -341,3 +341,22 @@ TEST_CASE("after a refused backward the graph is still recorded: a later backwar
     CHECK_FALSE(b.has_grad());
     test::check_error([&] { loss.backward(); }, "backward", {"matmul's saved rhs (4,2)"});
 }
+
+TEST_CASE("layer_norm, rms_norm and bias_gelu: the input and the weight (bias_gelu: the bias) are checked") {
+    ad::Param<double> x(normal({3, 4}, 1)), w(normal({4}, 2)), b(normal({4}, 3));
+    // sum(tanh(·)): a plain sum of a normalised row has gradient 0 with respect to x
+    auto ln = [&] { return ad::Var<double>(ad::sum(ad::tanh(ad::layer_norm(x, {4}, w, b)))); };
+    auto rms = [&] { return ad::Var<double>(ad::sum(ad::tanh(ad::rms_norm(x, {4}, w, 1e-6)))); };
+    auto gelu = [&] { return ad::Var<double>(ad::sum(ad::bias_gelu(x, b))); };
+    SUBCASE("layer_norm input") { check_modified(ln, [&] { x.value()(0, 0) = 9.0; }, {&x, &w, &b}, "layer_norm", "input", "(3,4)"); }
+    SUBCASE("layer_norm weight") { check_modified(ln, [&] { w.value().fill(1.0); }, {&x, &w, &b}, "layer_norm", "weight", "(4)"); }
+    SUBCASE("rms_norm input") { check_modified(rms, [&] { x.value().fill(1.0); }, {&x, &w}, "rms_norm", "input", "(3,4)"); }
+    SUBCASE("rms_norm weight") { check_modified(rms, [&] { w.value()(1) = 0.0; }, {&x, &w}, "rms_norm", "weight", "(4)"); }
+    SUBCASE("bias_gelu input") { check_modified(gelu, [&] { x.value().fill(1.0); }, {&x, &b}, "bias_gelu", "input", "(3,4)"); }
+    SUBCASE("bias_gelu bias") { check_modified(gelu, [&] { b.value()(2) = 0.0; }, {&x, &b}, "bias_gelu", "bias", "(4)"); }
+    SUBCASE("layer_norm's bias may change: its backward does not read it") {
+        ad::Var<double> loss = ln();
+        b.value().fill(3.0);
+        CHECK_NOTHROW(loss.backward());
+    }
+}

@@ -38,9 +38,10 @@ struct Evaluator<BiasGelu<X, B>> {
         Value<T> x = evaluate(e.x, ctx);
         Value<T> b = evaluate(e.bias, ctx);
         Tensor<T> y = bias_gelu_forward(x.value, b.value, e.approximate);
-        auto backward = [xt = x.target, bt = b.target, X_ = x.value, B_ = b.value, a = e.approximate](const Tensor<T>& dy, Tape& tape) {
+        auto backward = [xt = x.target, bt = b.target, X_ = Saved<T>(x.value), B_ = Saved<T>(b.value), a = e.approximate](const Tensor<T>& dy,
+                                                                                                                      Tape& tape) {
             Tensor<T> dx, db;
-            bias_gelu_backward(xt ? &dx : nullptr, bt ? &db : nullptr, dy, X_, B_, a);
+            bias_gelu_backward(xt ? &dx : nullptr, bt ? &db : nullptr, dy, X_.get("bias_gelu", "input"), B_.get("bias_gelu", "bias"), a);
             if (xt) tape.accumulate(xt, std::move(dx));
             if (bt) tape.accumulate(bt, std::move(db));
         };

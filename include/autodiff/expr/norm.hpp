@@ -86,10 +86,12 @@ struct Evaluator<LayerNorm<X, W, B>> {
         Value<T> w = detail::evaluate_optional<T>(e.weight, ctx);
         Value<T> b = detail::evaluate_optional<T>(e.bias, ctx);
         NormForward<T> f = layer_norm_forward(x.value, e.normalized_shape, w.value, b.value, e.eps);
-        auto backward = [xt = x.target, wt = w.target, bt = b.target, X_ = x.value, W_ = w.value, mean = f.mean, rstd = f.rstd,
-                         ns = e.normalized_shape](const Tensor<T>& dy, Tape& tape) {
+        // mean and rstd are the record's own; x and the weight are checked for writes since (tape.hpp's Saved)
+        auto backward = [xt = x.target, wt = w.target, bt = b.target, X_ = Saved<T>(x.value), W_ = Saved<T>(w.value), mean = f.mean,
+                         rstd = f.rstd, ns = e.normalized_shape](const Tensor<T>& dy, Tape& tape) {
             Tensor<T> dx, dw, db;
-            layer_norm_backward(xt ? &dx : nullptr, wt ? &dw : nullptr, bt ? &db : nullptr, dy, X_, W_, mean, rstd, ns);
+            layer_norm_backward(xt ? &dx : nullptr, wt ? &dw : nullptr, bt ? &db : nullptr, dy, X_.get("layer_norm", "input"),
+                                W_.get("layer_norm", "weight"), mean, rstd, ns);
             if (xt) tape.accumulate(xt, std::move(dx));
             if (wt) tape.accumulate(wt, std::move(dw));
             if (bt) tape.accumulate(bt, std::move(db));
@@ -131,10 +133,10 @@ struct Evaluator<RmsNorm<X, W>> {
         Value<T> x = evaluate(e.x, ctx);
         Value<T> w = detail::evaluate_optional<T>(e.weight, ctx);
         NormForward<T> f = rms_norm_forward(x.value, e.normalized_shape, w.value, e.eps);
-        auto backward = [xt = x.target, wt = w.target, X_ = x.value, W_ = w.value, rstd = f.rstd,
+        auto backward = [xt = x.target, wt = w.target, X_ = Saved<T>(x.value), W_ = Saved<T>(w.value), rstd = f.rstd,
                          ns = e.normalized_shape](const Tensor<T>& dy, Tape& tape) {
             Tensor<T> dx, dw;
-            rms_norm_backward(xt ? &dx : nullptr, wt ? &dw : nullptr, dy, X_, W_, rstd, ns);
+            rms_norm_backward(xt ? &dx : nullptr, wt ? &dw : nullptr, dy, X_.get("rms_norm", "input"), W_.get("rms_norm", "weight"), rstd, ns);
             if (xt) tape.accumulate(xt, std::move(dx));
             if (wt) tape.accumulate(wt, std::move(dw));
         };
