@@ -36,6 +36,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <fmt/format.h>
@@ -251,6 +252,15 @@ inline std::string file_name(const Fixture& fx) { return fx.path().substr(fx.pat
 template <class T>
 Comparison check_matches(const Fixture& fx, const std::string& name, const ad::Tensor<T>& ours, double rtol) {
     return check_close(fmt::format("{} {}", file_name(fx), name), ours, fx.tensor<T>(name), rtol);
+}
+
+// The tolerance of a golden comparison in T (normwise relative, see compare) and the fixture of a case
+// in T (tools/make_goldens.py writes <case>.f32.bin and <case>.f64.bin).
+template <class T>
+constexpr double rtol = std::is_same_v<T, double> ? 1e-10 : 1e-4;
+template <class T>
+Fixture load(const std::string& case_name) {
+    return Fixture::load(case_name + (std::is_same_v<T, double> ? ".f64.bin" : ".f32.bin"));
 }
 
 }  // namespace golden

@@ -49,13 +49,8 @@ namespace ad = autodiff;
 
 namespace {
 
-template <class T>
-constexpr double rtol = std::is_same_v<T, double> ? 1e-10 : 1e-4;
-
-template <class T>
-golden::Fixture load(const std::string& case_name) {
-    return golden::Fixture::load(case_name + (std::is_same_v<T, double> ? ".f64.bin" : ".f32.bin"));
-}
+using golden::load;
+using golden::rtol;
 
 // Copies `value` into the Param's own storage (the module keeps its handle).
 template <class T>

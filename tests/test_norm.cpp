@@ -513,13 +513,7 @@ TEST_CASE("nn::LayerNorm and nn::RMSNorm: gradcheck through the modules' paramet
 
 namespace {
 
-template <class T>
-constexpr double golden_rtol = std::is_same_v<T, double> ? 1e-10 : 1e-4;
-
-template <class T>
-golden::Fixture load(const std::string& case_name) {
-    return golden::Fixture::load(case_name + (std::is_same_v<T, double> ? ".f64.bin" : ".f32.bin"));
-}
+using golden::load;
 
 // The trailing `normalized_rank` dimensions of x.
 template <class T>
@@ -546,10 +540,10 @@ void check_fixture(const std::string& case_name, Make&& make) {
     const double eps = fx.has("eps") ? static_cast<double>(fx.tensor<T>("eps").item()) : 0.0;
     ad::Var<T> y = make(fx, *find("x"), find("weight"), find("bias"), eps);
     y.backward(fx.tensor<T>("dout"));
-    golden::check_matches(fx, "out", y.value(), golden_rtol<T>);
+    golden::check_matches(fx, "out", y.value(), golden::rtol<T>);
     std::set<std::string> compared;
     for (const auto& p : params) {
-        golden::check_matches(fx, "grad." + p.name(), p.grad(), golden_rtol<T>);
+        golden::check_matches(fx, "grad." + p.name(), p.grad(), golden::rtol<T>);
         compared.insert("grad." + p.name());
     }
     for (const std::string& name : fx.names())
@@ -607,8 +601,8 @@ TEST_CASE_TEMPLATE("torch layer_norm of a normalised size of 1: y = bias matches
     ad::Param<T> x(fx.tensor<T>("x"), "x"), w(fx.tensor<T>("weight"), "weight"), b(fx.tensor<T>("bias"), "bias");
     ad::Var<T> y = ad::layer_norm(x, {1}, w, b, static_cast<double>(fx.tensor<T>("eps").item()));
     y.backward(fx.tensor<T>("dout"));
-    golden::check_matches(fx, "out", y.value(), golden_rtol<T>);
-    golden::check_matches(fx, "grad.bias", b.grad(), golden_rtol<T>);
+    golden::check_matches(fx, "out", y.value(), golden::rtol<T>);
+    golden::check_matches(fx, "grad.bias", b.grad(), golden::rtol<T>);
     CHECK(x.grad().array().abs().maxCoeff() == T(0));
     CHECK(w.grad().array().abs().maxCoeff() == T(0));
     CHECK(fx.tensor<T>("grad.x").array().abs().maxCoeff() < T(std::is_same_v<T, double> ? 1e-13 : 1e-4));
@@ -623,10 +617,10 @@ TEST_CASE_TEMPLATE("torch layer_norm through nn::LayerNorm with torch's weight a
     ad::Param<T> x(fx.tensor<T>("x"), "x");
     ad::Var<T> y = ln(x);
     y.backward(fx.tensor<T>("dout"));
-    golden::check_matches(fx, "out", y.value(), golden_rtol<T>);
-    golden::check_matches(fx, "grad.x", x.grad(), golden_rtol<T>);
-    golden::check_matches(fx, "grad.weight", ln.weight().grad(), golden_rtol<T>);
-    golden::check_matches(fx, "grad.bias", ln.bias().grad(), golden_rtol<T>);
+    golden::check_matches(fx, "out", y.value(), golden::rtol<T>);
+    golden::check_matches(fx, "grad.x", x.grad(), golden::rtol<T>);
+    golden::check_matches(fx, "grad.weight", ln.weight().grad(), golden::rtol<T>);
+    golden::check_matches(fx, "grad.bias", ln.bias().grad(), golden::rtol<T>);
 }
 
 TEST_CASE_TEMPLATE("torch rms_norm: output and gradients match, eps=None being the type's machine epsilon", T, double, float) {
@@ -645,9 +639,9 @@ TEST_CASE_TEMPLATE("torch rms_norm through nn::RMSNorm with its default eps", T,
     ad::Param<T> x(fx.tensor<T>("x"), "x");
     ad::Var<T> y = rms(x);
     y.backward(fx.tensor<T>("dout"));
-    golden::check_matches(fx, "out", y.value(), golden_rtol<T>);
-    golden::check_matches(fx, "grad.x", x.grad(), golden_rtol<T>);
-    golden::check_matches(fx, "grad.weight", rms.weight().grad(), golden_rtol<T>);
+    golden::check_matches(fx, "out", y.value(), golden::rtol<T>);
+    golden::check_matches(fx, "grad.x", x.grad(), golden::rtol<T>);
+    golden::check_matches(fx, "grad.weight", rms.weight().grad(), golden::rtol<T>);
 }
 
 TEST_CASE_TEMPLATE("torch gelu(approximate='none' | 'tanh') and gelu(x + b): output and gradients match, fused and composed", T,

@@ -22,13 +22,8 @@ using test::check_error;
 
 namespace {
 
-template <class T>
-constexpr double rtol = std::is_same_v<T, double> ? 1e-10 : 1e-4;
-
-template <class T>
-golden::Fixture load(const std::string& case_name) {
-    return golden::Fixture::load(case_name + (std::is_same_v<T, double> ? ".f64.bin" : ".f32.bin"));
-}
+using golden::load;
+using golden::rtol;
 
 // torch's hyper-parameters and parameter values (by torch's names).
 template <class T>
