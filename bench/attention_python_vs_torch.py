@@ -15,10 +15,9 @@ each process (VmHWM) and each side's time relative to ours (python).
 """
 import argparse
 import os
-import statistics
 import sys
 
-from benchlib import print_machine, run_json
+from benchlib import print_machine, run_alternating, timing_rows
 
 SIDE = r"""
 import json, sys, time, torch
@@ -84,20 +83,9 @@ def main():
                 sides[name] = [sys.executable, "-c", SIDE, mode, str(n), str(h), str(L), str(d), str(a.reps), str(t)]
             if cpp:
                 sides["ours (C++)"] = [cpp, str(n), str(h), str(L), str(d), "1", "0", "0", str(a.reps)]
-            res = {s: [] for s in sides}
-            for _ in range(a.rounds):
-                for s, cmd in sides.items():
-                    res[s].append(run_json(cmd, t))
-            flops = 12 * n * h * L * L * d
-            base = statistics.median(r["fwd_bwd_ms"] for r in res["ours (python)"])
-            for s, rs in res.items():
-                fb = [r["fwd_bwd_ms"] for r in rs]
-                f = statistics.median(r["fwd_ms"] for r in rs)
-                m = statistics.median(fb)
-                rss = max(r["rss_mib"] for r in rs)
-                print(f"| {t} | {L} | {s} | {f:.1f} | {m:.1f} ({min(fb):.1f}–{max(fb):.1f}) | {flops / m / 1e6:.0f} "
-                      f"| {rss:.0f} | {m / base:.2f}× |", flush=True)
-
+            res = run_alternating(sides, a.rounds, t)
+            for row in timing_rows(res, "ours (python)", 12 * n * h * L * L * d):
+                print(f"| {t} | {L} | " + " | ".join(row) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

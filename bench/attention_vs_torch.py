@@ -14,10 +14,9 @@ Reports median (min-max) ms of forward and forward+backward, GFLOP/s (4·n·h·L
 """
 import argparse
 import os
-import statistics
 import sys
 
-from benchlib import print_machine, run_json
+from benchlib import print_machine, run_alternating, timing_rows
 
 TORCH = r"""
 import json, sys, time, torch
@@ -81,20 +80,9 @@ def main():
                     sides["ours generic"] = sides["ours"] + ["generic"]
                 for m in (("eager", "sdpa") if case == "bias" else ("causal",)):
                     sides[f"torch {m}"] = [sys.executable, "-c", TORCH, m, str(n), str(h), str(L), str(d), str(a.reps), str(t)]
-                res = {s: [] for s in sides}
-                for _ in range(a.rounds):
-                    for s, cmd in sides.items():
-                        res[s].append(run_json(cmd, t))
-                flops = (12 if case == "bias" else 6) * n * h * L * L * d
-                base = statistics.median(r["fwd_bwd_ms"] for r in res["ours"])
-                for s, rs in res.items():
-                    fb = [r["fwd_bwd_ms"] for r in rs]
-                    f = statistics.median(r["fwd_ms"] for r in rs)
-                    m = statistics.median(fb)
-                    rss = max(r["rss_mib"] for r in rs)
-                    print(f"| {case} | {t} | {L} | {s} | {f:.1f} | {m:.1f} ({min(fb):.1f}–{max(fb):.1f}) | {flops / m / 1e6:.0f} "
-                          f"| {rss:.0f} | {m / base:.2f}× |", flush=True)
-
+                res = run_alternating(sides, a.rounds, t)
+                for row in timing_rows(res, "ours", (12 if case == "bias" else 6) * n * h * L * L * d):
+                    print(f"| {case} | {t} | {L} | " + " | ".join(row) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """Helpers shared by the side-by-side benchmark scripts (BENCHMARKING.md)."""
 import json
 import os
+import statistics
 import subprocess
 
 
@@ -26,3 +27,22 @@ def print_machine(skip_limits):
     limits = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tools", "machine-limits", "run.sh")
     if os.path.exists(limits):
         print("```\n" + subprocess.run(["bash", limits], capture_output=True, text=True).stdout + "```\n")
+
+
+def run_alternating(sides, rounds, threads):
+    """Runs each side's command once per round, sides alternating within a round (BENCHMARKING.md)."""
+    res = {s: [] for s in sides}
+    for _ in range(rounds):
+        for s, cmd in sides.items():
+            res[s].append(run_json(cmd, threads))
+    return res
+
+
+def timing_rows(res, base_side, flops):
+    """One (side, fwd ms, 'median (min-max)' fwd+bwd ms, MFLOP/ms, peak RSS MiB, ratio to base) per side."""
+    base = statistics.median(r["fwd_bwd_ms"] for r in res[base_side])
+    for s, rs in res.items():
+        fb = [r["fwd_bwd_ms"] for r in rs]
+        m = statistics.median(fb)
+        yield (s, f"{statistics.median(r['fwd_ms'] for r in rs):.1f}", f"{m:.1f} ({min(fb):.1f}–{max(fb):.1f})",
+               f"{flops / m / 1e6:.0f}", f"{max(r['rss_mib'] for r in rs):.0f}", f"{m / base:.2f}×")
