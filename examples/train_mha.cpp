@@ -7,15 +7,14 @@
 // learns where to look, the projections learn to carry the vector through unchanged.
 //
 //   ./build/examples/train_mha [steps] [csv path]       (defaults: 300, train_mha_loss.csv)
-#include <chrono>
-#include <cmath>
 #include <cstdlib>
-#include <fstream>
 #include <string>
 
 #include <fmt/core.h>
 
 #include <autodiff/autodiff.hpp>
+
+#include "training.hpp"
 
 namespace ad = autodiff;
 
@@ -39,14 +38,6 @@ ad::nn::MultiHeadAttention<T> make_model(double dropout) {
     return ad::nn::MultiHeadAttention<T>({.embed_dim = E, .num_heads = H, .dropout = dropout, .seed = 7});
 }
 
-// Copies every parameter of `from` into `to` (same architecture, another value type).
-template <class A, class B>
-void copy_parameters(const std::vector<ad::Param<A>>& from, const std::vector<ad::Param<B>>& to) {
-    for (std::size_t i = 0; i < from.size(); ++i)
-        for (std::int64_t k = 0; k < from[i].value().numel(); ++k)
-            to[i].state()->value.data()[k] = static_cast<B>(from[i].value().data()[k]);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -58,34 +49,15 @@ int main(int argc, char** argv) {
     std::vector<ad::Param<float>> params = model.parameters();
     params.push_back(bias);
     ad::nn::Adam<float> adam(params, {.lr = 1e-2});
-    std::int64_t n_params = 0;
-    for (const auto& p : params) n_params += p.value().numel();
 
     fmt::print("== Training multi-head self-attention (E={}, heads={}, L={}, batch {}) with a trainable bias {}\n", E, H, L,
                batch, bias.shape());
     fmt::print("   task: copy the input {} positions back, causal mask, dropout 0.1, Adam lr 1e-2, {} parameters, {} threads\n",
-               delay, n_params, ad::num_threads());
-    std::ofstream csv(csv_path);
-    csv << "step,loss,grad_norm\n";
-    const auto start = std::chrono::steady_clock::now();
-    float first = 0, last = 0;
-    for (int step = 1; step <= steps; ++step) {
+               delay, examples::count_parameters(params), ad::num_threads());
+    const auto [first, last] = examples::train(params, adam, steps, 25, csv_path, [&](int step) {
         auto [X, Y] = make_batch<float>(batch, static_cast<std::uint64_t>(step));
-        adam.zero_grad();
-        ad::Var<float> loss = ad::mse(model(X, X, X, bias, ad::causal), Y);
-        loss.backward();
-        float grad_sq = 0;
-        for (const auto& p : params) grad_sq += p.grad().array().square().sum();
-        adam.step();
-        last = loss.item();
-        if (step == 1) first = last;
-        csv << step << ',' << last << ',' << std::sqrt(grad_sq) << '\n';
-        if (step == 1 || step % 25 == 0 || step == steps) {
-            const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-            fmt::print("step {:4d}  loss {:.5f}  grad norm {:.3e}  {:6.1f} steps/s\n", step, last, std::sqrt(grad_sq), step / secs);
-        }
-    }
-    csv.close();
+        return ad::Var<float>(ad::mse(model(X, X, X, bias, ad::causal), Y));
+    });
 
     // Held-out evaluation without dropout.
     model.eval();
@@ -109,7 +81,7 @@ int main(int argc, char** argv) {
     ad::Param<double> bias64(ad::zeros<double>({H, L, L}), "attn_bias");
     std::vector<ad::Param<double>> params64 = model64.parameters();
     params64.push_back(bias64);
-    copy_parameters(params, params64);
+    examples::copy_parameters(params, params64);
     const auto check_batch = make_batch<double>(2, 42);
     const ad::Tensor<double>& X64 = check_batch.first;
     const ad::Tensor<double>& Y64 = check_batch.second;

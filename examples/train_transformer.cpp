@@ -7,16 +7,15 @@
 // place the model can learn where to look (query i must attend key L − 1 − i).
 //
 //   ./build/examples/train_transformer [steps] [csv path]      (defaults: 400, train_transformer_loss.csv)
-#include <chrono>
-#include <cmath>
 #include <cstdlib>
-#include <fstream>
 #include <string>
 #include <vector>
 
 #include <fmt/core.h>
 
 #include <autodiff/autodiff.hpp>
+
+#include "training.hpp"
 
 namespace ad = autodiff;
 
@@ -88,34 +87,15 @@ int main(int argc, char** argv) {
     Model<float> model(0.1);
     const std::vector<ad::Param<float>> params = model.parameters();
     ad::nn::Adam<float> adamw(params, {.lr = 1e-2, .weight_decay = 1e-2, .decoupled_weight_decay = true});
-    std::int64_t n_params = 0;
-    for (const auto& p : params) n_params += p.value().numel();
     fmt::print("== Training {} pre-norm encoder layers (E={}, heads={}, FF={}, GELU) with trainable pair biases ({}, {}, {})\n", layers,
                E, H, FF, H, L, L);
     fmt::print("   task: reverse sequences of L={}, batch {}, dropout 0.1, AdamW lr 1e-2 wd 1e-2, {} parameters, {} threads\n", L,
-               batch, n_params, ad::num_threads());
+               batch, examples::count_parameters(params), ad::num_threads());
 
-    std::ofstream csv(csv_path);
-    csv << "step,loss,grad_norm\n";
-    const auto start = std::chrono::steady_clock::now();
-    float first = 0, last = 0;
-    for (int step = 1; step <= steps; ++step) {
+    const auto [first, last] = examples::train(params, adamw, steps, 50, csv_path, [&](int step) {
         auto [X, Y] = make_batch<float>(batch, static_cast<std::uint64_t>(step));
-        adamw.zero_grad();
-        ad::Var<float> loss = ad::mse(model(X), Y);
-        loss.backward();
-        float grad_sq = 0;
-        for (const auto& p : params) grad_sq += p.grad().array().square().sum();
-        adamw.step();
-        last = loss.item();
-        if (step == 1) first = last;
-        csv << step << ',' << last << ',' << std::sqrt(grad_sq) << '\n';
-        if (step == 1 || step % 50 == 0 || step == steps) {
-            const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-            fmt::print("step {:4d}  loss {:.5f}  grad norm {:.3e}  {:6.1f} steps/s\n", step, last, std::sqrt(grad_sq), step / secs);
-        }
-    }
-    csv.close();
+        return ad::Var<float>(ad::mse(model(X), Y));
+    });
 
     model.train(false);
     const auto held_out = make_batch<float>(batch, 1'000'000);
@@ -135,15 +115,12 @@ int main(int argc, char** argv) {
     // Every parameter gradchecked in double at the trained values (no dropout).
     Model<double> model64(0.0);
     model64.train(false);
-    const auto named = model.named_parameters();
-    const auto named64 = model64.named_parameters();
-    for (std::size_t i = 0; i < named.size(); ++i)
-        for (std::int64_t k = 0; k < named[i].second.value().numel(); ++k)
-            named64[i].second.state()->value.data()[k] = static_cast<double>(named[i].second.value().data()[k]);
+    examples::copy_parameters(model.parameters(), model64.parameters());
+    for (auto& [name, param] : model64.named_parameters()) param.state()->name = name;  // layer-qualified names in the report
     const auto check_batch = make_batch<double>(2, 42);
     const ad::Tensor<double>& X64 = check_batch.first;
     const ad::Tensor<double>& Y64 = check_batch.second;
-    fmt::print("== Gradient check of the loss at the trained parameters ({} tensors, double, central differences)\n", named64.size());
+    fmt::print("== Gradient check of the loss at the trained parameters ({} tensors, double, central differences)\n", model64.parameters().size());
     const ad::GradcheckReport report = ad::gradcheck([&] { return ad::mse(model64(X64), Y64); }, model64.parameters());
     fmt::print("{}", report.str());
 
