@@ -357,3 +357,22 @@ TEST_CASE("heads_linear: bad input names the op, the argument and the shapes") {
                     {"bias must have shape (4)", "got (6)"});
     }
 }
+
+// ---- in nn::MultiHeadAttention ----------------------------------------------------------------------
+
+TEST_CASE("MultiHeadAttention: self-attention records three records, no split, narrow or merge copies") {
+    ad::Tape tape;
+    ad::TapeGuard guard(tape);
+    ad::nn::MultiHeadAttention<float> mha({.embed_dim = 8, .num_heads = 2, .seed = 1});
+    ad::Param<float> x(normal<float>({2, 5, 8}, 1), "x");
+    const ad::Var<float> y = mha(x, x, x);
+    // linear_heads (q, k, v), the fused attention, heads_linear
+    CHECK(tape.size() == 3);
+    const std::string dot = ad::to_dot(y);
+    CHECK(dot.find("linear_heads") != std::string::npos);
+    CHECK(dot.find("HeadsLinear") != std::string::npos);
+    for (const char* copy : {"Permute", "Narrow", "Reshape"}) {
+        INFO(copy);
+        CHECK(dot.find(copy) == std::string::npos);
+    }
+}
