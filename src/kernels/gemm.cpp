@@ -52,7 +52,6 @@ bool small_gemm(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T
     return true;
 }
 
-// One product C = beta·C + alpha·op_c(op_a(A)·op_b(B)) on matrix views.
 // Products of at least this many multiply-adds run on packed_gemm; smaller ones on Eigen (whose
 // packing is cheap there) or the tile kernel (small_gemm).
 constexpr std::int64_t packed_product = 96 * 96 * 96;
@@ -69,9 +68,10 @@ constexpr std::int64_t packed_product = 96 * 96 * 96;
 // 2. C is cut into blocks of mc rows × nc columns; each block is one work item that runs the k panels
 //    in order (its C block, A's rows and one panel stay in the L2 cache). The cuts depend on the
 //    shapes only, never on the thread count: every element is computed by the same instructions in the
-//    same order, so results are bit-identical for any thread count. Where A or C is in blocks (head
-//    layout), the micro-kernel runs on each piece of a block and panel that lies in one block of both;
-//    a cut of A's columns (k) inside a panel adds that piece's partial sums to C separately.
+//    same order, so results are bit-identical for any thread count. Where A or C is kept in blocks
+//    (head layout), the micro-kernel runs once per piece of the work item that lies in one block of
+//    A and one of C (rows cut at both's row blocks, columns at C's, k at A's column blocks); a k cut
+//    inside a panel adds that piece's partial sums to C on their own, a change of rounding only.
 // 3. Epilogue: with a column bias (n values), each block adds it to its rows after its last panel,
 //    while the block is still in the cache (linear's + b without another pass over y).
 template <class T>
@@ -141,6 +141,7 @@ void packed_gemm(std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const 
 
 namespace {
 
+// One product C = beta·C + alpha·op_c(op_a(A)·op_b(B)) on matrix views.
 template <class T>
 void gemm_one(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T beta, MMap<T> C, bool tc) {
     if (!tc && small_gemm(alpha, A, ta, B, tb, beta, C)) return;
