@@ -8,9 +8,11 @@ threads. Each configuration runs both sides in separate processes, alternating, 
 
     pip install torch numpy
     python3 bench/mha_vs_torch.py --build build [--module mha|encoder] [--rounds 3] [--no-limits]
+                                  [--threads 1 2] [--baseline OTHER/bench_mha_step]
 
 --module encoder times one torch.nn.TransformerEncoderLayer(512, 8, dim_feedforward=2048,
-batch_first=True) step against nn::TransformerEncoderLayer instead.
+batch_first=True) step against nn::TransformerEncoderLayer instead. --baseline times a second build of
+bench_mha_step (e.g. the code before a change) in the same alternating rounds, in extra columns.
 """
 import argparse
 import os
@@ -60,6 +62,8 @@ def main():
     ap.add_argument("--no-limits", action="store_true")
     ap.add_argument("--module", choices=["mha", "encoder"], default="mha",
                     help="mha: nn.MultiheadAttention; encoder: nn.TransformerEncoderLayer (post-norm, ReLU, FF = 4E)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--baseline", help="another bench_mha_step binary, timed in the same rounds")
     a = ap.parse_args()
     import torch
 
@@ -68,20 +72,28 @@ def main():
     print(f"torch {torch.__version__}; {what}; E=512, heads=8, batch 2, fp32, fwd+bwd+Adam step; "
           f"{a.rounds} alternating rounds x {a.reps} steps\n")
     ours_bin = os.path.join(a.build, "bench", "bench_mha_step")
-    print("| threads | L | dropout | ours ms median (min–max) | torch ms median (min–max) | speed-up | ours pool peak MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for t in (1, 2):
+    base_cols = " baseline ms median (min–max) | baseline speed-up | ours vs baseline | baseline pool peak MiB |" if a.baseline else ""
+    print(f"| threads | L | dropout | ours ms median (min–max) | torch ms median (min–max) | speed-up | ours pool peak MiB |{base_cols}")
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|---|" if a.baseline else ""))
+    for t in a.threads:
         for L in (256, 512):
             for p in (0.0, 0.1):
                 args = ["512", "8", "2", str(L), str(p), str(a.reps)]
-                ours, theirs = [], []
+                ours, theirs, base = [], [], []
                 for _ in range(a.rounds):
                     o = run_json([ours_bin, *args, a.module], t)
                     ours.append(o["median_ms"])
                     theirs.append(run_json([sys.executable, "-c", TORCH_SNIPPET, *args, str(t), a.module], t)["median_ms"])
+                    if a.baseline:
+                        b = run_json([a.baseline, *args, a.module], t)
+                        base.append(b["median_ms"])
                 mo, mt = statistics.median(ours), statistics.median(theirs)
-                print(f"| {t} | {L} | {p} | {mo:.1f} ({min(ours):.1f}–{max(ours):.1f}) | {mt:.1f} ({min(theirs):.1f}–{max(theirs):.1f}) "
-                      f"| {mt / mo:.2f}× | {o['peak_pool_mib']:.0f} |", flush=True)
+                row = (f"| {t} | {L} | {p} | {mo:.1f} ({min(ours):.1f}–{max(ours):.1f}) | {mt:.1f} ({min(theirs):.1f}–{max(theirs):.1f}) "
+                       f"| {mt / mo:.2f}× | {o['peak_pool_mib']:.0f} |")
+                if a.baseline:
+                    mb = statistics.median(base)
+                    row += f" {mb:.1f} ({min(base):.1f}–{max(base):.1f}) | {mt / mb:.2f}× | {mb / mo:.3f}× | {b['peak_pool_mib']:.0f} |"
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ std::string tape_to_dot(const Tape& tape, std::int32_t slot, bool is_double) {
     // Record index of every output slot of this value type.
     std::map<std::int32_t, std::size_t> by_slot;
     for (std::size_t i = 0; i < tape.size(); ++i)
-        if (tape.info(i).is_double == is_double) by_slot[tape.record_slot(i)] = i;
+        if (tape.info(i).is_double == is_double)
+            for (std::int32_t o = 0; o < tape.record_outputs(i); ++o) by_slot[tape.record_slot(i) + o] = i;
     const auto root = by_slot.find(slot);
     if (root == by_slot.end()) fail("to_dot", "slot {} has no record on this tape", slot);
 

@@ -26,6 +26,7 @@
 #include "autodiff/expr/activation.hpp"
 #include "autodiff/expr/attention.hpp"
 #include "autodiff/expr/elementwise.hpp"
+#include "autodiff/expr/heads.hpp"
 #include "autodiff/expr/layout.hpp"
 #include "autodiff/expr/matmul.hpp"
 #include "autodiff/expr/node.hpp"

@@ -112,6 +112,12 @@ public:
     // as the output's GradTarget.
     template <class T, class Backward>
     GradTarget<T> record(Backward&& backward);
+    // A record of N outputs (one evaluation that makes several values, like linear_heads' q, k, v):
+    // its closure `void(std::array<Tensor<T>, N>& dys, Tape&)` receives the adjoints of N fresh
+    // consecutive slots, an undefined one for an output that got no gradient, and runs when any is
+    // defined. Returns the outputs' GradTargets.
+    template <class T, std::size_t N, class Backward>
+    std::array<GradTarget<T>, N> record_outputs(Backward&& backward);
 
     // target's gradient += g. Takes g's storage when nobody else holds it, otherwise copies. A
     // Param's share goes to its pending gradient, added to grad() when the backward succeeds.
@@ -147,6 +153,8 @@ public:
     // The graph view's description of record i (graph.hpp), and the output slot it writes.
     [[nodiscard]] const RecordInfo& info(std::size_t i) const { return info_[i]; }
     [[nodiscard]] std::int32_t record_slot(std::size_t i) const { return records_[i].slot; }
+    // How many consecutive output slots, from record_slot(i), record i writes (1 unless record_outputs made it).
+    [[nodiscard]] std::int32_t record_outputs(std::size_t i) const { return records_[i].outputs; }
     // Describes the last record, if it is the one that wrote `slot` of value type T.
     template <class T>
     void describe_last(std::int32_t slot, std::string_view op, const Shape& shape, bool fused, const RecordInputs& inputs) noexcept {
@@ -163,7 +171,8 @@ private:
         void (*run)(void* closure, Tape& tape, std::int32_t slot);
         void (*destroy)(void* closure) noexcept;
         void* closure;
-        std::int32_t slot;
+        std::int32_t slot;  // the first output slot
+        std::int32_t outputs = 1;
     };
     struct Chunk {
         std::unique_ptr<std::byte[]> data;
@@ -270,6 +279,36 @@ GradTarget<T> Tape::record(Backward&& backward) {
     info.is_double = std::is_same_v<T, double>;
     info_.push_back(info);
     return GradTarget<T>{nullptr, slot};
+}
+
+template <class T, std::size_t N, class Backward>
+std::array<GradTarget<T>, N> Tape::record_outputs(Backward&& backward) {
+    static_assert(N >= 1);
+    using Closure = std::decay_t<Backward>;
+    auto& slots = adjoints<T>();
+    const auto first = static_cast<std::int32_t>(slots.size());
+    if (records_.size() == records_.capacity()) records_.reserve(2 * records_.capacity() + 64);
+    if (info_.size() == info_.capacity()) info_.reserve(records_.capacity());
+    slots.resize(slots.size() + N);
+    void* mem = arena_allocate(sizeof(Closure), alignof(Closure));
+    auto* closure = new (mem) Closure(std::forward<Backward>(backward));
+    records_.push_back(Record{
+        [](void* c, Tape& tape, std::int32_t s) {
+            std::array<Tensor<T>, N> dys;
+            bool any = false;
+            for (std::size_t i = 0; i < N; ++i) {
+                dys[i] = tape.take_adjoint<T>(s + static_cast<std::int32_t>(i));
+                any = any || dys[i].defined();
+            }
+            if (any) (*static_cast<Closure*>(c))(dys, tape);
+        },
+        [](void* c) noexcept { static_cast<Closure*>(c)->~Closure(); }, closure, first, static_cast<std::int32_t>(N)});
+    RecordInfo info;
+    info.is_double = std::is_same_v<T, double>;
+    info_.push_back(info);
+    std::array<GradTarget<T>, N> targets;
+    for (std::size_t i = 0; i < N; ++i) targets[i] = GradTarget<T>{nullptr, first + static_cast<std::int32_t>(i)};
+    return targets;
 }
 
 template <class T>

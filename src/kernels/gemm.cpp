@@ -52,66 +52,104 @@ bool small_gemm(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T
     return true;
 }
 
-// One product C = beta·C + alpha·op_c(op_a(A)·op_b(B)) on matrix views.
 // Products of at least this many multiply-adds run on packed_gemm; smaller ones on Eigen (whose
 // packing is cheap there) or the tile kernel (small_gemm).
 constexpr std::int64_t packed_product = 96 * 96 * 96;
 
-// C (m×n, leading dimension ldc) = beta·C + alpha·op_a(A)·op_b(B) on the tile micro-kernel
-// (tile_gemm.hpp) with op_b(B) packed: the dense layers' GEMM, chosen by measurement over Eigen's
-// product, OpenBLAS and BLIS (bench/gemm_backends.cpp, docs/PERFORMANCE.md).
-//   op_a(A)(r, p) = A[r·a_row + p·a_col]   op_b(B)(p, c) = B[p·b_row + c·b_col]
-// 1. op_b(B) is copied once into row-major panels of kc × nc (contiguous rows for the micro-kernel's
+}  // namespace
+
+// C (m×n) = beta·C + alpha·A·B on the tile micro-kernel (tile_gemm.hpp) with B packed: the dense
+// layers' GEMM, chosen by measurement over Eigen's product, OpenBLAS and BLIS
+// (bench/gemm_backends.cpp, docs/PERFORMANCE.md). A, B and C are MatrixLayouts (gemm_internal.hpp):
+// plain strided matrices, or the attention's head layout, which the packing and the output pass read
+// and write directly (split_heads and merge_heads fused into linear, docs/ARCHITECTURE.md).
+// 1. B is copied once into row-major panels of kc × nc (contiguous rows for the micro-kernel's
 //    vector loads; a transposed B is transposed here), the panels in parallel.
 // 2. C is cut into blocks of mc rows × nc columns; each block is one work item that runs the k panels
 //    in order (its C block, A's rows and one panel stay in the L2 cache). The cuts depend on the
 //    shapes only, never on the thread count: every element is computed by the same instructions in the
-//    same order, so results are bit-identical for any thread count.
+//    same order, so results are bit-identical for any thread count. Where A or C is kept in blocks
+//    (head layout), the micro-kernel runs once per piece of the work item that lies in one block of
+//    A and one of C (rows cut at both's row blocks, columns at C's, k at A's column blocks); a k cut
+//    inside a panel adds that piece's partial sums to C on their own, a change of rounding only.
 // 3. Epilogue: with a column bias (n values), each block adds it to its rows after its last panel,
 //    while the block is still in the cache (linear's + b without another pass over y).
 template <class T>
-void packed_gemm(std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col,
-                 const T* B, std::int64_t b_row, std::int64_t b_col, T beta, T* C, std::int64_t ldc, const T* col_bias = nullptr) {
+void packed_gemm(std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const MatrixLayout<const T>& A, const MatrixLayout<const T>& B,
+                 T beta, const MatrixLayout<T>& C, const T* col_bias) {
     constexpr std::int64_t kc = 256, nc = 256, mc = 192;
-    const std::int64_t k_panels = (k + kc - 1) / kc, n_panels = (n + nc - 1) / nc, m_blocks = (m + mc - 1) / mc;
+    // k == 0 still runs one (empty) panel: C = beta·C (+ bias).
+    const std::int64_t k_panels = std::max<std::int64_t>(1, (k + kc - 1) / kc), n_panels = (n + nc - 1) / nc, m_blocks = (m + mc - 1) / mc;
     Tensor<T> packed(Shape{k_panels * n_panels * kc * nc});
     auto panel = [&](std::int64_t kp, std::int64_t np) { return packed.data() + (kp * n_panels + np) * kc * nc; };
     parallel_for(k_panels * n_panels, kc * nc, [&](std::int64_t i) {
         const std::int64_t kp = i / n_panels, np = i % n_panels, k0 = kp * kc, c0 = np * nc;
         const std::int64_t kk = std::min(kc, k - k0), cols = std::min(nc, n - c0);
         T* dst = panel(kp, np);
-        if (b_col == 1) {
-            for (std::int64_t p = 0; p < kk; ++p) std::copy_n(B + (k0 + p) * b_row + c0, cols, dst + p * cols);
-        } else {  // transposed: 16 columns at a time, read along p (16 streams), written a line per p
-            for (std::int64_t cb = 0; cb < cols; cb += 16) {
-                const std::int64_t w = std::min<std::int64_t>(16, cols - cb);
-                for (std::int64_t p = 0; p < kk; ++p)
-                    for (std::int64_t c = cb; c < cb + w; ++c) dst[p * cols + c] = B[(k0 + p) * b_row + (c0 + c) * b_col];
+        for (std::int64_t p0 = k0; p0 < k0 + kk;) {
+            const std::int64_t p1 = B.rows_end(p0, k0 + kk);
+            for (std::int64_t ca = c0; ca < c0 + cols;) {
+                const std::int64_t cb = B.cols_end(ca, c0 + cols), w_all = cb - ca;
+                const T* src = B.at(p0, ca);
+                T* out = dst + (p0 - k0) * cols + (ca - c0);
+                if (B.col == 1) {
+                    for (std::int64_t p = 0; p < p1 - p0; ++p) std::copy_n(src + p * B.row, w_all, out + p * cols);
+                } else {  // transposed: 16 columns at a time, read along p (16 streams), written a line per p
+                    for (std::int64_t c1 = 0; c1 < w_all; c1 += 16) {
+                        const std::int64_t w = std::min<std::int64_t>(16, w_all - c1);
+                        for (std::int64_t p = 0; p < p1 - p0; ++p)
+                            for (std::int64_t c = c1; c < c1 + w; ++c) out[p * cols + c] = src[p * B.row + c * B.col];
+                    }
+                }
+                ca = cb;
             }
+            p0 = p1;
         }
     });
     parallel_for(m_blocks * n_panels, mc * nc * k, [&](std::int64_t i) {
         const std::int64_t r0 = (i / n_panels) * mc, np = i % n_panels, c0 = np * nc;
         const std::int64_t rows = std::min(mc, m - r0), cols = std::min(nc, n - c0);
         for (std::int64_t kp = 0; kp < k_panels; ++kp) {
-            const std::int64_t k0 = kp * kc;
-            detail::tile_gemm<T>(rows, cols, std::min(kc, k - k0), alpha, A + r0 * a_row + k0 * a_col, a_row, a_col, panel(kp, np), cols,
-                                 kp ? T(1) : beta, C + r0 * ldc + c0, ldc);
+            const std::int64_t k0 = kp * kc, kk = std::max<std::int64_t>(0, std::min(kc, k - k0));
+            for (std::int64_t ra = r0; ra < r0 + rows;) {
+                const std::int64_t rb = std::min(A.rows_end(ra, r0 + rows), C.rows_end(ra, r0 + rows));
+                std::int64_t pa = k0;
+                do {  // at least once: with k == 0, C = beta·C
+                    const std::int64_t pb = kk ? A.cols_end(pa, k0 + kk) : k0;
+                    const T beta_piece = kp == 0 && pa == k0 ? beta : T(1);
+                    for (std::int64_t ca = c0; ca < c0 + cols;) {
+                        const std::int64_t cb = C.cols_end(ca, c0 + cols);
+                        detail::tile_gemm<T>(rb - ra, cb - ca, pb - pa, alpha, A.at(ra, pa), A.row, A.col,
+                                             panel(kp, np) + (pa - k0) * cols + (ca - c0), cols, beta_piece, C.at(ra, ca), C.row);
+                        ca = cb;
+                    }
+                    pa = pb;
+                } while (pa < k0 + kk);
+                ra = rb;
+            }
         }
         if (col_bias)
-            for (std::int64_t r = r0; r < r0 + rows; ++r)
-                Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>(C + r * ldc + c0, cols) +=
-                    Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(col_bias + c0, cols);
+            for (std::int64_t ca = c0; ca < c0 + cols;) {
+                const std::int64_t cb = C.cols_end(ca, c0 + cols);
+                for (std::int64_t r = r0; r < r0 + rows; ++r)
+                    Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>(C.at(r, ca), cb - ca) +=
+                        Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(col_bias + ca, cb - ca);
+                ca = cb;
+            }
     });
 }
 
+namespace {
+
+// One product C = beta·C + alpha·op_c(op_a(A)·op_b(B)) on matrix views.
 template <class T>
 void gemm_one(T alpha, const CMap<T>& A, bool ta, const CMap<T>& B, bool tb, T beta, MMap<T> C, bool tc) {
     if (!tc && small_gemm(alpha, A, ta, B, tb, beta, C)) return;
     if (!tc) {
         const std::int64_t m = C.rows(), n = C.cols(), k = ta ? A.rows() : A.cols();
         if (m * n * k >= packed_product) {
-            packed_gemm<T>(m, n, k, alpha, A.data(), ta ? 1 : k, ta ? m : 1, B.data(), tb ? 1 : n, tb ? k : 1, beta, C.data(), n);
+            packed_gemm<T>(m, n, k, alpha, plain_layout(A.data(), ta ? 1 : k, ta ? m : 1), plain_layout(B.data(), tb ? 1 : n, tb ? k : 1), beta,
+                           plain_layout(C.data(), n, 1));
             return;
         }
     }
@@ -220,7 +258,8 @@ template <class T>
 void linear_product(const Tensor<T>& x2, const Tensor<T>& W, const Tensor<T>& b, Tensor<T>& y2) {
     const std::int64_t m = x2.dim(0), k = x2.dim(1), n = W.dim(0);
     if (m * n * k >= packed_product) {
-        packed_gemm<T>(m, n, k, T(1), x2.data(), k, 1, W.data(), 1, k, T(0), y2.data(), n, b.defined() ? b.data() : nullptr);
+        packed_gemm<T>(m, n, k, T(1), plain_layout(x2.data(), k, 1), plain_layout(W.data(), 1, k), T(0), plain_layout(y2.data(), n, 1),
+                       b.defined() ? b.data() : nullptr);
         return;
     }
     strided_batched_gemm<T>(T(1), x2, W, T(0), y2, {false, true, false});
@@ -279,6 +318,8 @@ void matmul_backward(NoDeduce<Tensor<T>>* dA, NoDeduce<Tensor<T>>* dB, const Ten
                                                    const Tensor<T>&, T, GemmFlags);                               \
     template Tensor<T> matmul_forward<T>(const Tensor<T>&, bool, const Tensor<T>&, bool);                         \
     template void linear_product<T>(const Tensor<T>&, const Tensor<T>&, const Tensor<T>&, Tensor<T>&);           \
+    template void packed_gemm<T>(std::int64_t, std::int64_t, std::int64_t, T, const MatrixLayout<const T>&,       \
+                                 const MatrixLayout<const T>&, T, const MatrixLayout<T>&, const T*);              \
     template void matmul_backward<T>(Tensor<T>*, Tensor<T>*, const Tensor<T>&, const Tensor<T>&, bool,            \
                                      const Tensor<T>&, bool);
 AUTODIFF_INSTANTIATE(float)

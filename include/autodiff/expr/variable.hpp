@@ -160,6 +160,18 @@ public:
         }
     }
 
+    // One output of an evaluation that makes several values in one record (linear_heads, expr/heads.hpp):
+    // `v` as that record made it on `tape`, which must be the tape's last record (or none when `v`
+    // needs no gradient). Expressions go through the constructor above.
+    explicit Var(Value<T> v, Tape& tape) : value_(std::move(v.value)), target_(std::move(v.target)) {
+        if (target_) {
+            tape_ = &tape;
+            tape_alive_ = tape.liveness();
+            generation_ = tape.generation();
+            record_end_ = tape.size();
+        }
+    }
+
     [[nodiscard]] const Tensor<T>& value() const { return value_; }
     [[nodiscard]] const Shape& shape() const { return value_.shape(); }
     [[nodiscard]] T item() const { return value_.item(); }

@@ -21,11 +21,13 @@
 // uses (to reproduce it with the functional API). Every call advances the offset, in eval mode too;
 // a call that throws (bad input, std::bad_alloc) does not, and leaves the tape as it was.
 
+#include <array>
 #include <cmath>
 #include <optional>
 #include <vector>
 
 #include "autodiff/expr/elementwise.hpp"
+#include "autodiff/expr/heads.hpp"
 #include "autodiff/expr/layout.hpp"
 #include "autodiff/expr/matmul.hpp"
 #include "autodiff/expr/softmax.hpp"
@@ -134,17 +136,18 @@ private:
         if (k.shape()[1] != v.shape()[1]) fail(op, "key {} and value {} must have the same length", k.shape(), v.shape());
     }
 
-    // The projection of `x` by rows [r0, r0 + E) of the packed weight (or a separate weight) and bias.
+    // The projection of `x` by rows [which·E, (which + 1)·E) of the packed weight (or a separate
+    // weight) and bias, written in the head layout (B, H, L, D).
     Var<T> project(const Var<T>& x, std::int64_t which) const {
-        const std::int64_t E = opt_.embed_dim;
+        const std::int64_t E = opt_.embed_dim, H = opt_.num_heads;
         if (packed()) {
             auto w = narrow(*in_proj_weight_, 0, which * E, E);
-            if (in_proj_bias_) return linear(x, w, narrow(*in_proj_bias_, 0, which * E, E));
-            return linear(x, w);
+            if (in_proj_bias_) return linear_heads<1>(x, w, narrow(*in_proj_bias_, 0, which * E, E), H)[0];
+            return linear_heads<1>(x, w, H)[0];
         }
         const Param<T>& w = which == 0 ? *q_proj_weight_ : which == 1 ? *k_proj_weight_ : *v_proj_weight_;
-        if (in_proj_bias_) return linear(x, w, narrow(*in_proj_bias_, 0, which * E, E));
-        return linear(x, w);
+        if (in_proj_bias_) return linear_heads<1>(x, w, narrow(*in_proj_bias_, 0, which * E, E), H)[0];
+        return linear_heads<1>(x, w, H)[0];
     }
 
     template <class AddBias>
@@ -170,24 +173,23 @@ private:
     template <class AddBias>
     Var<T> attend(const Var<T>& query, const Var<T>& key, const Var<T>& value, const Mask& mask, AddBias&& add_bias_to,
                   std::int64_t E, std::int64_t H) {
-        Var<T> q, k, v;
+        // q, k, v (B, H, L, D) straight from the projections' GEMMs (split_heads in their output pass).
+        std::array<Var<T>, 3> qkv;
         const bool self = query.value().shares_storage_with(key.value()) && key.value().shares_storage_with(value.value()) &&
                           query.shape() == key.shape() && key.shape() == value.shape() && packed();
         if (self) {  // one (B, L, 3E) product instead of three
-            Var<T> qkv = in_proj_bias_ ? Var<T>(linear(query, *in_proj_weight_, *in_proj_bias_)) : Var<T>(linear(query, *in_proj_weight_));
-            q = narrow(qkv, 2, 0, E);
-            k = narrow(qkv, 2, E, E);
-            v = narrow(qkv, 2, 2 * E, E);
+            qkv = in_proj_bias_ ? linear_heads<3>(query, *in_proj_weight_, *in_proj_bias_, H) : linear_heads<3>(query, *in_proj_weight_, H);
         } else {
-            q = project(query, 0);
-            k = project(key, 1);
-            v = project(value, 2);
+            qkv = {project(query, 0), project(key, 1), project(value, 2)};
         }
+        const auto& [q, k, v] = qkv;
         const T scale = T(1) / std::sqrt(static_cast<T>(E / H));
         const DropoutDescriptor drop = dropout_descriptor();
-        auto scores = matmul(split_heads(q, H), transpose(split_heads(k, H))) * scale;
-        Var<T> attended = matmul(dropout(softmax(add_bias_to(scores), mask), drop), split_heads(v, H));
-        return out_proj_(merge_heads(attended));
+        auto scores = matmul(q, transpose(k)) * scale;
+        Var<T> attended = matmul(dropout(softmax(add_bias_to(scores), mask), drop), v);
+        // out_proj(merge_heads(attended)) with the merge in the GEMM's packing.
+        if (out_proj_.has_bias()) return heads_linear(attended, out_proj_.weight(), out_proj_.bias());
+        return heads_linear(attended, out_proj_.weight());
     }
 
     MultiHeadAttentionOptions opt_;

@@ -1,0 +1,141 @@
+#pragma once
+// Linear layers that write or read the attention's head layout directly (kernels/linear.hpp): the
+// split into heads happens in the in-projection GEMM's output pass and merge_heads in the output
+// projection's packing, forward and backward, with no copy in between.
+//
+//   linear_heads<S>(x, W, b, H):  x (B, L, in), W (S·E, in), b (S·E) or absent
+//                                 -> S Vars y_s (B, H, L, E/H) = split_heads(narrow(linear(x, W, b), 2, s·E, E), H)
+//   heads_linear(o, W, b):        o (B, H, L, D), W (out, H·D), b (out) or absent
+//                                 -> (B, L, out) = linear(merge_heads(o), W, b)
+//
+// linear_heads makes its S values (q, k and v of a packed in-projection: S = 3) with one GEMM and one
+// record of S outputs, so it is not an expression node: it evaluates at once, like Var's constructor
+// (on the current tape; if anything throws, the tape is left as it was), and returns the Vars.
+// heads_linear is an expression node like linear.
+
+#include <array>
+
+#include "autodiff/expr/matmul.hpp"
+
+namespace autodiff {
+
+namespace detail {
+template <std::size_t S, class X, class W, class B>
+std::array<Var<typename X::value_type>, S> linear_heads_eval(const X& x, const W& w, const B& b, std::int64_t heads) {
+    using T = typename X::value_type;
+    constexpr bool has_bias = !std::is_same_v<B, NoBias>;
+    Shape bias_shape;
+    if constexpr (has_bias) bias_shape = b.shape();
+    // Checked before anything is evaluated or recorded.
+    const Shape ys = linear_heads_output_shape("linear_heads", x.shape(), w.shape(), has_bias ? &bias_shape : nullptr, heads, S);
+    Tape& tape = current_tape();
+    EvalContext ctx{grad_enabled() ? &tape : nullptr};
+    RecordInputs inputs;
+    ctx.inputs = &inputs;
+    const Tape::Checkpoint cp = tape.checkpoint();
+    try {
+        Value<T> xv = evaluate(x, ctx);
+        Value<T> wv = evaluate(w, ctx);
+        Value<T> bv;
+        if constexpr (has_bias) bv = evaluate(b, ctx);
+        std::array<Tensor<T>, S> y;
+        linear_heads_forward(xv.value, wv.value, bv.value, heads, std::span<Tensor<T>>(y));
+        // y_s = split_heads(x·Wᵀ + b) ; dx = dY·W, dW = dYᵀ·x, db = colsum(dY), dY = [dy_0 … dy_S-1] (linear.hpp)
+        std::array<GradTarget<T>, S> targets{};
+        if (ctx.tape && (xv.target || wv.target || bv.target)) {
+            targets = tape.record_outputs<T, S>([xt = xv.target, wt = wv.target, bt = bv.target, Xs = Saved<T>(xv.value),
+                                                 Ws = Saved<T>(wv.value), ys](std::array<Tensor<T>, S>& dys, Tape& t) {
+                const Tensor<T>& X_ = Xs.get("linear_heads", "input");
+                const Tensor<T>& W_ = Ws.get("linear_heads", "weight");
+                for (auto& dy : dys)  // an output that got no gradient contributes zeros
+                    if (!dy.defined()) dy = zeros<T>(ys);
+                Tensor<T> dx;
+                Tensor<T> dW = wt ? zeros<T>(W_.shape()) : Tensor<T>();
+                Tensor<T> db = bt ? zeros<T>({W_.dim(0)}) : Tensor<T>();
+                linear_heads_backward(xt ? &dx : nullptr, wt ? &dW : nullptr, bt ? &db : nullptr, std::span<const Tensor<T>>(dys), X_, W_);
+                if (xt) t.accumulate(xt, std::move(dx));
+                if (wt) t.accumulate(wt, std::move(dW));
+                if (bt) t.accumulate(bt, std::move(db));
+            });
+            tape.describe_last<T>(targets[0].slot, "linear_heads", ys, true, inputs);
+        }
+        std::array<Var<T>, S> out;
+        for (std::size_t s = 0; s < S; ++s) out[s] = Var<T>(Value<T>{std::move(y[s]), targets[s]}, tape);
+        return out;
+    } catch (...) {
+        tape.rollback(cp);
+        throw;
+    }
+}
+}  // namespace detail
+
+template <std::size_t S, ExprLike X, ExprLike W, ExprLike B>
+std::array<Var<value_type_t<X>>, S> linear_heads(const X& x, const W& w, const B& b, std::int64_t heads) {
+    static_assert(same_value_type_v<X, W> && same_value_type_v<X, B>,
+                  "autodiff::linear_heads: input, weight and bias must have the same value type (float or double)");
+    return detail::linear_heads_eval<S>(as_expr(x), as_expr(w), as_expr(b), heads);
+}
+template <std::size_t S, ExprLike X, ExprLike W>
+std::array<Var<value_type_t<X>>, S> linear_heads(const X& x, const W& w, std::int64_t heads) {
+    static_assert(same_value_type_v<X, W>, "autodiff::linear_heads: input and weight must have the same value type (float or double)");
+    return detail::linear_heads_eval<S>(as_expr(x), as_expr(w), NoBias{}, heads);
+}
+
+// y = merge_heads(o)·Wᵀ + b with o read in its head layout.
+template <class X, class W, class B>
+struct HeadsLinear : Expr<HeadsLinear<X, W, B>> {
+    using value_type = typename X::value_type;
+    static constexpr bool has_bias = !std::is_same_v<B, NoBias>;
+    static constexpr bool may_require_grad = any_may_require_grad_v<X, W> || (has_bias && B::may_require_grad);
+    X x;
+    W weight;
+    B bias;
+    Shape shape_;
+
+    HeadsLinear(X x_, W w_, B b_) : x(std::move(x_)), weight(std::move(w_)), bias(std::move(b_)) {
+        if constexpr (has_bias) shape_ = heads_linear_output_shape("heads_linear", x.shape(), weight.shape(), &bias.shape());
+        else shape_ = heads_linear_output_shape("heads_linear", x.shape(), weight.shape(), nullptr);
+    }
+    [[nodiscard]] const Shape& shape() const { return shape_; }
+};
+
+template <ExprLike X, ExprLike W, ExprLike B>
+auto heads_linear(const X& o, const W& w, const B& b) {
+    static_assert(same_value_type_v<X, W> && same_value_type_v<X, B>,
+                  "autodiff::heads_linear: input, weight and bias must have the same value type (float or double)");
+    return HeadsLinear<expr_t<X>, expr_t<W>, expr_t<B>>(as_expr(o), as_expr(w), as_expr(b));
+}
+template <ExprLike X, ExprLike W>
+auto heads_linear(const X& o, const W& w) {
+    static_assert(same_value_type_v<X, W>, "autodiff::heads_linear: input and weight must have the same value type (float or double)");
+    return HeadsLinear<expr_t<X>, expr_t<W>, NoBias>(as_expr(o), as_expr(w), NoBias{});
+}
+
+template <class X, class W, class B>
+struct Evaluator<HeadsLinear<X, W, B>> {
+    using T = typename X::value_type;
+    // y = merge_heads(o)·Wᵀ + b ; do = dy·W (head layout), dW = dyᵀ·merge_heads(o), db = colsum(dy)   (linear.hpp)
+    static Value<T> eval(const HeadsLinear<X, W, B>& e, EvalContext& ctx) {
+        Value<T> o = evaluate(e.x, ctx);
+        Value<T> w = evaluate(e.weight, ctx);
+        Value<T> b;
+        if constexpr (HeadsLinear<X, W, B>::has_bias) b = evaluate(e.bias, ctx);
+        Tensor<T> y = heads_linear_forward(o.value, w.value, b.value);
+        ctx.fused = true;  // for the graph view: merge_heads and linear in one record
+        return finish(ctx, std::move(y), o.target || w.target || b.target,
+                      [ot = o.target, wt = w.target, bt = b.target, Os = Saved<T>(o.value), Ws = Saved<T>(w.value)](const Tensor<T>& dy,
+                                                                                                                   Tape& tape) {
+                          const Tensor<T>& O_ = Os.get("heads_linear", "input");
+                          const Tensor<T>& W_ = Ws.get("heads_linear", "weight");
+                          Tensor<T> d_o;
+                          Tensor<T> dW = wt ? zeros<T>(W_.shape()) : Tensor<T>();
+                          Tensor<T> db = bt ? zeros<T>({W_.dim(0)}) : Tensor<T>();
+                          heads_linear_backward(ot ? &d_o : nullptr, wt ? &dW : nullptr, bt ? &db : nullptr, dy, O_, W_);
+                          if (ot) tape.accumulate(ot, std::move(d_o));
+                          if (wt) tape.accumulate(wt, std::move(dW));
+                          if (bt) tape.accumulate(bt, std::move(db));
+                      });
+    }
+};
+
+}  // namespace autodiff
