@@ -84,32 +84,95 @@ __device__ void block_mma(float* Cm, int ldc, const C* A, int lda, const C* B, i
     __syncthreads();
 }
 
-// dst (rows × padded cols, ld) = src rows [r0, r0 + rows) of a (len × width) matrix, zero outside.
+// dst (rows × padded cols, ld) = src rows [r0, r0 + rows) of a (len × width) matrix with row stride
+// `stride`, zero outside. Rows of 16 bytes' worth of elements go through cp.async (queued, not waited
+// for: the caller commits and waits, so the copies of several tiles are in flight together); other
+// widths element by element.
 template <class C>
-__device__ void stage(C* dst, int ld, const C* src, std::int64_t r0, std::int64_t len, int width, int rows, int padded) {
+__device__ void stage(C* dst, int ld, const C* src, std::int64_t stride, std::int64_t r0, std::int64_t len, int width, int rows, int padded) {
+    constexpr int vec = 16 / sizeof(C);
+    if (width % vec == 0 && stride % vec == 0) {
+        const int chunks = padded / vec;
+        for (int e = threadIdx.x; e < rows * chunks; e += threads) {
+            const int r = e / chunks, c = e % chunks * vec;
+            const std::int64_t row = r0 + r;
+            C* to = dst + r * ld + c;
+            if (row < len && c < width) {
+                const auto shared = static_cast<unsigned>(__cvta_generic_to_shared(to));
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared), "l"(src + row * stride + c));
+            } else {
+                *reinterpret_cast<int4*>(to) = make_int4(0, 0, 0, 0);
+            }
+        }
+        return;
+    }
     for (int e = threadIdx.x; e < rows * padded; e += threads) {
         const int r = e / padded, c = e % padded;
         const std::int64_t row = r0 + r;
-        dst[r * ld + c] = (row < len && c < width) ? src[row * width + c] : from_float<C>(0.0f);
+        dst[r * ld + c] = (row < len && c < width) ? src[row * stride + c] : from_float<C>(0.0f);
     }
+}
+
+// Waits for this thread's cp.async copies, then for the whole block.
+__device__ inline void staged() {
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
 }
 
 using Problem = detail::AttentionProblem;
 
-// The masked, biased score of element (t, i, j) from s = (Q·Kᵀ)_ij; −inf where masked or out of range.
+// The bias of one leading index t as the kernels read it: staged tile by tile into shared memory when
+// its rows are contiguous in whole 16-byte chunks (tile(), after stage_tile()), else from global memory.
 template <class C>
-__device__ inline float score(const Problem& p, std::int64_t t, std::int64_t i, std::int64_t j, float s) {
+struct BiasView {
+    const C* base = nullptr;  // bias at (b, h, 0, 0) of t = b·H + h; null: no bias
+    std::int64_t si = 0, sj = 0;
+    bool staged = false;
+    C* tile = nullptr;  // (rows × cols, ld) shared memory
+    int ld = 0;
+
+    __device__ BiasView(const Problem& p, std::int64_t t, C* shared, int shared_ld) {
+        if (!p.bias) return;
+        base = static_cast<const C*>(p.bias) + t / p.heads * p.bias_s[0] + t % p.heads * p.bias_s[1];
+        si = p.bias_s[2];
+        sj = p.bias_s[3];
+        constexpr int vec = 16 / sizeof(C);
+        staged = sj == 1 && si % vec == 0 && p.Lk % vec == 0;
+        tile = shared;
+        ld = shared_ld;
+    }
+    // Queues the copy of the tile at rows [i0, i0 + rows), keys [j0, j0 + cols) (zero outside).
+    __device__ void stage_tile(const Problem& p, std::int64_t i0, std::int64_t j0, int rows, int cols) {
+        if (!staged) return;
+        // Columns past Lk: a whole chunk is in or out (Lk is a multiple of the chunk).
+        const int width = static_cast<int>(min(std::int64_t{cols}, p.Lk - j0));
+        stage(tile, ld, base + j0, si, i0, si == 0 ? std::int64_t{1} << 62 : p.Lq, width, rows, cols);
+    }
+    // The bias of element (i0 + r, j0 + c).
+    __device__ float at(std::int64_t i0, std::int64_t j0, int r, int c) const {
+        if (staged) return to_float(tile[r * ld + c]);
+        return to_float(base[(i0 + r) * si + (j0 + c) * sj]);
+    }
+};
+
+// The masked, biased score of element (i0 + r, j0 + c) of leading index t from s = (Q·Kᵀ)_ij; −inf
+// where masked or out of range. kp: the key-padding row of t (null: none).
+template <class C>
+__device__ inline float score(const Problem& p, const BiasView<C>& bias, const bool* kp, std::int64_t i0, std::int64_t j0, int r, int c,
+                              float s) {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+    const std::int64_t i = i0 + r, j = j0 + c;
     if (i >= p.Lq || j >= p.Lk) return neg_inf;
     if (p.causal && j > i) return neg_inf;
-    if (p.key_padding && !p.key_padding[t / p.kp_div * p.Lk + j]) return neg_inf;
+    if (kp && !kp[j]) return neg_inf;
     float x = p.scale * s;
-    if (p.bias) {
-        const std::int64_t b = t / p.heads, h = t % p.heads;
-        const auto* bias = static_cast<const C*>(p.bias);
-        x += p.bias_scale * to_float(bias[b * p.bias_s[0] + h * p.bias_s[1] + i * p.bias_s[2] + j * p.bias_s[3]]);
-    }
+    if (bias.base) x += p.bias_scale * bias.at(i0, j0, r, c);
     return x;
+}
+
+__device__ inline const bool* key_padding_row(const Problem& p, std::int64_t t) {
+    return p.key_padding ? p.key_padding + t / p.kp_div * p.Lk : nullptr;
 }
 
 // The dropout factor of element (t, i, j): the CPU's decision (dropout_keeps), times 1/(1 − rate).
@@ -154,11 +217,15 @@ __global__ void __launch_bounds__(threads) attention_forward_kernel(Problem p, c
     C* sK = sQ + R * ldq;                // (N, DP)
     C* sV = sK + N * ldq;                // (N, DVP)
     C* sP = sV + N * ldv;                // (R, N): dropout(e^(s − m))
-    float* sS = reinterpret_cast<float*>(sP + R * ldp);  // (R, N) scores
+    C* sB = sP + R * ldp;                // (R, N): the bias tile, when staged
+    float* sS = reinterpret_cast<float*>(sB + R * ldp);  // (R, N) scores
     float* sO = sS + R * lds;                             // (R, DVP) accumulator
 
-    stage(sQ, ldq, Q + t * p.Lq * p.d, i0, p.Lq, p.d, R, DP);
-    for (int e = threadIdx.x; e < R * DVP; e += threads) sO[e / DVP * DVP + e % DVP] = 0.0f;
+    BiasView<C> bias(p, t, sB, ldp);
+    const bool* kp = key_padding_row(p, t);
+    stage(sQ, ldq, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d, R, DP);
+    for (int e = threadIdx.x; e < R * DVP; e += threads) sO[e] = 0.0f;
+    staged();
     const int row = static_cast<int>(threadIdx.x) / per_row, part = static_cast<int>(threadIdx.x) % per_row;
     const std::int64_t i = i0 + row;
     float m = neg_inf, l = 0.0f;
@@ -167,13 +234,14 @@ __global__ void __launch_bounds__(threads) attention_forward_kernel(Problem p, c
         const std::int64_t j0 = kb * N;
         if (!keys_kept(p, t, j0, N)) continue;
         __syncthreads();
-        stage(sK, ldq, K + t * p.Lk * p.d, j0, p.Lk, p.d, N, DP);
-        stage(sV, ldv, V + t * p.Lk * p.dv, j0, p.Lk, p.dv, N, DVP);
-        __syncthreads();
+        stage(sK, ldq, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d, N, DP);
+        stage(sV, ldv, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv, N, DVP);
+        bias.stage_tile(p, i0, j0, R, N);
+        staged();
         block_mma<false, true>(sS, lds, sQ, ldq, sK, ldq, R, N, DP, false);
         for (int e = threadIdx.x; e < R * N; e += threads) {
             const int r = e / N, c = e % N;
-            sS[r * lds + c] = score<C>(p, t, i0 + r, j0 + c, sS[r * lds + c]);
+            sS[r * lds + c] = score<C>(p, bias, kp, i0, j0, r, c, sS[r * lds + c]);
         }
         __syncthreads();
         // Row statistics: per_row consecutive threads share a row, each with cols_per_thread columns.
@@ -223,14 +291,15 @@ __global__ void attention_row_dot_kernel(std::int64_t rows, int dv, const C* dO,
 //   sP  <- P·factor                       (for dV = dropout(P)ᵀ·dO)       when write_dropped_p
 //   dS  = P ⊙ (dP·factor − D) -> sdS (operand type), and bias_scale·dS or dS to the bias gradient
 template <class C>
-__device__ void probabilities_and_dS(const Problem& p, std::int64_t t, std::int64_t i0, std::int64_t j0, const float* sS, const float* sdP,
+__device__ void probabilities_and_dS(const Problem& p, const BiasView<C>& bias, const bool* kp, std::int64_t t, std::int64_t i0, std::int64_t j0,
+                                     const float* sS, const float* sdP,
                                      int lds, C* sP, C* sdS, int ldp, const float* s_lse, const float* s_D, C* dbias_full,
                                      float* dS_scratch) {
     constexpr int R = Tile<C>::rows, N = Tile<C>::cols;
     for (int e = threadIdx.x; e < R * N; e += threads) {
         const int r = e / N, c = e % N;
         const std::int64_t i = i0 + r, j = j0 + c;
-        const float s = score<C>(p, t, i, j, sS[r * lds + c]);
+        const float s = score<C>(p, bias, kp, i0, j0, r, c, sS[r * lds + c]);
         const float P = (s == -std::numeric_limits<float>::infinity() || s_lse[r] == -std::numeric_limits<float>::infinity())
                             ? 0.0f : __expf(s - s_lse[r]);
         const float factor = dropout_factor(p, t, i, j);
@@ -262,15 +331,19 @@ __global__ void __launch_bounds__(threads) attention_dkdv_kernel(Problem p, cons
     C* sdO = sQ + R * ldq;               // (R, DVP)
     C* sP = sdO + R * ldv;               // (R, N) dropout(P)
     C* sdS = sP + R * ldp;               // (R, N)
-    float* sS = reinterpret_cast<float*>(sdS + R * ldp);  // (R, N)
+    C* sB = sdS + R * ldp;               // (R, N): the bias tile, when staged
+    float* sS = reinterpret_cast<float*>(sB + R * ldp);  // (R, N)
     float* sdP = sS + R * lds;                             // (R, N)
     float* sdK = sdP + R * lds;                            // (N, DP)
     float* sdV = sdK + N * DP;                             // (N, DVP)
     float* s_lse = sdV + N * DVP;                          // (R)
     float* s_D = s_lse + R;                                // (R)
 
-    stage(sK, ldq, K + t * p.Lk * p.d, j0, p.Lk, p.d, N, DP);
-    stage(sV, ldv, V + t * p.Lk * p.dv, j0, p.Lk, p.dv, N, DVP);
+    BiasView<C> bias(p, t, sB, ldp);
+    const bool* kp = key_padding_row(p, t);
+    stage(sK, ldq, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d, N, DP);
+    stage(sV, ldv, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv, N, DVP);
+    staged();
     for (int e = threadIdx.x; e < N * DP; e += threads) sdK[e] = 0.0f;
     for (int e = threadIdx.x; e < N * DVP; e += threads) sdV[e] = 0.0f;
     const bool any_key = keys_kept(p, t, j0, N);
@@ -279,17 +352,18 @@ __global__ void __launch_bounds__(threads) attention_dkdv_kernel(Problem p, cons
     for (std::int64_t qb = any_key ? first : q_blocks; qb < q_blocks; ++qb) {
         const std::int64_t i0 = qb * R;
         __syncthreads();
-        stage(sQ, ldq, Q + t * p.Lq * p.d, i0, p.Lq, p.d, R, DP);
-        stage(sdO, ldv, dO + t * p.Lq * p.dv, i0, p.Lq, p.dv, R, DVP);
+        stage(sQ, ldq, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d, R, DP);
+        stage(sdO, ldv, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv, R, DVP);
+        bias.stage_tile(p, i0, j0, R, N);
         for (int r = threadIdx.x; r < R; r += threads) {
             const bool in = i0 + r < p.Lq;
             s_lse[r] = in ? lse[t * p.Lq + i0 + r] : -std::numeric_limits<float>::infinity();
             s_D[r] = in ? D[t * p.Lq + i0 + r] : 0.0f;
         }
-        __syncthreads();
+        staged();
         block_mma<false, true>(sS, lds, sQ, ldq, sK, ldq, R, N, DP, false);
         block_mma<false, true>(sdP, lds, sdO, ldv, sV, ldv, R, N, DVP, false);
-        probabilities_and_dS(p, t, i0, j0, sS, sdP, lds, sP, sdS, ldp, s_lse, s_D, dbias_full, dS_scratch);
+        probabilities_and_dS(p, bias, kp, t, i0, j0, sS, sdP, lds, sP, sdS, ldp, s_lse, s_D, dbias_full, dS_scratch);
         block_mma<true, false>(sdV, DVP, sP, ldp, sdO, ldv, N, DVP, R, true);
         block_mma<true, false>(sdK, DP, sdS, ldp, sQ, ldq, N, DP, R, true);
     }
@@ -317,31 +391,36 @@ __global__ void __launch_bounds__(threads) attention_dq_kernel(Problem p, const 
     C* sK = sdO + R * ldv;               // (N, DP)
     C* sV = sK + N * ldq;                // (N, DVP)
     C* sdS = sV + N * ldv;               // (R, N)
-    float* sS = reinterpret_cast<float*>(sdS + R * ldp);  // (R, N)
+    C* sB = sdS + R * ldp;               // (R, N): the bias tile, when staged
+    float* sS = reinterpret_cast<float*>(sB + R * ldp);  // (R, N)
     float* sdP = sS + R * lds;                             // (R, N)
     float* sdQ = sdP + R * lds;                            // (R, DP)
     float* s_lse = sdQ + R * DP;                           // (R)
     float* s_D = s_lse + R;                                // (R)
 
-    stage(sQ, ldq, Q + t * p.Lq * p.d, i0, p.Lq, p.d, R, DP);
-    stage(sdO, ldv, dO + t * p.Lq * p.dv, i0, p.Lq, p.dv, R, DVP);
+    BiasView<C> bias(p, t, sB, ldp);
+    const bool* kp = key_padding_row(p, t);
+    stage(sQ, ldq, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d, R, DP);
+    stage(sdO, ldv, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv, R, DVP);
     for (int e = threadIdx.x; e < R * DP; e += threads) sdQ[e] = 0.0f;
     for (int r = threadIdx.x; r < R; r += threads) {
         const bool in = i0 + r < p.Lq;
         s_lse[r] = in ? lse[t * p.Lq + i0 + r] : -std::numeric_limits<float>::infinity();
         s_D[r] = in ? D[t * p.Lq + i0 + r] : 0.0f;
     }
+    staged();
     const std::int64_t end = key_block_end(p, i0, R, N);
     for (std::int64_t kb = 0; kb < end; ++kb) {
         const std::int64_t j0 = kb * N;
         if (!keys_kept(p, t, j0, N)) continue;
         __syncthreads();
-        stage(sK, ldq, K + t * p.Lk * p.d, j0, p.Lk, p.d, N, DP);
-        stage(sV, ldv, V + t * p.Lk * p.dv, j0, p.Lk, p.dv, N, DVP);
-        __syncthreads();
+        stage(sK, ldq, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d, N, DP);
+        stage(sV, ldv, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv, N, DVP);
+        bias.stage_tile(p, i0, j0, R, N);
+        staged();
         block_mma<false, true>(sS, lds, sQ, ldq, sK, ldq, R, N, DP, false);
         block_mma<false, true>(sdP, lds, sdO, ldv, sV, ldv, R, N, DVP, false);
-        probabilities_and_dS<C>(p, t, i0, j0, sS, sdP, lds, nullptr, sdS, ldp, s_lse, s_D, nullptr, nullptr);
+        probabilities_and_dS<C>(p, bias, kp, t, i0, j0, sS, sdP, lds, nullptr, sdS, ldp, s_lse, s_D, nullptr, nullptr);
         block_mma<false, false>(sdQ, DP, sdS, ldp, sK, ldq, R, DP, N, true);
     }
     __syncthreads();
@@ -400,20 +479,20 @@ template <class C>
 std::size_t forward_smem(int d, int dv) {
     constexpr int R = Tile<C>::rows, N = Tile<C>::cols;
     const int ldq = staged_ld(round16(d)), ldv = staged_ld(round16(dv));
-    return sizeof(C) * (R * ldq + N * ldq + N * ldv + R * staged_ld(N)) + sizeof(float) * (R * (N + 4) + R * round16(dv));
+    return sizeof(C) * (R * ldq + N * ldq + N * ldv + 2 * R * staged_ld(N)) + sizeof(float) * (R * (N + 4) + R * round16(dv));
 }
 template <class C>
 std::size_t dkdv_smem(int d, int dv) {
     constexpr int R = Tile<C>::rows, N = Tile<C>::cols;
     const int DP = round16(d), DVP = round16(dv), ldq = staged_ld(DP), ldv = staged_ld(DVP);
-    return sizeof(C) * (N * ldq + N * ldv + R * ldq + R * ldv + 2 * R * staged_ld(N)) +
+    return sizeof(C) * (N * ldq + N * ldv + R * ldq + R * ldv + 3 * R * staged_ld(N)) +
            sizeof(float) * (2 * R * (N + 4) + N * DP + N * DVP + 2 * R);
 }
 template <class C>
 std::size_t dq_smem(int d, int dv) {
     constexpr int R = Tile<C>::rows, N = Tile<C>::cols;
     const int DP = round16(d), DVP = round16(dv), ldq = staged_ld(DP), ldv = staged_ld(DVP);
-    return sizeof(C) * (R * ldq + R * ldv + N * ldq + N * ldv + R * staged_ld(N)) + sizeof(float) * (2 * R * (N + 4) + R * DP + 2 * R);
+    return sizeof(C) * (R * ldq + R * ldv + N * ldq + N * ldv + 2 * R * staged_ld(N)) + sizeof(float) * (2 * R * (N + 4) + R * DP + 2 * R);
 }
 
 template <class Kernel>
