@@ -217,8 +217,10 @@ __global__ void __launch_bounds__(threads) attention_forward_kernel(Problem p, c
     C* sK = sQ + R * ldq;                // (N, DP)
     C* sV = sK + N * ldq;                // (N, DVP)
     C* sP = sV + N * ldv;                // (R, N): dropout(e^(s − m))
-    C* sB = sP + R * ldp;                // (R, N): the bias tile, when staged
-    float* sS = reinterpret_cast<float*>(sB + R * ldp);  // (R, N) scores
+    // The bias tile (when staged) shares sP's space: the score pass reads it, the row pass writes P
+    // after a barrier, and the next tile's copy starts after the P·V product's barrier.
+    C* sB = sP;
+    float* sS = reinterpret_cast<float*>(sP + R * ldp);  // (R, N) scores
     float* sO = sS + R * lds;                             // (R, DVP) accumulator
 
     BiasView<C> bias(p, t, sB, ldp);
@@ -331,8 +333,10 @@ __global__ void __launch_bounds__(threads) attention_dkdv_kernel(Problem p, cons
     C* sdO = sQ + R * ldq;               // (R, DVP)
     C* sP = sdO + R * ldv;               // (R, N) dropout(P)
     C* sdS = sP + R * ldp;               // (R, N)
-    C* sB = sdS + R * ldp;               // (R, N): the bias tile, when staged
-    float* sS = reinterpret_cast<float*>(sB + R * ldp);  // (R, N)
+    // The bias tile (when staged) shares sP's space: probabilities_and_dS reads each element's bias
+    // before the same thread writes that element's P.
+    C* sB = sP;
+    float* sS = reinterpret_cast<float*>(sdS + R * ldp);  // (R, N)
     float* sdP = sS + R * lds;                             // (R, N)
     float* sdK = sdP + R * lds;                            // (N, DP)
     float* sdV = sdK + N * DP;                             // (N, DVP)
@@ -391,8 +395,10 @@ __global__ void __launch_bounds__(threads) attention_dq_kernel(Problem p, const 
     C* sK = sdO + R * ldv;               // (N, DP)
     C* sV = sK + N * ldq;                // (N, DVP)
     C* sdS = sV + N * ldv;               // (R, N)
-    C* sB = sdS + R * ldp;               // (R, N): the bias tile, when staged
-    float* sS = reinterpret_cast<float*>(sB + R * ldp);  // (R, N)
+    // The bias tile (when staged) shares sdS's space: probabilities_and_dS reads each element's bias
+    // before the same thread writes that element's dS.
+    C* sB = sdS;
+    float* sS = reinterpret_cast<float*>(sdS + R * ldp);  // (R, N)
     float* sdP = sS + R * lds;                             // (R, N)
     float* sdQ = sdP + R * lds;                            // (R, DP)
     float* s_lse = sdQ + R * DP;                           // (R)
@@ -479,20 +485,20 @@ template <class C>
 std::size_t forward_smem(int d, int dv) {
     constexpr int R = Tile<C>::rows, N = Tile<C>::cols;
     const int ldq = staged_ld(round16(d)), ldv = staged_ld(round16(dv));
-    return sizeof(C) * (R * ldq + N * ldq + N * ldv + 2 * R * staged_ld(N)) + sizeof(float) * (R * (N + 4) + R * round16(dv));
+    return sizeof(C) * (R * ldq + N * ldq + N * ldv + R * staged_ld(N)) + sizeof(float) * (R * (N + 4) + R * round16(dv));
 }
 template <class C>
 std::size_t dkdv_smem(int d, int dv) {
     constexpr int R = Tile<C>::rows, N = Tile<C>::cols;
     const int DP = round16(d), DVP = round16(dv), ldq = staged_ld(DP), ldv = staged_ld(DVP);
-    return sizeof(C) * (N * ldq + N * ldv + R * ldq + R * ldv + 3 * R * staged_ld(N)) +
+    return sizeof(C) * (N * ldq + N * ldv + R * ldq + R * ldv + 2 * R * staged_ld(N)) +
            sizeof(float) * (2 * R * (N + 4) + N * DP + N * DVP + 2 * R);
 }
 template <class C>
 std::size_t dq_smem(int d, int dv) {
     constexpr int R = Tile<C>::rows, N = Tile<C>::cols;
     const int DP = round16(d), DVP = round16(dv), ldq = staged_ld(DP), ldv = staged_ld(DVP);
-    return sizeof(C) * (R * ldq + R * ldv + N * ldq + N * ldv + 2 * R * staged_ld(N)) + sizeof(float) * (2 * R * (N + 4) + R * DP + 2 * R);
+    return sizeof(C) * (R * ldq + R * ldv + N * ldq + N * ldv + R * staged_ld(N)) + sizeof(float) * (2 * R * (N + 4) + R * DP + 2 * R);
 }
 
 template <class Kernel>
