@@ -39,7 +39,7 @@ double relative_error(const Tensor<float>& a, const Tensor<float>& b) {
 
 void check_close(const char* name, const Tensor<float>& gpu, const Tensor<float>& cpu, double tolerance) {
     const double err = relative_error(gpu, cpu);
-    MESSAGE(name, ": relative error ", err, " (tolerance ", tolerance, ")");
+    MESSAGE(std::string(name), ": relative error ", err, " (tolerance ", tolerance, ")");
     CHECK(err <= tolerance);
 }
 
