@@ -3,7 +3,7 @@
 // include/autodiff/cuda/attention.hpp; validation and allocation in attention.cpp.
 //
 // Every kernel works on one tile of the padded rank-4 scores (B, H, Lq, Lk), leading index t = b·H + h,
-// with 128 threads (4 warps). Operands are staged in shared memory, zero-padded to a multiple of 16 in
+// with 256 threads (8 warps). Operands are staged in shared memory, zero-padded to a multiple of 16 in
 // every dimension; tile products go through block_mma (WMMA on the tensor cores for bf16/fp16, fp32 FMA
 // for float32). Elementwise passes use a coalesced element-per-thread mapping.
 
@@ -23,7 +23,9 @@ namespace autodiff {
 
 namespace {
 
-constexpr int threads = 128;
+// 8 warps a block. The forward and dQ kernels are held to 128 registers so that two blocks fit an SM
+// (their shared memory allows it); the dK/dV kernel's shared memory allows one block anyway.
+constexpr int threads = 256;
 constexpr int warps = threads / 32;
 
 // Tile sizes: 64×64 with 16-bit operands, 32×32 in float32 (whose staged operands are twice as large).
@@ -207,7 +209,7 @@ __device__ inline std::int64_t key_block_end(const Problem& p, std::int64_t i0, 
 // Online softmax over key blocks: m = running max, l = running Σ e^(s − m) (before dropout), O
 // accumulates dropout(e^(s − m))·V in fp32 shared memory and is divided by l at the end.
 template <class C>
-__global__ void __launch_bounds__(threads) attention_forward_kernel(Problem p, const C* Q, const C* K, const C* V, C* O, float* lse) {
+__global__ void __launch_bounds__(threads, 2) attention_forward_kernel(Problem p, const C* Q, const C* K, const C* V, C* O, float* lse) {
     constexpr int R = Tile<C>::rows, N = Tile<C>::cols, per_row = threads / R, cols_per_thread = N / per_row;
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const int DP = round16(p.d), DVP = round16(p.dv), ldq = staged_ld(DP), ldv = staged_ld(DVP), lds = N + 4, ldp = staged_ld(N);
@@ -384,7 +386,7 @@ __global__ void __launch_bounds__(threads) attention_dkdv_kernel(Problem p, cons
 
 // dQ for query block [i0, i0 + R) of leading index t, over the key blocks it sees. Grid: (query blocks, t).
 template <class C>
-__global__ void __launch_bounds__(threads) attention_dq_kernel(Problem p, const C* Q, const C* K, const C* V, const C* dO, const float* lse,
+__global__ void __launch_bounds__(threads, 2) attention_dq_kernel(Problem p, const C* Q, const C* K, const C* V, const C* dO, const float* lse,
                                                                const float* D, C* dQ) {
     constexpr int R = Tile<C>::rows, N = Tile<C>::cols;
     const int DP = round16(p.d), DVP = round16(p.dv), ldq = staged_ld(DP), ldv = staged_ld(DVP), lds = N + 4, ldp = staged_ld(N);
