@@ -1,0 +1,99 @@
+// The GPU fused attention's timings (issue 12): bf16, n=2, h=8, d=64, L = 1024 ... 8192, with a full
+// trainable bias (forward, and forward + backward with dQ, dK, dV and dbias) and without bias under a
+// causal mask. Median of CUDA-event timings after warm-up; inputs random (never zeros). Prints one CSV
+// line per configuration (bench/cuda/run.sh joins them with PyTorch's in one table):
+//   ours,<case>,<L>,<forward ms>,<forward+backward ms>,<peak device bytes>,<Q+K+V+dO+bias+dbias bytes>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <vector>
+
+#include "autodiff/cuda/attention.hpp"
+
+namespace ad = autodiff;
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+        std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+        std::exit(1);
+    }
+}
+
+// Median milliseconds of `f` over `reps` runs, each timed with events, after `warmup` runs.
+double median_ms(const std::function<void()>& f, int warmup, int reps) {
+    for (int i = 0; i < warmup; ++i) f();
+    ad::cuda_synchronize("bench warm-up");
+    cudaEvent_t start, stop;
+    check(cudaEventCreate(&start), "cudaEventCreate");
+    check(cudaEventCreate(&stop), "cudaEventCreate");
+    std::vector<double> ms;
+    for (int i = 0; i < reps; ++i) {
+        check(cudaEventRecord(start), "cudaEventRecord");
+        f();
+        check(cudaEventRecord(stop), "cudaEventRecord");
+        check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+        float t = 0;
+        check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
+        ms.push_back(t);
+    }
+    ad::cuda_synchronize("bench");
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+}
+
+void run(std::int64_t L, bool with_bias, bool causal) {
+    const std::int64_t n = 2, h = 8, d = 64;
+    const ad::Shape qs{n, h, L, d};
+    auto Q = ad::to<ad::bf16>(ad::randn<float>(qs, 1), ad::cuda);
+    auto K = ad::to<ad::bf16>(ad::randn<float>(qs, 2), ad::cuda);
+    auto V = ad::to<ad::bf16>(ad::randn<float>(qs, 3), ad::cuda);
+    auto dO = ad::to<ad::bf16>(ad::randn<float>(qs, 4), ad::cuda);
+    ad::DeviceTensor<ad::bf16> bias;
+    if (with_bias) bias = ad::to<ad::bf16>(ad::randn<float>(ad::Shape{n, h, L, L}, 5), ad::cuda);
+    ad::DeviceAttentionOptions opt;
+    opt.scale = 0.125;
+    opt.causal = causal;
+    const int reps = L >= 8192 ? 10 : 20;
+    const double fwd = median_ms([&] { (void)ad::attention_forward(Q, K, V, bias, opt); }, 3, reps);
+    ad::DeviceTensor<ad::bf16> dQ, dK, dV, dbias;
+    auto step = [&] {
+        auto saved = ad::attention_forward(Q, K, V, bias, opt);
+        ad::attention_backward(&dQ, &dK, &dV, with_bias ? &dbias : nullptr, dO, Q, K, V, bias, saved, opt);
+    };
+    step();
+    ad::cuda_synchronize("bench");
+    // Peak over one step with the gradients of the last step released first (a training step's view).
+    dQ = dK = dV = dbias = {};
+    ad::device_pool::reset_stats();
+    step();
+    ad::cuda_synchronize("bench");
+    const std::size_t peak = ad::device_pool::stats().peak_bytes_in_use;
+    const double both = median_ms(step, 2, reps);
+    const std::size_t base = 4 * Q.bytes() + (with_bias ? 2 * bias.bytes() : 0);
+    std::printf("ours,%s,%lld,%.4f,%.4f,%zu,%zu\n", with_bias ? "bias" : (causal ? "causal" : "plain"), static_cast<long long>(L), fwd, both,
+                peak, base);
+    std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (!ad::cuda_available()) {
+        std::printf("SKIPPED: no CUDA device found\n");
+        return 77;
+    }
+    std::fprintf(stderr, "device: %s\n", ad::cuda_device_name().c_str());
+    std::vector<std::int64_t> lengths;
+    for (int i = 1; i < argc; ++i) lengths.push_back(std::atoll(argv[i]));
+    if (lengths.empty()) lengths = {1024, 2048, 4096, 8192};
+    for (std::int64_t L : lengths) run(L, true, false);
+    for (std::int64_t L : lengths) run(L, false, true);
+    return 0;
+}

@@ -1,0 +1,57 @@
+#pragma once
+// Fused attention on the GPU (issue 12): the functional API of kernels/attention.hpp for device tensors.
+//
+//   S = scale·Q·Kᵀ + bias_scale·bias     (masked entries: −inf)
+//   P = softmax(S) over keys; a row whose keys are all masked gives P = 0 (O = 0, zero gradients)
+//   O = dropout(P)·V
+//
+// Shapes as on the CPU: Q (..., Lq, d), K (..., Lk, d), V (..., Lk, dv), equal leading dimensions
+// (rank 2..4), d and dv at most 128; bias of any shape broadcastable to the scores (..., Lq, Lk), its
+// gradient in its own shape. Masks: causal (top-left aligned) and key padding (batch, Lk) (true =
+// keep), with whole tiles skipped where nothing is kept. Dropout decisions are the CPU's: Philox4x32-10
+// keyed by the seed, element index ((t·Lq + i)·Lk + j) for leading index t (kernels/dropout.hpp).
+//
+// FlashAttention-2 tiling: 64×64 tiles (32×32 in float32), tile products on the tensor cores (WMMA,
+// bf16/fp16 operands, fp32 accumulate) and in fp32 FMA for float32 inputs; the softmax statistics, O
+// and all gradients accumulate in fp32. No L×L buffer in the forward; the backward recomputes P.
+//
+// Determinism: no atomics. The backward runs one kernel over key blocks (dK, dV, and dS written to a
+// full-shape bias gradient) and one over query blocks (dQ); a broadcast bias gradient is reduced from
+// an fp32 dS buffer by a kernel that sums each output element in a fixed order. Results are
+// bit-identical run to run.
+
+#include "autodiff/cuda/device.hpp"
+#include "autodiff/kernels/dropout.hpp"
+
+namespace autodiff {
+
+struct DeviceAttentionOptions {
+    double scale = 1.0;       // of Q·Kᵀ
+    double bias_scale = 1.0;  // of the bias
+    bool causal = false;      // key j is visible to query i iff j <= i
+    DeviceTensor<bool> key_padding;  // (batch, Lk) for rank >= 3, (Lk) for rank 2; true = keep
+    DropoutDescriptor dropout;
+};
+
+template <class T>
+struct DeviceAttentionSaved {
+    DeviceTensor<T> O;        // (..., Lq, dv)
+    DeviceTensor<float> lse;  // (..., Lq): log Σ_j exp(S_ij) over kept keys, −inf for fully masked rows
+};
+
+// bias may be undefined (absent). T: float, bf16 or fp16.
+template <class T>
+DeviceAttentionSaved<T> attention_forward(const DeviceTensor<T>& Q, const DeviceTensor<T>& K, const DeviceTensor<T>& V,
+                                          const DeviceTensor<T>& bias, const DeviceAttentionOptions& opt);
+
+// Backward, with D_i = rowsum(dO_i ⊙ O_i) and P = e^(S − lse) recomputed tile by tile:
+//   dV = dropout(P)ᵀ·dO,  dP = dropout_mask ⊙ (dO·Vᵀ),  dS = P ⊙ (dP − D)
+//   dQ = scale·dS·K,  dK = scale·dSᵀ·Q,  dbias = bias_scale·reduce(dS, bias's shape)
+// Gradients are written (not accumulated); pass nullptr for any that is not wanted.
+template <class T>
+void attention_backward(DeviceTensor<T>* dQ, DeviceTensor<T>* dK, DeviceTensor<T>* dV, DeviceTensor<T>* dbias,
+                        const DeviceTensor<T>& dO, const DeviceTensor<T>& Q, const DeviceTensor<T>& K,
+                        const DeviceTensor<T>& V, const DeviceTensor<T>& bias, const DeviceAttentionSaved<T>& saved,
+                        const DeviceAttentionOptions& opt);
+
+}  // namespace autodiff

@@ -1,0 +1,54 @@
+#pragma once
+// The launchers of the GPU attention kernels (attention_kernels.cu), for attention.cpp. Plain types
+// only: this header is read by nvcc and by the host compiler, and pulls in neither fmt nor Eigen.
+// Every launcher queues its kernels on the default stream and returns the launch's cudaError_t.
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace autodiff::detail {
+
+enum class DeviceDType : std::uint8_t { f32, bf16, f16 };
+
+// Everything a kernel needs to know about the problem, by value. Scores: padded rank 4 (B, H, Lq, Lk),
+// leading index t = b·H + h.
+struct AttentionProblem {
+    std::int64_t items = 0, heads = 1, Lq = 0, Lk = 0;  // items = B·H leading indices
+    int d = 0, dv = 0;                                   // at most max_head_dim
+    float scale = 1, bias_scale = 1;
+    const void* bias = nullptr;
+    std::int64_t bias_s[4] = {0, 0, 0, 0};  // broadcast strides of the bias over (B, H, Lq, Lk)
+    bool causal = false;
+    const bool* key_padding = nullptr;  // (batch, Lk), true = keep
+    std::int64_t kp_div = 1;            // batch = t / kp_div
+    bool dropout = false;
+    bool drop_all = false;  // a rate within 2^-33 of 1 drops everything
+    std::uint32_t threshold = 0;
+    float drop_scale = 1;
+    std::uint64_t seed = 0, offset = 0;
+};
+
+inline constexpr int max_head_dim = 128;
+
+// Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq).
+cudaError_t launch_attention_forward(DeviceDType dtype, const AttentionProblem& p, const void* Q, const void* K, const void* V, void* O,
+                                     float* lse);
+
+// D (t, Lq) fp32 scratch; dQ, dK, dV, dbias_full (the full-shape bias gradient) and dS_scratch (fp32
+// (t, Lq, Lk), for a broadcast bias) may be null. Tiles skipped under a mask are not written: the
+// caller zeroes dbias_full / dS_scratch first when there is a mask.
+cudaError_t launch_attention_backward(DeviceDType dtype, const AttentionProblem& p, const void* Q, const void* K, const void* V,
+                                      const void* dO, const void* O, const float* lse, float* D, void* dQ, void* dK, void* dV,
+                                      void* dbias_full, float* dS_scratch);
+
+// dbias (bias dims, padded to rank 4) = bias_scale·Σ dS over the broadcast dimensions, each element
+// summed in a fixed order. dS: fp32 (scores dims).
+cudaError_t launch_bias_gradient_reduce(DeviceDType dtype, const float* dS, const std::int64_t scores[4], const std::int64_t bias[4],
+                                        float bias_scale, void* dbias);
+
+// out (dtype) = in (fp32), rounded to nearest even; and back, exactly.
+cudaError_t launch_narrow(DeviceDType dtype, const float* in, void* out, std::int64_t n);
+cudaError_t launch_widen(DeviceDType dtype, const void* in, float* out, std::int64_t n);
+
+}  // namespace autodiff::detail
