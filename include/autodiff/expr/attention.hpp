@@ -328,10 +328,13 @@ struct Evaluator<MatMul<L, R>> {
     static Value<T> record(EvalContext& ctx, const Value<T>& q, const Value<T>& k, const Value<T>& v, const Value<T>& b,
                            const Tensor<T>& additive, const AttentionOptions& opt, Mod mod) {
         constexpr bool modified = !std::is_same_v<Mod, std::nullptr_t>;
-        AttentionSaved<T> saved = attention_forward(q.value, k.value, v.value, b.value, additive, opt, as_modifier(mod));
-        Tensor<T> O = saved.O;
         bool needs = q.target || k.target || v.target || b.target;
         if constexpr (modified) needs = needs || !mod.targets().empty();
+        // A backward will run: the forward may keep dropout's mask for it (attention_stores_dropout_mask).
+        AttentionOptions forward_opt = opt;
+        forward_opt.keep_dropout_mask = ctx.tape && needs;
+        AttentionSaved<T> saved = attention_forward(q.value, k.value, v.value, b.value, additive, forward_opt, as_modifier(mod));
+        Tensor<T> O = saved.O;
         // The backward reads q, k, v, the bias, the masks, O (and the modifier's captured tensors): the
         // versions they have now are checked before it runs. lse and the kept scores are private.
         const SavedVersions versions{opt.mask.keep.version(), opt.mask.key_padding.version(), saved.O.version()};

@@ -31,10 +31,10 @@ inline bool dropout_keeps(const DropoutDescriptor& d, std::uint64_t index) {
     return Philox4x32::bits(d.seed, d.offset, index) >= dropout_threshold(d.rate);
 }
 
-// factor[k] = keep(first + k) ? scale : 0 for k < n <= 64: the mask of elements first .. first+n-1,
-// from one vectorised Philox call. The dropout kernel and the fused attention kernel both use it.
-template <class T>
-void dropout_factors(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n, T scale, T* factor);
+// The keep mask of elements first .. first+n-1 (n <= 64) as bits: bit k set when element first + k
+// is kept (dropout_keeps), bits n and above clear. One vectorised Philox call; the dropout kernel and
+// the fused attention kernel both use it.
+std::uint64_t dropout_keep_bits(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n);
 
 // y = x·keep/(1-rate).   x (any shape) -> y (same shape)
 template <class T>
