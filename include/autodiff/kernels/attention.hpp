@@ -16,7 +16,8 @@
 // and overwrites it with the bias gradient, skipping the recomputation of Q·Kᵀ + bias (one of the
 // backward's five tile products) at no extra peak memory. Both ways give bit-identical results. Dropout decisions are those of the
 // dropout kernel on the (..., Lq, Lk) probabilities, element index ((t·Lq + i)·Lk + j): the fused and
-// the generic path drop the same entries.
+// the generic path drop the same entries. When a backward will run, the forward may keep the mask
+// as bits for it (attention_stores_dropout_mask, below).
 //
 // Threads: work items are (leading index, query block) in the forward and leading indices in the
 // backward; when a broadcast bias is shared by several leading indices, those indices form one

@@ -1,7 +1,8 @@
 #pragma once
 // Dropout with a counter-based generator: the keep decision for element i of a tensor is a pure
 // function of (seed, offset, i), so forward and backward regenerate it instead of storing a mask,
-// and a fused kernel that visits (b, h, i, j) in tiles makes exactly the same decisions.
+// and a fused kernel that visits (b, h, i, j) in tiles makes exactly the same decisions (the fused
+// attention stores them as bits for its backward where that costs little memory: attention.hpp).
 // Training: y = x·keep/(1-rate). Evaluation (training == false) or rate == 0: y = x.
 //
 // Use a new offset (or seed) for every step; the same (seed, offset) gives the same mask.
