@@ -344,6 +344,18 @@ TEST_CASE("stored dropout mask: a second backward (retain_graph) reads it again 
     }
 }
 
+TEST_CASE("stored dropout mask: the wrong shape is refused by the backward") {
+    const ad::Tensor<double> q = ad::randn<double>({1, 5, 4}, 1), none;
+    ad::AttentionOptions opt{1.0, 1.0, {}, {0.2, 3, 4}};
+    opt.keep_dropout_mask = true;
+    auto saved = ad::attention_forward(q, q, q, none, none, opt);
+    REQUIRE(saved.keep_bits.shape() == ad::Shape{5, 1});
+    saved.keep_bits = ad::Tensor<std::uint64_t>(ad::Shape{5, 2});
+    ad::Tensor<double> dQ;
+    CHECK_THROWS_WITH_AS(ad::attention_backward<double>(&dQ, nullptr, nullptr, nullptr, q, q, q, q, none, none, saved, opt),
+                         doctest::Contains("saved dropout mask (5,2) must have the shape (5,1)"), ad::Error);
+}
+
 TEST_CASE("kept scores: the wrong shape is refused by the backward") {
     const ad::Tensor<double> q = ad::randn<double>({1, 5, 4}, 1), none;
     ad::AttentionOptions opt;

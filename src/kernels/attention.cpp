@@ -407,6 +407,9 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     // P is read from the saved scores when there are some; a full bias gradient then overwrites them.
     const T* kept = saved.scores.defined() ? saved.scores.data() : nullptr;
     // The forward's dropout mask, if it stored one (then no Philox runs here).
+    const Shape keep_shape{p.items * p.Lq, (p.Lk + block_k - 1) / block_k};
+    if (saved.keep_bits.defined() && saved.keep_bits.shape() != keep_shape)
+        fail(op, "saved dropout mask {} must have the shape {} (one word per query row and key block)", saved.keep_bits.shape(), keep_shape);
     const std::uint64_t* const kept_keep = p.dropout ? std::as_const(saved.keep_bits).data() : nullptr;
     if (dbias) *dbias = !full_dbias ? zeros<T>(bias.shape()) : kept ? std::exchange(saved.scores, Tensor<T>()) : Tensor<T>(scores);
     if (out.numel() == 0 || p.Lk == 0) {

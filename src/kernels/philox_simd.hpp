@@ -42,8 +42,11 @@ inline std::uint64_t philox_keep_bits16(std::uint64_t first_block, std::uint64_t
         c2[h] = _mm512_set1_epi64(static_cast<long long>(offset & 0xFFFFFFFF));
         c3[h] = _mm512_set1_epi64(static_cast<long long>(offset >> 32));
     }
+    // The round keys advance in vectors (their low halves wrap like 32-bit words): one add per round
+    // instead of a broadcast from a general register.
+    __m512i k0 = _mm512_set1_epi64(key[0]), k1 = _mm512_set1_epi64(key[1]);
+    const __m512i w0 = _mm512_set1_epi64(0x9E3779B9), w1 = _mm512_set1_epi64(0xBB67AE85);
     for (int round = 0; round < 10; ++round) {
-        const __m512i k0 = _mm512_set1_epi64(key[0]), k1 = _mm512_set1_epi64(key[1]);
         for (int h = 0; h < 2; ++h) {
             const __m512i p0 = _mm512_mul_epu32(c0[h], m0), p1 = _mm512_mul_epu32(c2[h], m1);
             c0[h] = _mm512_xor_si512(_mm512_xor_si512(_mm512_srli_epi64(p1, 32), c1[h]), k0);
@@ -51,8 +54,8 @@ inline std::uint64_t philox_keep_bits16(std::uint64_t first_block, std::uint64_t
             c1[h] = p1;
             c3[h] = p0;
         }
-        key[0] += 0x9E3779B9u;
-        key[1] += 0xBB67AE85u;
+        k0 = _mm512_add_epi32(k0, w0);
+        k1 = _mm512_add_epi32(k1, w1);
     }
     const __m512i t = _mm512_set1_epi32(static_cast<int>(threshold));
     constexpr __mmask16 low_halves = 0x5555;
