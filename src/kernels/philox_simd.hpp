@@ -6,7 +6,7 @@
 // place (a masked 32-bit compare of the low halves) and interleaves the four words' masks with pdep,
 // so no word is stored. Same bits as Philox4x32::generate. The mask of a 64-element row went from 68
 // to 39–44 ns on Zen 4 with the vectorised rounds (it had been 19 % of a fused attention step with
-// dropout); the in-register compare took it from 26 to 19 ns on the EPYC of 2026-12-03.
+// dropout); the in-register compare took it from 23–26 to 19 ns on the EPYC of 2026-12-03.
 //
 // Multiplying by a kept-bits mask (multiply_by_keep) is here too: the fused attention kernel and
 // the dropout kernel both apply masks that way.
