@@ -267,6 +267,95 @@ TEST_CASE("kept scores: a second backward (retain_graph) recomputes the scores t
     }
 }
 
+TEST_CASE("stored dropout mask: the forward's bits are dropout_keeps's, and the backward that reads them equals, bitwise, the one that regenerates them") {
+    using T = float;
+    // Lk = 130: rows start inside a Philox block (element index (t·Lq + i)·Lk + j) and end in a partial word.
+    const std::int64_t n = 2, h = 3, Lq = 70, Lk = 130, d = 16;
+    const ad::Tensor<T> q = ad::randn<T>({n, h, Lq, d}, 1), k = ad::randn<T>({n, h, Lk, d}, 2), v = ad::randn<T>({n, h, Lk, 8}, 3);
+    const ad::Tensor<T> dO = ad::randn<T>({n, h, Lq, 8}, 5), none, full_bias = ad::randn<T>({n, h, Lq, Lk}, 4);
+    const ad::DropoutDescriptor drop{0.3, 9, 4};
+    for (const bool causal : {false, true})
+        for (const bool keep_scores : {false, true}) {
+            CAPTURE(causal);
+            CAPTURE(keep_scores);
+            const ad::Tensor<T>& b = keep_scores ? full_bias : none;
+            ad::AttentionOptions opt{0.3, 1.0, causal ? ad::causal : ad::Mask{}, drop, keep_scores};
+            auto regenerated = ad::attention_forward(q, k, v, b, none, opt);
+            CHECK_FALSE(regenerated.keep_bits.defined());
+            opt.keep_dropout_mask = true;
+            auto stored = ad::attention_forward(q, k, v, b, none, opt);
+            REQUIRE(stored.keep_bits.defined());
+            CHECK(stored.keep_bits.shape() == ad::Shape{n * h * Lq, 3});
+            CHECK(ad::max_abs_diff(regenerated.O, stored.O) == 0.0f);
+            CHECK(ad::max_abs_diff(regenerated.lse, stored.lse) == 0.0f);
+            // Every tile the forward visits holds the mask of the generic dropout (all of them without causal).
+            std::int64_t wrong = 0;
+            for (std::int64_t row = 0; row < n * h * Lq; ++row)
+                for (std::int64_t j = 0; j < (causal ? std::min(Lk, (row % Lq) / 64 * 64 + 64) : Lk); ++j)
+                    wrong += ((stored.keep_bits(row, j / 64) >> (j % 64)) & 1) != ad::dropout_keeps(drop, static_cast<std::uint64_t>(row * Lk + j));
+            CHECK(wrong == 0);
+            ad::Tensor<T> gr[4], gs[4];
+            ad::attention_backward<T>(&gr[0], &gr[1], &gr[2], keep_scores ? &gr[3] : nullptr, dO, q, k, v, b, none, regenerated, opt);
+            ad::attention_backward<T>(&gs[0], &gs[1], &gs[2], keep_scores ? &gs[3] : nullptr, dO, q, k, v, b, none, stored, opt);
+            for (int i = 0; i < (keep_scores ? 4 : 3); ++i) CHECK(ad::max_abs_diff(gr[i], gs[i]) == 0.0f);
+            CHECK(stored.keep_bits.defined());  // not consumed: a second backward reads it again
+        }
+}
+
+TEST_CASE("stored dropout mask: kept when a backward will run, dropout is on, and the bits are small or an L² buffer exists") {
+    using T = float;
+    ad::AttentionOptions opt{1.0, 1.0, {}, {0.1, 1, 2}};
+    opt.keep_dropout_mask = true;
+    // d = 16 in float: Q has 64 bytes per row, the bits ⌈Lk/64⌉·8: up to Lk = 512.
+    CHECK(ad::attention_stores_dropout_mask<T>({2, 4, 9, 16}, {2, 4, 512, 16}, opt));
+    CHECK_FALSE(ad::attention_stores_dropout_mask<T>({2, 4, 9, 16}, {2, 4, 513, 16}, opt));
+    CHECK(ad::attention_stores_dropout_mask<double>({2, 4, 9, 16}, {2, 4, 1024, 16}, opt));
+    opt.keep_scores = true;  // the scores' L² buffer exists anyway
+    CHECK(ad::attention_stores_dropout_mask<T>({2, 4, 9, 16}, {2, 4, 16384, 16}, opt));
+    ad::AttentionOptions off = opt;
+    off.keep_dropout_mask = false;  // no backward
+    CHECK_FALSE(ad::attention_stores_dropout_mask<T>({2, 4, 9, 16}, {2, 4, 64, 16}, off));
+    off = opt;
+    off.dropout.training = false;
+    CHECK_FALSE(ad::attention_stores_dropout_mask<T>({2, 4, 9, 16}, {2, 4, 64, 16}, off));
+    off = opt;
+    off.dropout.rate = 0.0;
+    CHECK_FALSE(ad::attention_stores_dropout_mask<T>({2, 4, 9, 16}, {2, 4, 64, 16}, off));
+}
+
+TEST_CASE("stored dropout mask: a second backward (retain_graph) reads it again and gives the same gradients") {
+    P q = param({2, 2, 67, 8}, 1, "q"), k = param({2, 2, 67, 8}, 2, "k"), v = param({2, 2, 67, 8}, 3, "v"),
+      b = param({2, 2, 67, 67}, 4, "b");
+    const ad::DropoutDescriptor drop{0.25, 5, 6};
+    for (const bool biased : {false, true}) {  // bits kept because they are small / because of the kept scores
+        CAPTURE(biased);
+        ad::zero_grad(q, k, v, b);
+        ad::Var<double> O = biased ? ad::Var<double>(ad::matmul(ad::dropout(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.3 + b, ad::causal), drop), v))
+                                   : ad::Var<double>(ad::matmul(ad::dropout(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.3, ad::causal), drop), v));
+        const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 8);
+        O.backward(seed, true);
+        std::vector<ad::Tensor<double>> once{q.grad().clone(), k.grad().clone(), v.grad().clone(), b.grad().clone()};
+        O.backward(seed);
+        const std::vector<ad::Tensor<double>> twice{q.grad(), k.grad(), v.grad(), b.grad()};
+        for (std::size_t i = 0; i < once.size(); ++i) {
+            once[i].array() *= 2.0;  // x + x == 2x exactly
+            CHECK(ad::max_abs_diff(once[i], twice[i]) == 0.0);
+        }
+    }
+}
+
+TEST_CASE("stored dropout mask: the wrong shape is refused by the backward") {
+    const ad::Tensor<double> q = ad::randn<double>({1, 5, 4}, 1), none;
+    ad::AttentionOptions opt{1.0, 1.0, {}, {0.2, 3, 4}};
+    opt.keep_dropout_mask = true;
+    auto saved = ad::attention_forward(q, q, q, none, none, opt);
+    REQUIRE(saved.keep_bits.shape() == ad::Shape{5, 1});
+    saved.keep_bits = ad::Tensor<std::uint64_t>(ad::Shape{5, 2});
+    ad::Tensor<double> dQ;
+    CHECK_THROWS_WITH_AS(ad::attention_backward<double>(&dQ, nullptr, nullptr, nullptr, q, q, q, q, none, none, saved, opt),
+                         doctest::Contains("saved dropout mask (5,2) must have the shape (5,1)"), ad::Error);
+}
+
 TEST_CASE("kept scores: the wrong shape is refused by the backward") {
     const ad::Tensor<double> q = ad::randn<double>({1, 5, 4}, 1), none;
     ad::AttentionOptions opt;

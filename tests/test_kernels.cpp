@@ -758,21 +758,57 @@ TEST_CASE("Philox4x32::generate_blocks: the vectorised form gives exactly genera
     const std::uint64_t offset = 0xfedcba9876543210ull;
     // The second start crosses 2^32 blocks, so the counter's high word changes inside the batch.
     for (std::uint64_t first : {0ull, (1ull << 32) - 5}) {
-        std::uint32_t out[4 * 16], out_simd[4 * 16];
+        std::uint32_t out[4 * 16];
         ad::Philox4x32::generate_blocks<16>(first, offset, key, out);
-        ad::detail::philox_blocks16(first, offset, key, out_simd);  // the AVX-512 version where there is one
         for (std::uint64_t j = 0; j < 16; ++j) {
             const std::uint64_t block = first + j;
             const auto words = ad::Philox4x32::generate(
                 {static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32),
                  static_cast<std::uint32_t>(offset), static_cast<std::uint32_t>(offset >> 32)},
                 key);
-            for (std::size_t l = 0; l < 4; ++l) {
-                CHECK(out[4 * j + l] == words[l]);
-                CHECK(out_simd[4 * j + l] == words[l]);
-            }
+            for (std::size_t l = 0; l < 4; ++l) CHECK(out[4 * j + l] == words[l]);
         }
     }
+}
+
+TEST_CASE("philox_keep_bits16: bit 4k + l is word l of generate() for block first + k compared with the threshold") {
+    const ad::Philox4x32::Key key{0x89abcdefu, 0x01234567u};
+    const std::uint64_t offset = 0xfedcba9876543210ull;
+    // The AVX-512 version (in-register compares, pdep) where there is one. The second start crosses
+    // 2^32 blocks; thresholds: rate 0.1, 0.5, everything kept, only the largest word kept.
+    for (std::uint64_t first : {0ull, (1ull << 32) - 5})
+        for (std::uint32_t threshold : {0x1999999Au, 0x80000000u, 0u, 0xFFFFFFFFu}) {
+            CAPTURE(first);
+            CAPTURE(threshold);
+            const std::uint64_t bits = ad::detail::philox_keep_bits16(first, offset, key, threshold);
+            std::uint64_t expected = 0;
+            for (std::uint64_t k = 0; k < 16; ++k) {
+                const std::uint64_t block = first + k;
+                const auto words = ad::Philox4x32::generate(
+                    {static_cast<std::uint32_t>(block), static_cast<std::uint32_t>(block >> 32),
+                     static_cast<std::uint32_t>(offset), static_cast<std::uint32_t>(offset >> 32)},
+                    key);
+                for (std::uint64_t l = 0; l < 4; ++l) expected |= std::uint64_t{words[l] >= threshold} << (4 * k + l);
+            }
+            CHECK(bits == expected);
+        }
+}
+
+TEST_CASE("dropout_keep_bits: bit k is dropout_keeps(first + k) for k < n, the bits above n are clear") {
+    // Starts inside a block of 4 words (the 17th block), a start past 2^34, short and full rows.
+    for (const ad::DropoutDescriptor& d : {ad::DropoutDescriptor{0.1, 7, 3}, ad::DropoutDescriptor{0.6, 1ull << 40, 5ull << 33}})
+        for (std::uint64_t first : {0ull, 1ull, 2ull, 3ull, 6ull, 4097ull, (1ull << 34) + 3})
+            for (std::int64_t n : {1, 13, 61, 63, 64}) {
+                CAPTURE(d.rate);
+                CAPTURE(first);
+                CAPTURE(n);
+                const std::uint64_t bits = ad::dropout_keep_bits(d, first, n);
+                std::uint64_t expected = 0;
+                for (std::int64_t k = 0; k < n; ++k)
+                    expected |= std::uint64_t{ad::dropout_keeps(d, first + static_cast<std::uint64_t>(k))} << k;
+                CHECK(bits == expected);
+            }
+    CHECK(ad::dropout_keep_bits({0.999999999999, 1, 2}, 5, 64) == 0);  // a rate within 2^-33 of 1 drops everything
 }
 
 TEST_CASE("Philox4x32::bits: element i is word i % 4 of the block counter (i / 4, offset) keyed by the seed") {
@@ -785,6 +821,24 @@ TEST_CASE("Philox4x32::bits: element i is word i % 4 of the block counter (i / 4
              static_cast<std::uint32_t>(offset), static_cast<std::uint32_t>(offset >> 32)},
             {static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)});
         CHECK(ad::Philox4x32::bits(seed, offset, i) == words[i % 4]);
+    }
+}
+
+TEST_CASE("multiply_by_keep: kept elements times the scale, dropped ones times 0 (a NaN stays NaN), tails of any length") {
+    for (std::int64_t n : {1, 7, 16, 33, 64}) {
+        CAPTURE(n);
+        std::vector<float> src(64), dst(64, -1.0f);
+        for (std::int64_t c = 0; c < 64; ++c) src[static_cast<std::size_t>(c)] = static_cast<float>(c) + 0.5f;
+        src[2] = std::numeric_limits<float>::quiet_NaN();  // dropped below
+        const std::uint64_t keep = 0xF0F0F0F0F0F0F0F1ull;
+        ad::detail::multiply_by_keep(src.data(), dst.data(), n, keep, 1.25f);
+        for (std::int64_t c = 0; c < 64; ++c) {
+            CAPTURE(c);
+            const float x = src[static_cast<std::size_t>(c)], y = dst[static_cast<std::size_t>(c)];
+            if (c >= n) CHECK(y == -1.0f);  // past n: untouched
+            else if (c == 2) CHECK(std::isnan(y));
+            else CHECK(y == x * ((keep >> c) & 1 ? 1.25f : 0.0f));
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //
 // Copying a Tensor shares its storage, like a torch.Tensor; clone() makes an independent copy.
 // Storage comes from the caching pool (pool.hpp). T is float or double for values; bool is allowed
-// for masks (true = keep).
+// for masks (true = keep), std::uint64_t for masks packed as bits (the fused attention's dropout mask).
 
 #include <cstdint>
 #include <cstring>
@@ -37,8 +37,8 @@ using ConstArrayMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 
 template <class T>
 class Tensor {
-    static_assert(is_value_type_v<T> || std::is_same_v<T, bool>,
-                  "autodiff::Tensor<T>: T must be float or double (or bool for masks)");
+    static_assert(is_value_type_v<T> || std::is_same_v<T, bool> || std::is_same_v<T, std::uint64_t>,
+                  "autodiff::Tensor<T>: T must be float or double (or bool for masks, std::uint64_t for bit masks)");
 
 public:
     using value_type = T;

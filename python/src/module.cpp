@@ -163,7 +163,7 @@ nb::tuple backward(const Array& dO, const Array& q, const Array& k, const Array&
     const ad::Tensor<T> S = optional_view<T>("scores", scores);
     if (S.defined() && (!B.defined() || S.shape() != B.shape()))
         ad::fail(op, "scores {} must have the bias's full shape {}", S.shape(), B.defined() ? B.shape().str() : "none");
-    ad::AttentionSaved<T> saved{view<T>("out", O), view<T>("lse", lse), S};
+    ad::AttentionSaved<T> saved{view<T>("out", O), view<T>("lse", lse), S, {}};
     if (dOt.shape() != saved.O.shape()) ad::fail(op, "grad_out {} must have the output's shape {}", dOt.shape(), saved.O.shape());
     if (needs[3] && !B.defined()) ad::fail(op, "the bias gradient was asked for without a bias");
     const ad::AttentionOptions opt = make_options(mask, is_causal, dropout_p, scale, seed);

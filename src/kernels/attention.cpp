@@ -9,6 +9,7 @@
 
 #include "autodiff/kernels/elementwise.hpp"
 #include "autodiff/parallel.hpp"
+#include "philox_simd.hpp"
 #include "profile.hpp"
 #include "tile_gemm.hpp"
 
@@ -66,7 +67,7 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
 template <class T>
 struct Scratch {
-    AlignedVector<T> S, X, Dfx, F, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D;
+    AlignedVector<T> S, X, Dfx, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D;
 
     static Scratch& get() {
         thread_local Scratch s;
@@ -224,11 +225,20 @@ struct Problem {
             if (*b && b->s[3] == 1) detail::prefetch_rows(b->data + lead(*b, t) + i0 * b->s[2] + j0, b->s[2] ? rows : 1, cols, b->s[2]);
     }
 
-    // F(r, c) = dropout factor (0 or 1/(1-p)) of element (t, i0+r, j0+c).
-    void dropout_tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, T* F) const {
+    // keep[r] = the keep bits of elements (t, i0+r, j0 .. j0+cols−1) (dropout_keep_bits): from the
+    // forward's stored mask when there is one (bits, ⌈Lk/64⌉ words per row), else from Philox; the
+    // forward passes `store` to write them there.
+    void keep_tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, const std::uint64_t* stored,
+                   std::uint64_t* store, std::uint64_t* keep) const {
         AUTODIFF_PHASE(dropout);
-        for (std::int64_t r = 0; r < rows; ++r)
-            dropout_factors(drop, static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols, drop_scale, F + r * block_k);
+        const std::int64_t words = (Lk + block_k - 1) / block_k, at = (t * Lq + i0) * words + j0 / block_k;
+        if (stored) {
+            for (std::int64_t r = 0; r < rows; ++r) keep[r] = stored[at + r * words];
+            return;
+        }
+        for (std::int64_t r = 0; r < rows; ++r) keep[r] = dropout_keep_bits(drop, static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols);
+        if (store)
+            for (std::int64_t r = 0; r < rows; ++r) store[at + r * words] = keep[r];
     }
 
     // The last key a query block [i0, i0+rows) can see, plus one.
@@ -272,6 +282,13 @@ void online_softmax_tile(T* S, std::int64_t rows, std::int64_t cols, Scratch<T>&
 }  // namespace
 
 template <class T>
+bool attention_stores_dropout_mask(const Shape& q, const Shape& k, const AttentionOptions& opt) {
+    if (!opt.keep_dropout_mask || !opt.dropout.training || opt.dropout.rate == 0.0) return false;
+    const std::int64_t words = (k.dim_from_end(2) + block_k - 1) / block_k;
+    return opt.keep_scores || words * 8 <= q.dim_from_end(1) * static_cast<std::int64_t>(sizeof(T));
+}
+
+template <class T>
 AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& bias,
                                     const Tensor<T>& additive, const AttentionOptions& opt, const AttentionModifier<T>* mod) {
     check_dropout("attention", opt.dropout);
@@ -280,12 +297,15 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
     if (!std::isfinite(opt.scale) || !std::isfinite(opt.bias_scale))
         fail("attention", "scale ({}) and bias_scale ({}) must be finite", opt.scale, opt.bias_scale);
     const Problem<T> p(Q, K, V, bias, additive, opt, mod);
-    AttentionSaved<T> saved{Tensor<T>(out), Tensor<T>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1)), {}};
+    AttentionSaved<T> saved{Tensor<T>(out), Tensor<T>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1)), {}, {}};
     if (opt.keep_scores) {
         Shape scores = Q.shape();
         scores[scores.rank() - 1] = p.Lk;
         saved.scores = Tensor<T>(scores);
     }
+    if (attention_stores_dropout_mask<T>(Q.shape(), K.shape(), opt))
+        saved.keep_bits = Tensor<std::uint64_t>(Shape{p.items * p.Lq, (p.Lk + block_k - 1) / block_k});
+    std::uint64_t* const keep_bits = saved.keep_bits.data();
     if (out.numel() == 0) return saved;
     const std::int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
     // Work items run over (leading index, query block); consecutive items of one thread share the
@@ -296,7 +316,6 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
     parallel_for(threads, per_thread * block_q * p.Lk * (p.d + p.dv) * 2, [&](std::int64_t worker) {
         Scratch<T>& s = Scratch<T>::get();
         ensure(s.S, block_q * block_k);
-        ensure(s.F, block_q * block_k);
         ensure(s.acc, block_q * p.dv);
         for (auto* buf : {&s.m, &s.l, &s.m_new, &s.alpha}) ensure(*buf, block_q);
         std::int64_t transposed_for = -1;
@@ -331,9 +350,10 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
                 if (opt.keep_scores && !p.score_fn) keep();
                 online_softmax_tile(S, rows, cols, s, p.dv);  // S becomes the unnormalised P
                 if (p.dropout) {
-                    p.dropout_tile(t, i0, rows, j0, cols, s.F.data());
-                    for (std::int64_t r = 0; r < rows; ++r)
-                        RowMap<T>(S + r * block_k, cols) *= RowMap<T>(s.F.data() + r * block_k, cols);
+                    std::uint64_t keep[block_q];
+                    p.keep_tile(t, i0, rows, j0, cols, nullptr, keep_bits, keep);
+                    AUTODIFF_PHASE(dropout);
+                    for (std::int64_t r = 0; r < rows; ++r) detail::multiply_by_keep(S + r * block_k, S + r * block_k, cols, keep[r], p.drop_scale);
                 }
                 AUTODIFF_PHASE(pv_product);  // acc += P·V_j
                 detail::tile_gemm<T>(rows, p.dv, cols, T(1), S, block_k, 1, p.v + (t * p.Lk + j0) * p.dv, p.dv, T(1), s.acc.data(), p.dv);
@@ -386,6 +406,11 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     const bool full_dbias = dbias && bias.shape() == scores;
     // P is read from the saved scores when there are some; a full bias gradient then overwrites them.
     const T* kept = saved.scores.defined() ? saved.scores.data() : nullptr;
+    // The forward's dropout mask, if it stored one (then no Philox runs here).
+    const Shape keep_shape{p.items * p.Lq, (p.Lk + block_k - 1) / block_k};
+    if (saved.keep_bits.defined() && saved.keep_bits.shape() != keep_shape)
+        fail(op, "saved dropout mask {} must have the shape {} (one word per query row and key block)", saved.keep_bits.shape(), keep_shape);
+    const std::uint64_t* const kept_keep = p.dropout ? std::as_const(saved.keep_bits).data() : nullptr;
     if (dbias) *dbias = !full_dbias ? zeros<T>(bias.shape()) : kept ? std::exchange(saved.scores, Tensor<T>()) : Tensor<T>(scores);
     if (out.numel() == 0 || p.Lk == 0) {
         if (dbias) dbias->fill(T(0));
@@ -444,7 +469,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         T* dV_out = dV ? (chunk ? partial[static_cast<std::size_t>(chunk - 1)].dV : *dV).data() : nullptr;
         T* dB_out = dbias ? (chunk && !dB_by_rows ? partial[static_cast<std::size_t>(chunk - 1)].dB : *dbias).data() : nullptr;
         Scratch<T>& s = Scratch<T>::get();
-        for (auto* buf : {&s.S, &s.X, &s.Dfx, &s.F, &s.Pd, &s.dS}) ensure(*buf, block_q * block_k);
+        for (auto* buf : {&s.S, &s.X, &s.Dfx, &s.Pd, &s.dS}) ensure(*buf, block_q * block_k);
         ensure(s.dK, block_k * p.d);
         ensure(s.dV, block_k * p.dv);
         ensure(s.D, p.Lq);
@@ -529,11 +554,12 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     const T* dOi = dO_t + i0 * p.dv;
                     const T* Qi = p.q + (t * p.Lq + i0) * p.d;
                     const T* Pd = P;  // dropout(P)
+                    std::uint64_t keep[block_q];
                     if (p.dropout) {
-                        p.dropout_tile(t, i0, rows, j0, cols, s.F.data());
+                        p.keep_tile(t, i0, rows, j0, cols, kept_keep, nullptr, keep);
+                        AUTODIFF_PHASE(dropout);
                         for (std::int64_t r = 0; r < rows; ++r)
-                            RowMap<T>(s.Pd.data() + r * block_k, cols) =
-                                RowMap<T>(P + r * block_k, cols) * RowMap<T>(s.F.data() + r * block_k, cols);
+                            detail::multiply_by_keep(P + r * block_k, s.Pd.data() + r * block_k, cols, keep[r], p.drop_scale);
                         Pd = s.Pd.data();
                     }
                     if (dV) {  // dV_j += dropout(P)ᵀ·dO_i
@@ -548,7 +574,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         AUTODIFF_PHASE(ds);
                         for (std::int64_t r = 0; r < rows; ++r) {
                             RowMap<T> ds(dS + r * block_k, cols);
-                            if (p.dropout) ds *= RowMap<T>(s.F.data() + r * block_k, cols);
+                            if (p.dropout) detail::multiply_by_keep(ds.data(), ds.data(), cols, keep[r], p.drop_scale);
                             ds = RowMap<T>(P + r * block_k, cols) * (ds - s.D[static_cast<std::size_t>(i0 + r)]);
                         }
                     }
@@ -596,6 +622,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
 }
 
 #define AUTODIFF_INSTANTIATE(T)                                                                                        \
+    template bool attention_stores_dropout_mask<T>(const Shape&, const Shape&, const AttentionOptions&);                \
     template AttentionSaved<T> attention_forward<T>(const Tensor<T>&, const Tensor<T>&, const Tensor<T>&,              \
                                                     const Tensor<T>&, const Tensor<T>&, const AttentionOptions&,       \
                                                     const AttentionModifier<T>*);                                      \

@@ -12,32 +12,24 @@ void check_dropout(std::string_view op, const DropoutDescriptor& d) {
     if (!(d.rate >= 0.0 && d.rate < 1.0)) fail(op, "rate must be in [0, 1), got {}", d.rate);
 }
 
-template <class T>
-void dropout_factors(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n, T scale, T* factor) {
-    // 64 elements starting anywhere inside a block of 4 words span up to 17 blocks.
-    alignas(64) std::uint32_t bits[4 * 17];
+std::uint64_t dropout_keep_bits(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n) {
+    const std::uint64_t threshold = dropout_threshold(d.rate);
+    if (threshold > 0xFFFFFFFFu) return 0;  // a rate within 2^-33 of 1 drops everything
+    // A 32-bit comparison: 16 lanes wide instead of widening every word to 64 bits.
+    const auto threshold32 = static_cast<std::uint32_t>(threshold);
     const Philox4x32::Key key{static_cast<std::uint32_t>(d.seed), static_cast<std::uint32_t>(d.seed >> 32)};
     const std::uint64_t block = first >> 2;
-    detail::philox_blocks16(block, d.offset, key, bits);
-    if (static_cast<std::int64_t>(first & 3) + n > 64) {
+    const auto skip = static_cast<int>(first & 3);
+    std::uint64_t bits = detail::philox_keep_bits16(block, d.offset, key, threshold32) >> skip;
+    if (skip + n > 64) {  // 64 elements starting inside a block of 4 words span 17 blocks
         const std::uint64_t last = block + 16;
         const auto words = Philox4x32::generate({static_cast<std::uint32_t>(last), static_cast<std::uint32_t>(last >> 32),
                                                  static_cast<std::uint32_t>(d.offset), static_cast<std::uint32_t>(d.offset >> 32)},
                                                 key);
-        std::copy(words.begin(), words.end(), bits + 64);
+        for (int l = 0; l < skip; ++l) bits |= std::uint64_t{words[static_cast<std::size_t>(l)] >= threshold32} << (64 - skip + l);
     }
-    const std::uint64_t threshold = dropout_threshold(d.rate);
-    const std::uint32_t* b = bits + (first & 3);
-    if (threshold > 0xFFFFFFFFu) {  // a rate within 2^-33 of 1 drops everything
-        std::fill_n(factor, n, T(0));
-        return;
-    }
-    // A 32-bit comparison: the loop vectorises 16 lanes wide instead of widening every word to 64 bits.
-    const auto threshold32 = static_cast<std::uint32_t>(threshold);
-    for (std::int64_t k = 0; k < n; ++k) factor[k] = b[k] >= threshold32 ? scale : T(0);
+    return n < 64 ? bits & ((std::uint64_t{1} << n) - 1) : bits;
 }
-template void dropout_factors<float>(const DropoutDescriptor&, std::uint64_t, std::int64_t, float, float*);
-template void dropout_factors<double>(const DropoutDescriptor&, std::uint64_t, std::int64_t, double, double*);
 
 namespace {
 
@@ -51,12 +43,9 @@ Tensor<T> apply_dropout_mask(const char* op, const DropoutDescriptor& d, const T
     const T* src = in.data();
     T* dst = out.data();
     parallel_chunks(in.numel(), 1 << 14, [&](std::int64_t b, std::int64_t e) {
-        T factor[64];
         for (std::int64_t i = b; i < e; i += 64) {
             const std::int64_t n = std::min<std::int64_t>(64, e - i);
-            dropout_factors(d, static_cast<std::uint64_t>(i), n, scale, factor);
-            // A multiply, not a select: a dropped NaN stays NaN (NaN is never silently zeroed).
-            for (std::int64_t l = 0; l < n; ++l) dst[i + l] = src[i + l] * factor[l];
+            detail::multiply_by_keep(src + i, dst + i, n, dropout_keep_bits(d, static_cast<std::uint64_t>(i), n), scale);
         }
     });
     return out;

@@ -17,7 +17,7 @@ namespace {
 
 constexpr const char* names[count] = {
     "forward: transpose K",  "QK^T product",        "bias, additive, masks", "forward: keep scores",
-    "forward: online softmax", "dropout factors",   "PV product",            "forward: O and lse",
+    "forward: online softmax", "dropout mask",      "PV product",            "forward: O and lse",
     "backward: K^T, V^T, D", "backward: read kept S", "backward: exp",       "dV product",
     "dO V^T product",        "dS",                  "bias gradient",         "dQ product",
     "dK product",            "modifier: classify tiles", "modifier: f(x)",  "modifier: f'(x), captured"};

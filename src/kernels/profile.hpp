@@ -17,7 +17,7 @@ enum Phase : int {
     bias_and_masks,  // + bias + additive, masked entries −∞
     keep_scores,     // forward: S streamed to the bias gradient's buffer
     fwd_softmax,     // online softmax of a tile
-    dropout,         // dropout factors of a tile (forward and backward)
+    dropout,         // dropout: a tile's keep bits (Philox or the stored mask) and applying them
     pv_product,      // acc += P·V
     fwd_output,      // O = acc / l, lse
     bwd_prologue,    // Kᵀ, Vᵀ and D = rowsum(dO ⊙ O) of one leading index

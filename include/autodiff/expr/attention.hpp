@@ -300,13 +300,13 @@ struct Evaluator<MatMul<L, R>> {
         // A trainable full-shape bias: its gradient is an L×L buffer anyway, so the forward leaves the
         // scores in it and the backward does not recompute them (attention.hpp, docs/ARCHITECTURE.md).
         const bool keep_scores = b.target && b.value.shape() == scores;
-        const AttentionOptions opt{Core::scale(core), Scores::bias_scale(sm.child), sm.mask, Pattern::dropout(e), keep_scores};
+        AttentionOptions opt{Core::scale(core), Scores::bias_scale(sm.child), sm.mask, Pattern::dropout(e), keep_scores};
         if constexpr (Scores::has_fn || has_mask_fn) {
             using Mod = modifier::Modifier<T, Fn, typename Pattern::MaskFn>;
             Mod mod("attention", score_fn(sm.child), sm.mask_fn, !Scores::bias_outside, scores, ctx);
-            return record(ctx, q, k, v, b, sm.additive, opt, std::move(mod));
+            return record(ctx, q, k, v, b, sm.additive, std::move(opt), std::move(mod));
         } else {
-            return record(ctx, q, k, v, b, sm.additive, opt, nullptr);
+            return record(ctx, q, k, v, b, sm.additive, std::move(opt), nullptr);
         }
     }
 
@@ -326,17 +326,19 @@ struct Evaluator<MatMul<L, R>> {
     // first backward consumes the kept scores; another one (retain_graph) recomputes them.
     template <class Mod>
     static Value<T> record(EvalContext& ctx, const Value<T>& q, const Value<T>& k, const Value<T>& v, const Value<T>& b,
-                           const Tensor<T>& additive, const AttentionOptions& opt, Mod mod) {
+                           const Tensor<T>& additive, AttentionOptions opt, Mod mod) {
         constexpr bool modified = !std::is_same_v<Mod, std::nullptr_t>;
-        AttentionSaved<T> saved = attention_forward(q.value, k.value, v.value, b.value, additive, opt, as_modifier(mod));
-        Tensor<T> O = saved.O;
         bool needs = q.target || k.target || v.target || b.target;
         if constexpr (modified) needs = needs || !mod.targets().empty();
+        // A backward will run: the forward may keep dropout's mask for it (attention_stores_dropout_mask).
+        opt.keep_dropout_mask = ctx.tape && needs;
+        AttentionSaved<T> saved = attention_forward(q.value, k.value, v.value, b.value, additive, opt, as_modifier(mod));
+        Tensor<T> O = saved.O;
         // The backward reads q, k, v, the bias, the masks, O (and the modifier's captured tensors): the
         // versions they have now are checked before it runs. lse and the kept scores are private.
         const SavedVersions versions{opt.mask.keep.version(), opt.mask.key_padding.version(), saved.O.version()};
         auto backward = [qt = q.target, kt = k.target, vt = v.target, bt = b.target, Q = Saved<T>(q.value), K = Saved<T>(k.value),
-                         V = Saved<T>(v.value), B = Saved<T>(b.value), A = Saved<T>(additive), saved = std::move(saved), opt, versions,
+                         V = Saved<T>(v.value), B = Saved<T>(b.value), A = Saved<T>(additive), saved = std::move(saved), opt = std::move(opt), versions,
                          mod = std::move(mod)](const Tensor<T>& dO, Tape& tape) mutable {
             constexpr const char* op = "attention";
             check_saved(op, "keep mask", opt.mask.keep, versions.keep);

@@ -16,7 +16,8 @@
 // and overwrites it with the bias gradient, skipping the recomputation of Q·Kᵀ + bias (one of the
 // backward's five tile products) at no extra peak memory. Both ways give bit-identical results. Dropout decisions are those of the
 // dropout kernel on the (..., Lq, Lk) probabilities, element index ((t·Lq + i)·Lk + j): the fused and
-// the generic path drop the same entries.
+// the generic path drop the same entries. When a backward will run, the forward may keep the mask
+// as bits for it (attention_stores_dropout_mask, below).
 //
 // Threads: work items are (leading index, query block) in the forward and leading indices in the
 // backward; when a broadcast bias is shared by several leading indices, those indices form one
@@ -93,7 +94,19 @@ struct AttentionOptions {
     // The forward also returns the masked scores S (..., Lq, Lk) in AttentionSaved::scores, for the
     // backward to use instead of recomputing them (see above).
     bool keep_scores = false;
+    // A backward will run: the forward may store dropout's keep mask as bits in
+    // AttentionSaved::keep_bits (attention_stores_dropout_mask) instead of the backward regenerating it.
+    bool keep_dropout_mask = false;
 };
+
+// Whether attention_forward stores dropout's keep mask (one bit per element of the scores, rows of
+// ⌈Lk/64⌉ words) for the backward, which then runs no Philox: when dropout is active,
+// keep_dropout_mask is set, and the bits cost little memory: a full L² buffer exists anyway
+// (keep_scores: the bits are 1/32 of it in float), or the bits take at most Q's bytes
+// (⌈Lk/64⌉·8 ≤ d·sizeof(T): Lk ≤ 2048 at d = 64 in float), so that long sequences without a bias keep
+// their O(L·d) memory. Either way the backward applies the same mask (bitwise the same results).
+template <class T>
+bool attention_stores_dropout_mask(const Shape& q, const Shape& k, const AttentionOptions& opt);
 
 // Validates the shapes (and the bias, additive and mask shapes) and returns O's shape.
 Shape attention_output_shape(std::string_view op, const Shape& q, const Shape& k, const Shape& v, const Shape* bias,
@@ -106,6 +119,10 @@ struct AttentionSaved {
     // With AttentionOptions::keep_scores: S (..., Lq, Lk), −inf where masked. Only the tiles the
     // forward visits are written (under a causal mask, not those wholly above the diagonal).
     Tensor<T> scores;
+    // When attention_stores_dropout_mask: the keep mask, (leading index·Lq + i, ⌈Lk/64⌉) words, bit c
+    // of word w of row i set when key 64·w + c is kept. Only the tiles the forward visits are
+    // written. Not consumed by the backward (a second backward, retain_graph, reads it again).
+    Tensor<std::uint64_t> keep_bits;
 };
 
 // bias and additive may be undefined (absent).

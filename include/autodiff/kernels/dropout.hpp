@@ -1,7 +1,8 @@
 #pragma once
 // Dropout with a counter-based generator: the keep decision for element i of a tensor is a pure
 // function of (seed, offset, i), so forward and backward regenerate it instead of storing a mask,
-// and a fused kernel that visits (b, h, i, j) in tiles makes exactly the same decisions.
+// and a fused kernel that visits (b, h, i, j) in tiles makes exactly the same decisions (the fused
+// attention stores them as bits for its backward where that costs little memory: attention.hpp).
 // Training: y = x·keep/(1-rate). Evaluation (training == false) or rate == 0: y = x.
 //
 // Use a new offset (or seed) for every step; the same (seed, offset) gives the same mask.
@@ -31,10 +32,10 @@ inline bool dropout_keeps(const DropoutDescriptor& d, std::uint64_t index) {
     return Philox4x32::bits(d.seed, d.offset, index) >= dropout_threshold(d.rate);
 }
 
-// factor[k] = keep(first + k) ? scale : 0 for k < n <= 64: the mask of elements first .. first+n-1,
-// from one vectorised Philox call. The dropout kernel and the fused attention kernel both use it.
-template <class T>
-void dropout_factors(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n, T scale, T* factor);
+// The keep mask of elements first .. first+n-1 (n <= 64) as bits: bit k set when element first + k
+// is kept (dropout_keeps), bits n and above clear. One vectorised Philox call; the dropout kernel and
+// the fused attention kernel both use it.
+std::uint64_t dropout_keep_bits(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n);
 
 // y = x·keep/(1-rate).   x (any shape) -> y (same shape)
 template <class T>
