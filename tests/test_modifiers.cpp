@@ -170,6 +170,44 @@ TEST_CASE("fused vs generic: document masks and prefix-LM from tensors of ids (L
     CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s(), ad::prefix_lm(prefix)), v); }, {q, k, v, b}) < 1e-13);
 }
 
+TEST_CASE("partial tiles are computed in bands of 16 rows over the keys they keep: window boundaries at every offset") {
+    // Lq = 150: query blocks of 64, 64 and 22 rows (bands of 16 and a last one of 6); Lk = 137: key blocks of 64,
+    // 64 and 9 keys. The windows' edges fall at every offset within a band and a block of 16 keys; a full
+    // trainable bias checks that every element of dB outside the computed parts is written 0.
+    const std::int64_t n = 1, h = 2, Lq = 150, Lk = 137, d = 8;
+    P q = param({n, h, Lq, d}, 1, "q"), k = param({n, h, Lk, d}, 2, "k"), v = param({n, h, Lk, d}, 3, "v");
+    P b = param({n, h, Lq, Lk}, 4, "b");
+    auto s = [&] { return ad::matmul(q, ad::transpose(k)) * 0.3; };
+    for (std::int64_t w = 1; w <= 70; ++w) {
+        CAPTURE(w);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + b, ad::causal_window(w)), v); }, {q, k, v, b}) < 1e-13);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s(), ad::sliding_window(w)), v); }, {q, k, v}) < 1e-13);
+    }
+    SUBCASE("keys from an offset on: the band's key range starts inside a block of 16") {
+        for (std::int64_t off = -20; off <= 20; off += 3) {
+            CAPTURE(off);
+            CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + b, ad::k_idx - ad::q_idx >= off), v); }, {q, k, v, b}) < 1e-13);
+        }
+    }
+    SUBCASE("a band with an empty block of keys between kept ones") {
+        auto ring = (ad::abs(ad::q_idx - ad::k_idx) >= 20) & (ad::abs(ad::q_idx - ad::k_idx) <= 45);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + b, ring), v); }, {q, k, v, b}) < 1e-13);
+    }
+    SUBCASE("a fully masked band is left out: its rows give 0 and no gradient") {
+        auto f = [&] { return ad::matmul(ad::softmax(s() + b, (ad::q_idx < 80) | (ad::q_idx >= 96) | (ad::k_idx > 200)), v); };
+        CHECK(fused_vs_generic<double>(f, {q, k, v, b}) < 1e-13);
+        ad::Var<double> O = f();
+        O.backward(ad::randn<double>(O.shape(), 5));
+        for (std::int64_t i = 80; i < 96; ++i) {
+            CHECK(O.value()(0, 1, i, 3) == 0.0);
+            CHECK(b.grad()(0, 1, i, 7) == 0.0);
+            CHECK(q.grad()(0, 1, i, 2) == 0.0);
+        }
+        CHECK(O.value()(0, 1, 79, 3) != 0.0);
+        CHECK(O.value()(0, 1, 96, 3) != 0.0);
+    }
+}
+
 TEST_CASE("gradcheck in double through the fused kernels with modifiers") {
     const std::int64_t n = 2, h = 2, Lq = 9, Lk = 11, R = 3;
     P q = param({n, h, Lq, 6}, 1, "q"), k = param({n, h, Lk, 6}, 2, "k"), v = param({n, h, Lk, 5}, 3, "v"), b = param({h, Lq, Lk}, 4, "b");
@@ -189,6 +227,9 @@ TEST_CASE("gradcheck in double through the fused kernels with modifiers") {
     check([&] { return ad::matmul(ad::softmax(s() + ad::at(table, ad::h_idx, ad::clamp(ad::q_idx - ad::k_idx + R, 0, 2 * R)) + b), v); },
           {q, k, v, table, b});
     check([&] { return ad::matmul(ad::softmax(s() * ad::sigmoid(ad::at(gate, ad::h_idx)), ad::sliding_window(3)), v); }, {q, k, v, gate});
+    // Several bands of 16 rows, each over part of a key block.
+    P q2 = param({1, 1, 40, 3}, 8, "q2"), k2 = param({1, 1, 37, 3}, 9, "k2"), v2 = param({1, 1, 37, 2}, 10, "v2"), b2 = param({40, 37}, 11, "b2");
+    check([&] { return ad::matmul(ad::softmax(ad::matmul(q2, ad::transpose(k2)) * 0.5 + b2, ad::causal_window(10)), v2); }, {q2, k2, v2, b2});
 }
 
 TEST_CASE("modified fused attention: bitwise identical on 1 and 2 threads, captured gradients included") {
