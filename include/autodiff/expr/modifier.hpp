@@ -969,18 +969,20 @@ public:
             const Interval r = m_.range(box);
             if (r.lo >= 1) return TileKind::full;
             if (r.hi <= 0) return TileKind::empty;
-            // Undecided by intervals (e.g. segment ids): look at the elements.
-            std::int64_t kept = 0;
+            // Undecided by intervals (e.g. segment ids, or a window's edge): look at the elements until
+            // both a kept and a dropped one are seen (a window's edge tile stops at its first vector).
+            bool any_kept = false, any_dropped = false;
             for (std::int64_t row = 0; row < tile.rows; ++row) {
                 Point<V> p = row_point(tile, row);
                 const auto m = hoist(m_, p);
                 for (std::int64_t c = 0; c < tile.cols; c += W) {
                     at_vector(p, tile, nullptr, c);
                     const V keep = m.eval(p);
-                    for (int l = 0; l < p.count; ++l) kept += keep[l] != T(0);
+                    for (int l = 0; l < p.count; ++l) (keep[l] != T(0) ? any_kept : any_dropped) = true;
+                    if (any_kept && any_dropped) return TileKind::partial;
                 }
             }
-            return kept == 0 ? TileKind::empty : kept == tile.rows * tile.cols ? TileKind::full : TileKind::partial;
+            return any_kept ? TileKind::full : TileKind::empty;
         }
     }
 
