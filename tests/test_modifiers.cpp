@@ -267,6 +267,37 @@ TEST_CASE("a trainable full bias with a score function: the kept x gives the rec
     CHECK(ad::max_abs_diff(in.bias.grad(), db1) == 0.0);
 }
 
+TEST_CASE("f's derivatives without the score (a relative table, ALiBi): the kept buffer holds S, same numbers as recomputing") {
+    namespace m = ad::modifier;
+    Inputs in;
+    auto relative = [&] { return ad::at(in.table, ad::h_idx, ad::clamp(ad::q_idx - ad::k_idx + Inputs::R, 0, 2 * Inputs::R)); };
+    static_assert(!m::BackpropReadsScore<decltype(ad::score + relative())>::value);
+    static_assert(!m::BackpropReadsScore<decltype(ad::score * 0.5 + ad::alibi(in.slopes))>::value);
+    static_assert(m::BackpropReadsScore<decltype(ad::score * ad::sigmoid(ad::at(in.gate, ad::h_idx)))>::value);
+    static_assert(m::BackpropReadsScore<decltype(ad::tanh(ad::score) + relative())>::value);
+    // Bias inside f, outside f, and with a window; the first backward reads the kept S, a retain_graph
+    // second one recomputes the scores.
+    auto inside = [&] { return ad::matmul(ad::softmax(in.scores() + in.bias + relative()), in.v); };
+    auto outside = [&] { return ad::matmul(ad::softmax(ad::score_mod(in.scores(), ad::score * 0.5 + relative()) + in.bias), in.v); };
+    auto window = [&] { return ad::matmul(ad::softmax(in.scores() + in.bias + ad::alibi(in.slopes), ad::sliding_window(12)), in.v); };
+    std::vector<P> all{in.q, in.k, in.v, in.bias, in.slopes, in.table};
+    auto check = [&](auto f) {
+        CHECK(fused_vs_generic<double>(f, all) < 1e-13);
+        for (P& p : all) p.zero_grad();
+        ad::Var<double> O = f();
+        const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 9);
+        O.backward(seed, true);
+        std::vector<ad::Tensor<double>> first;
+        for (P& p : all) first.push_back(p.grad().clone());
+        for (P& p : all) p.zero_grad();
+        O.backward(seed);
+        for (std::size_t i = 0; i < all.size(); ++i) CHECK(ad::max_abs_diff(all[i].grad(), first[i]) == 0.0);
+    };
+    check(inside);
+    check(outside);
+    check(window);
+}
+
 TEST_CASE("float fused modifiers agree with the double generic path") {
     const std::int64_t n = 2, h = 2, L = 100, d = 32;
     ad::Tensor<double> qd = ad::randn<double>({n, h, L, d}, 1), kd = ad::randn<double>({n, h, L, d}, 2),

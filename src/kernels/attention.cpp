@@ -97,11 +97,14 @@ struct Problem {
     // The modifier (attention.hpp), if any: a score function f, a mask, and where the bias goes.
     const AttentionModifier<T>* mod;
     bool score_fn, mask_fn, bias_inside;
+    // Whether keep_scores keeps x (f's derivatives read it) rather than S.
+    bool keeps_x;
 
     Problem(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& b, const Tensor<T>& add,
             const AttentionOptions& opt, const AttentionModifier<T>* m)
         : bias(b), additive(add), keep(opt.mask.keep), causal(opt.mask.causal), drop(opt.dropout), mod(m),
-          score_fn(m && m->modifies_scores()), mask_fn(m && m->masks()), bias_inside(!score_fn || m->bias_inside()) {
+          score_fn(m && m->modifies_scores()), mask_fn(m && m->masks()), bias_inside(!score_fn || m->bias_inside()),
+          keeps_x(score_fn && (!m->needs_reverse() || m->backward_reads_scores())) {
         const Shape& qs = Q.shape();
         Lq = qs.dim_from_end(2);
         Lk = K.shape().dim_from_end(2);
@@ -366,16 +369,16 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
                 for (const auto& u : p.parts(t, i0, rows, j0, cols, kind)) {  // rows [u.i0, u.i0 + u.rows), keys [u.j0, u.j0 + u.cols)
                     T* S = s.S.data();
                     // Kept for the backward (read again only there: streamed past the caches): S, or x when
-                    // there is a score function (its derivative needs x).
+                    // f's derivatives need it.
                     auto keep = [&] {
                         AUTODIFF_PHASE(keep_scores);
                         for (std::int64_t r = 0; r < u.rows; ++r)
                             detail::stream_row(saved.scores.data() + (t * p.Lq + u.i0 + r) * p.Lk + u.j0, S + r * block_k, u.cols);
                     };
                     p.raw_scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), S);
-                    if (opt.keep_scores && p.score_fn) keep();
+                    if (opt.keep_scores && p.keeps_x) keep();
                     p.finish_scores(t, u.i0, u.rows, u.j0, u.cols, S, u.kind);
-                    if (opt.keep_scores && !p.score_fn) keep();
+                    if (opt.keep_scores && !p.keeps_x) keep();
                     online_softmax_tile(S, u.i0 - i0, u.rows, u.cols, s, p.dv);  // S becomes the unnormalised P
                     if (p.dropout) {
                         p.dropout_tile(t, u.i0, u.rows, u.j0, u.cols, s.F.data());
@@ -555,17 +558,17 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         T* P = s.S.data();
                         T* dS = s.dS.data();
                         // S: from the forward's buffer (the forward wrote every part this loop visits) or recomputed.
-                        // With a score function the buffer holds x: it is copied (a bias gradient may overwrite
-                        // it before f's derivative reads it) and S = f(x) + ... is recomputed from it.
+                        // When the buffer holds x (keeps_x), S = f(x) + ... is recomputed from it.
                         const T* kept_tile = kept ? kept + (t * p.Lq + u.i0) * p.Lk + u.j0 : nullptr;
-                        const T* S = kept_tile && !p.score_fn ? kept_tile : P;
-                        const std::int64_t lds = kept_tile && !p.score_fn ? p.Lk : block_k;
+                        const bool kept_S = kept_tile && !p.keeps_x;
+                        const T* S = kept_S ? kept_tile : P;
+                        const std::int64_t lds = kept_S ? p.Lk : block_k;
                         // x for f: read in place from the kept buffer unless a bias gradient (outside f)
                         // overwrites it there before f's reverse-mode derivative reads it; else a copy or
                         // recomputed. Without captured gradients, f and ∂f/∂x come in one pass.
-                        const T* X = s.X.data();
-                        std::int64_t ldx = block_k;
-                        if (p.score_fn) {
+                        const T* X = kept_S ? kept_tile : s.X.data();  // kept S: modify_backward does not read x
+                        std::int64_t ldx = kept_S ? p.Lk : block_k;
+                        if (p.score_fn && !kept_S) {
                             if (kept_tile && (p.bias_inside || dual)) {
                                 X = kept_tile, ldx = p.Lk;
                             } else if (kept_tile) {
