@@ -45,8 +45,8 @@ inline void micro_kernel(std::int64_t k, T alpha, const T* A, std::int64_t a_row
         }
 }
 
-// Rows [r0, r0 + MR) of C for every column: blocks of block_vectors full-width vectors, then the rest
-// of the full-width vectors, then single vectors of halving width (down to 16 bytes), then scalars.
+// Rows [r0, r0 + MR) of C for every column: blocks of block_vectors full-width vectors, then single
+// vectors of halving width (down to 16 bytes), then scalars.
 template <class T, int MR>
 inline void row_block(std::int64_t n, std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col,
                       const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
@@ -54,21 +54,6 @@ inline void row_block(std::int64_t n, std::int64_t k, T alpha, const T* A, std::
     constexpr int NV = block_vectors;
     std::int64_t c = 0;
     for (; c + NV * W <= n; c += NV * W) micro_kernel<T, MR, NV>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
-    // The remaining full-width vectors in one pass, each element of A broadcast once for all of them
-    // (a part of a tile is often 32 or 48 columns wide). Each element of C sums the same products in
-    // the same order whichever kernel computes it.
-    if constexpr (NV > 2) {
-        if (c + (NV - 1) * W <= n) {
-            micro_kernel<T, MR, NV - 1>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
-            c += (NV - 1) * W;
-        }
-    }
-    if constexpr (NV > 1) {
-        if (c + 2 * W <= n) {
-            micro_kernel<T, MR, 2>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
-            c += 2 * W;
-        }
-    }
     for (; c + W <= n; c += W) micro_kernel<T, MR, 1>(k, alpha, A, a_row, a_col, B + c, ldb, beta, C + c, ldc);
     if constexpr (simd_bytes >= 64) {
         constexpr int W2 = Simd<T, 32>::lanes;
