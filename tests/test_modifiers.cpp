@@ -170,6 +170,58 @@ TEST_CASE("fused vs generic: document masks and prefix-LM from tensors of ids (L
     CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s(), ad::prefix_lm(prefix)), v); }, {q, k, v, b}) < 1e-13);
 }
 
+TEST_CASE("partial tiles are computed in bands of 16 rows over the keys they keep: window boundaries at every offset") {
+    // Lq = 150: query blocks of 64, 64 and 22 rows (bands of 16 and a last one of 6); Lk = 137: key blocks of 64,
+    // 64 and 9 keys. The windows' edges fall at every offset within a band and a block of 16 keys; a full
+    // trainable bias checks that every element of dB outside the computed parts is written 0.
+    const std::int64_t n = 1, h = 2, Lq = 150, Lk = 137, d = 8;
+    P q = param({n, h, Lq, d}, 1, "q"), k = param({n, h, Lk, d}, 2, "k"), v = param({n, h, Lk, d}, 3, "v");
+    P b = param({n, h, Lq, Lk}, 4, "b");
+    auto s = [&] { return ad::matmul(q, ad::transpose(k)) * 0.3; };
+    for (std::int64_t w = 1; w <= 70; ++w) {
+        CAPTURE(w);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + b, ad::causal_window(w)), v); }, {q, k, v, b}) < 1e-13);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s(), ad::sliding_window(w)), v); }, {q, k, v}) < 1e-13);
+    }
+    SUBCASE("keys from an offset on: the band's key range starts inside a block of 16") {
+        for (std::int64_t off = -20; off <= 20; off += 3) {
+            CAPTURE(off);
+            CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + b, ad::k_idx - ad::q_idx >= off), v); }, {q, k, v, b}) < 1e-13);
+        }
+    }
+    SUBCASE("dropout in bands: the keep bits of a band whose keys start inside a key block, stored by the forward") {
+        const ad::DropoutDescriptor drop{0.3, 11, 5};
+        ad::AttentionOptions opt;
+        opt.dropout = drop;
+        opt.keep_dropout_mask = true;
+        REQUIRE(ad::attention_stores_dropout_mask<double>(q.value().shape(), k.value().shape(), opt));
+        for (std::int64_t w : {1, 7, 16, 23, 40}) {
+            CAPTURE(w);
+            CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::dropout(ad::softmax(s() + b, ad::sliding_window(w)), drop), v); },
+                                           {q, k, v, b}) < 1e-13);
+            CHECK(fused_vs_generic<double>(
+                      [&] { return ad::matmul(ad::dropout(ad::softmax(s(), ad::k_idx - ad::q_idx >= w - 30), drop), v); }, {q, k, v}) < 1e-13);
+        }
+    }
+    SUBCASE("a band with an empty block of keys between kept ones") {
+        auto ring = (ad::abs(ad::q_idx - ad::k_idx) >= 20) & (ad::abs(ad::q_idx - ad::k_idx) <= 45);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s() + b, ring), v); }, {q, k, v, b}) < 1e-13);
+    }
+    SUBCASE("a fully masked band is left out: its rows give 0 and no gradient") {
+        auto f = [&] { return ad::matmul(ad::softmax(s() + b, (ad::q_idx < 80) | (ad::q_idx >= 96) | (ad::k_idx > 200)), v); };
+        CHECK(fused_vs_generic<double>(f, {q, k, v, b}) < 1e-13);
+        ad::Var<double> O = f();
+        O.backward(ad::randn<double>(O.shape(), 5));
+        for (std::int64_t i = 80; i < 96; ++i) {
+            CHECK(O.value()(0, 1, i, 3) == 0.0);
+            CHECK(b.grad()(0, 1, i, 7) == 0.0);
+            CHECK(q.grad()(0, 1, i, 2) == 0.0);
+        }
+        CHECK(O.value()(0, 1, 79, 3) != 0.0);
+        CHECK(O.value()(0, 1, 96, 3) != 0.0);
+    }
+}
+
 TEST_CASE("gradcheck in double through the fused kernels with modifiers") {
     const std::int64_t n = 2, h = 2, Lq = 9, Lk = 11, R = 3;
     P q = param({n, h, Lq, 6}, 1, "q"), k = param({n, h, Lk, 6}, 2, "k"), v = param({n, h, Lk, 5}, 3, "v"), b = param({h, Lq, Lk}, 4, "b");
@@ -189,6 +241,9 @@ TEST_CASE("gradcheck in double through the fused kernels with modifiers") {
     check([&] { return ad::matmul(ad::softmax(s() + ad::at(table, ad::h_idx, ad::clamp(ad::q_idx - ad::k_idx + R, 0, 2 * R)) + b), v); },
           {q, k, v, table, b});
     check([&] { return ad::matmul(ad::softmax(s() * ad::sigmoid(ad::at(gate, ad::h_idx)), ad::sliding_window(3)), v); }, {q, k, v, gate});
+    // Several bands of 16 rows, each over part of a key block.
+    P q2 = param({1, 1, 40, 3}, 8, "q2"), k2 = param({1, 1, 37, 3}, 9, "k2"), v2 = param({1, 1, 37, 2}, 10, "v2"), b2 = param({40, 37}, 11, "b2");
+    check([&] { return ad::matmul(ad::softmax(ad::matmul(q2, ad::transpose(k2)) * 0.5 + b2, ad::causal_window(10)), v2); }, {q2, k2, v2, b2});
 }
 
 TEST_CASE("modified fused attention: bitwise identical on 1 and 2 threads, captured gradients included") {
@@ -224,6 +279,50 @@ TEST_CASE("a trainable full bias with a score function: the kept x gives the rec
     O.backward(seed);
     CHECK(ad::max_abs_diff(in.q.grad(), dq1) == 0.0);
     CHECK(ad::max_abs_diff(in.bias.grad(), db1) == 0.0);
+}
+
+TEST_CASE("f's derivatives without the score (a relative table, ALiBi): the kept buffer holds S, same numbers as recomputing") {
+    namespace m = ad::modifier;
+    Inputs in;
+    auto relative = [&] { return ad::at(in.table, ad::h_idx, ad::clamp(ad::q_idx - ad::k_idx + Inputs::R, 0, 2 * Inputs::R)); };
+    static_assert(!m::BackpropReadsScore<decltype(ad::score + relative())>::value);
+    static_assert(!m::BackpropReadsScore<decltype(ad::score * 0.5 + ad::alibi(in.slopes))>::value);
+    static_assert(m::BackpropReadsScore<decltype(ad::score * ad::sigmoid(ad::at(in.gate, ad::h_idx)))>::value);
+    static_assert(m::BackpropReadsScore<decltype(ad::tanh(ad::score) + relative())>::value);
+    // Bias inside f, outside f, and with a window; the first backward reads the kept S, a retain_graph
+    // second one recomputes the scores.
+    auto inside = [&] { return ad::matmul(ad::softmax(in.scores() + in.bias + relative()), in.v); };
+    auto outside = [&] { return ad::matmul(ad::softmax(ad::score_mod(in.scores(), ad::score * 0.5 + relative()) + in.bias), in.v); };
+    auto window = [&] { return ad::matmul(ad::softmax(in.scores() + in.bias + ad::alibi(in.slopes), ad::sliding_window(12)), in.v); };
+    std::vector<P> all{in.q, in.k, in.v, in.bias, in.slopes, in.table};
+    auto check = [&](auto f) {
+        CHECK(fused_vs_generic<double>(f, all) < 1e-13);
+        for (P& p : all) p.zero_grad();
+        ad::Var<double> O = f();
+        const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 9);
+        O.backward(seed, true);
+        std::vector<ad::Tensor<double>> first;
+        for (P& p : all) first.push_back(p.grad().clone());
+        for (P& p : all) p.zero_grad();
+        O.backward(seed);
+        for (std::size_t i = 0; i < all.size(); ++i) CHECK(ad::max_abs_diff(all[i].grad(), first[i]) == 0.0);
+    };
+    check(inside);
+    check(outside);
+    check(window);
+    // Bitwise the same on 1 and 2 threads.
+    auto run = [&](int threads) {
+        ad::set_num_threads(threads);
+        for (P& p : all) p.zero_grad();
+        ad::Var<double> O = inside();
+        O.backward(ad::randn<double>(O.shape(), 9));
+        std::vector<ad::Tensor<double>> r{O.value().clone()};
+        for (P& p : all) r.push_back(p.grad().clone());
+        return r;
+    };
+    const auto one = run(1), two = run(2);
+    ad::set_num_threads(2);
+    for (std::size_t i = 0; i < one.size(); ++i) CHECK(ad::max_abs_diff(one[i], two[i]) == 0.0);
 }
 
 TEST_CASE("float fused modifiers agree with the double generic path") {

@@ -38,6 +38,9 @@ Shape attention_output_shape(std::string_view op, const Shape& q, const Shape& k
 namespace {
 
 constexpr std::int64_t block_q = 64, block_k = 64;
+// A tile the modifier's mask leaves partial is computed in bands of sub_rows query rows, each over the
+// keys from its first to its last block of sub_cols keys that is not empty (see Problem::parts).
+constexpr std::int64_t sub_rows = 16, sub_cols = 16;
 template <class T>
 constexpr T neg_inf = -std::numeric_limits<T>::infinity();
 
@@ -95,11 +98,14 @@ struct Problem {
     // The modifier (attention.hpp), if any: a score function f, a mask, and where the bias goes.
     const AttentionModifier<T>* mod;
     bool score_fn, mask_fn, bias_inside;
+    // Whether keep_scores keeps x (f's derivatives read it) rather than S.
+    bool keeps_x;
 
     Problem(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& b, const Tensor<T>& add,
             const AttentionOptions& opt, const AttentionModifier<T>* m)
         : bias(b), additive(add), keep(opt.mask.keep), causal(opt.mask.causal), drop(opt.dropout), mod(m),
-          score_fn(m && m->modifies_scores()), mask_fn(m && m->masks()), bias_inside(!score_fn || m->bias_inside()) {
+          score_fn(m && m->modifies_scores()), mask_fn(m && m->masks()), bias_inside(!score_fn || m->bias_inside()),
+          keeps_x(score_fn && (!m->needs_reverse() || m->backward_reads_scores())) {
         const Shape& qs = Q.shape();
         Lq = qs.dim_from_end(2);
         Lk = K.shape().dim_from_end(2);
@@ -141,9 +147,10 @@ struct Problem {
             for (std::int64_t c = 0; c < cols; ++c) tile[c * block_k] = X[j * cols + c];
         }
     }
-    // The tile of key block j0 in a transpose_blocked layout with `cols` rows.
+    // Key j0's column in its block's tile of a transpose_blocked layout with `cols` rows (leading
+    // dimension block_k).
     static const T* tile_of(const AlignedVector<T>& Xt, std::int64_t j0, std::int64_t cols) {
-        return Xt.data() + (j0 / block_k) * cols * block_k;
+        return Xt.data() + (j0 / block_k) * cols * block_k + j0 % block_k;
     }
 
     [[nodiscard]] ScoreTile tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols) const {
@@ -155,6 +162,47 @@ struct Problem {
         if (!mask_fn) return TileKind::full;
         AUTODIFF_PHASE(mask_classify);
         return mod->classify(tile(t, i0, rows, j0, cols));
+    }
+
+    // The parts of a non-empty tile that forward and backward compute: the whole tile, unless the
+    // modifier's mask leaves it partial; then each band of sub_rows rows over the keys from its first
+    // to its last sub_cols-wide block that the mask does not empty (a band with none is left out).
+    // Every element outside the parts is masked, so the boundary tiles of a window cost about the
+    // elements they keep rather than the whole tile. A part is full when each of its blocks is.
+    struct Part {
+        std::int64_t i0, rows, j0, cols;
+        TileKind kind;
+    };
+    struct Parts {
+        std::array<Part, block_q / sub_rows> part;
+        std::size_t n = 0;
+        [[nodiscard]] const Part* begin() const { return part.data(); }
+        [[nodiscard]] const Part* end() const { return part.data() + n; }
+    };
+    [[nodiscard]] Parts parts(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols,
+                              TileKind kind) const {
+        Parts out;
+        if (kind != TileKind::partial) {
+            out.part[out.n++] = {i0, rows, j0, cols, kind};
+            return out;
+        }
+        AUTODIFF_PHASE(mask_classify);
+        for (std::int64_t r0 = 0; r0 < rows; r0 += sub_rows) {
+            const std::int64_t band = std::min(sub_rows, rows - r0);
+            std::array<TileKind, block_k / sub_cols> kinds{};
+            std::int64_t first = -1, last = -1;  // block indices
+            for (std::int64_t c = 0; c * sub_cols < cols; ++c) {
+                kinds[static_cast<std::size_t>(c)] = mod->classify(tile(t, i0 + r0, band, j0 + c * sub_cols, std::min(sub_cols, cols - c * sub_cols)));
+                if (kinds[static_cast<std::size_t>(c)] == TileKind::empty) continue;
+                if (first < 0) first = c;
+                last = c;
+            }
+            if (first < 0) continue;
+            const bool full = std::all_of(kinds.begin() + first, kinds.begin() + last + 1, [](TileKind k) { return k == TileKind::full; });
+            const std::int64_t c0 = first * sub_cols, c1 = std::min(cols, (last + 1) * sub_cols);
+            out.part[out.n++] = {i0 + r0, band, j0 + c0, c1 - c0, full ? TileKind::full : TileKind::partial};
+        }
+        return out;
     }
 
     // S (rows × cols, leading dimension block_k) += factor·b over the tile.
@@ -232,13 +280,14 @@ struct Problem {
                    std::uint64_t* store, std::uint64_t* keep) const {
         AUTODIFF_PHASE(dropout);
         const std::int64_t words = (Lk + block_k - 1) / block_k, at = (t * Lq + i0) * words + j0 / block_k;
+        const auto shift = static_cast<unsigned>(j0 % block_k);  // a band of a partial tile starts inside its key block
         if (stored) {
-            for (std::int64_t r = 0; r < rows; ++r) keep[r] = stored[at + r * words];
+            for (std::int64_t r = 0; r < rows; ++r) keep[r] = stored[at + r * words] >> shift;
             return;
         }
         for (std::int64_t r = 0; r < rows; ++r) keep[r] = dropout_keep_bits(drop, static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols);
-        if (store)
-            for (std::int64_t r = 0; r < rows; ++r) store[at + r * words] = keep[r];
+        if (store)  // each row of a tile is in one part: its word holds that part's keys, the others are masked
+            for (std::int64_t r = 0; r < rows; ++r) store[at + r * words] = keep[r] << shift;
     }
 
     // The last key a query block [i0, i0+rows) can see, plus one.
@@ -252,14 +301,15 @@ struct Problem {
 // e^(S[r, ·] − m_new) (masked entries exactly 0), and the running sum l[r] and the accumulated output
 // row acc[r, ·] are rescaled by e^(m[r] − m_new). A row with nothing kept yet stays 0. The rescale
 // factors are computed block_q rows at a time, in vectors: a scalar exp per row cost as much as
-// the row's 64 exponentials.
+// the row's 64 exponentials. The rows of S are rows [r0, r0 + rows) of the query block (a part of a
+// tile, Problem::parts).
 template <class T>
-void online_softmax_tile(T* S, std::int64_t rows, std::int64_t cols, Scratch<T>& s, std::int64_t dv) {
+void online_softmax_tile(T* S, std::int64_t r0, std::int64_t rows, std::int64_t cols, Scratch<T>& s, std::int64_t dv) {
     using V = typename detail::Simd<T, detail::simd_bytes>::type;
     constexpr int W = detail::Simd<T, detail::simd_bytes>::lanes;
-    static_assert(block_q % W == 0);
+    static_assert(block_q % W == 0 && sub_rows % W == 0);  // the vector lanes stay within the block and the band
     AUTODIFF_PHASE(fwd_softmax);
-    T *m = s.m.data(), *l = s.l.data(), *m_new = s.m_new.data(), *alpha = s.alpha.data();
+    T *m = s.m.data() + r0, *l = s.l.data() + r0, *m_new = s.m_new.data() + r0, *alpha = s.alpha.data() + r0;
     for (std::int64_t r = 0; r < rows; ++r) m_new[r] = detail::row_max(S + r * block_k, cols);
     for (std::int64_t r = 0; r < rows; r += W) {  // lanes past `rows` compute unused values
         const V m_old = detail::load<V>(m + r), m_max = detail::nan_max(m_old, detail::load<V>(m_new + r));
@@ -274,7 +324,7 @@ void online_softmax_tile(T* S, std::int64_t rows, std::int64_t cols, Scratch<T>&
             continue;
         }
         l[r] = l[r] * alpha[r] + detail::exp_shifted_sum(row, row, cols, m_new[r]);
-        if (alpha[r] != T(1)) RowMap<T>(s.acc.data() + r * dv, dv) *= alpha[r];
+        if (alpha[r] != T(1)) RowMap<T>(s.acc.data() + (r0 + r) * dv, dv) *= alpha[r];
         m[r] = m_new[r];
     }
 }
@@ -335,28 +385,32 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
                 const TileKind kind = p.tile_kind(t, i0, rows, j0, cols);
                 if (kind == TileKind::empty) continue;  // every element masked: contributes nothing
-                T* S = s.S.data();
                 if (j0 + block_k < j_end) p.prefetch_tile(t, i0, rows, j0 + block_k, std::min(block_k, p.Lk - j0 - block_k));
-                // Kept for the backward (read again only there: streamed past the caches): S, or x when
-                // there is a score function (its derivative needs x).
-                auto keep = [&] {
-                    AUTODIFF_PHASE(keep_scores);
-                    for (std::int64_t r = 0; r < rows; ++r)
-                        detail::stream_row(saved.scores.data() + (t * p.Lq + i0 + r) * p.Lk + j0, S + r * block_k, cols);
-                };
-                p.raw_scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), S);
-                if (opt.keep_scores && p.score_fn) keep();
-                p.finish_scores(t, i0, rows, j0, cols, S, kind);
-                if (opt.keep_scores && !p.score_fn) keep();
-                online_softmax_tile(S, rows, cols, s, p.dv);  // S becomes the unnormalised P
-                if (p.dropout) {
-                    std::uint64_t keep[block_q];
-                    p.keep_tile(t, i0, rows, j0, cols, nullptr, keep_bits, keep);
-                    AUTODIFF_PHASE(dropout);
-                    for (std::int64_t r = 0; r < rows; ++r) detail::multiply_by_keep(S + r * block_k, S + r * block_k, cols, keep[r], p.drop_scale);
+                for (const auto& u : p.parts(t, i0, rows, j0, cols, kind)) {  // rows [u.i0, u.i0 + u.rows), keys [u.j0, u.j0 + u.cols)
+                    T* S = s.S.data();
+                    // Kept for the backward (read again only there: streamed past the caches): S, or x when
+                    // f's derivatives need it.
+                    auto keep = [&] {
+                        AUTODIFF_PHASE(keep_scores);
+                        for (std::int64_t r = 0; r < u.rows; ++r)
+                            detail::stream_row(saved.scores.data() + (t * p.Lq + u.i0 + r) * p.Lk + u.j0, S + r * block_k, u.cols);
+                    };
+                    p.raw_scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), S);
+                    if (opt.keep_scores && p.keeps_x) keep();
+                    p.finish_scores(t, u.i0, u.rows, u.j0, u.cols, S, u.kind);
+                    if (opt.keep_scores && !p.keeps_x) keep();
+                    online_softmax_tile(S, u.i0 - i0, u.rows, u.cols, s, p.dv);  // S becomes the unnormalised P
+                    if (p.dropout) {
+                        std::uint64_t bits[block_q];
+                        p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, nullptr, keep_bits, bits);
+                        AUTODIFF_PHASE(dropout);
+                        for (std::int64_t r = 0; r < u.rows; ++r)
+                            detail::multiply_by_keep(S + r * block_k, S + r * block_k, u.cols, bits[r], p.drop_scale);
+                    }
+                    AUTODIFF_PHASE(pv_product);  // acc += P·V_j
+                    detail::tile_gemm<T>(u.rows, p.dv, u.cols, T(1), S, block_k, 1, p.v + (t * p.Lk + u.j0) * p.dv, p.dv, T(1),
+                                         s.acc.data() + (u.i0 - i0) * p.dv, p.dv);
                 }
-                AUTODIFF_PHASE(pv_product);  // acc += P·V_j
-                detail::tile_gemm<T>(rows, p.dv, cols, T(1), S, block_k, 1, p.v + (t * p.Lk + j0) * p.dv, p.dv, T(1), s.acc.data(), p.dv);
             }
             AUTODIFF_PHASE(fwd_output);
             T* O = saved.O.data() + (t * p.Lq + i0) * p.dv;
@@ -489,7 +543,6 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
                 std::fill_n(s.dK.begin(), cols * p.d, T(0));
                 std::fill_n(s.dV.begin(), cols * p.dv, T(0));
-                const T* Kj = p.k + (t * p.Lk + j0) * p.d;
                 // Under a causal mask, rows above j0 see none of these keys (their dS is 0).
                 const std::int64_t i_first = std::max(qa, p.causal ? std::min(qb, j0 / block_q * block_q) : qa);
                 if (full_dbias)
@@ -503,15 +556,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                             for (std::int64_t i = i0; i < i0 + rows; ++i) std::fill_n(dB_out + (t * p.Lq + i) * p.Lk + j0, cols, T(0));
                         continue;
                     }
-                    T* P = s.S.data();
-                    T* dS = s.dS.data();
                     const std::int64_t next_i = i0 + block_q, next_rows = std::min(block_q, p.Lq - next_i);
-                    // S: from the forward's buffer (the forward wrote every tile this loop visits) or recomputed.
-                    // With a score function the buffer holds x: it is copied (a bias gradient may overwrite
-                    // it before f's derivative reads it) and S = f(x) + ... is recomputed from it.
-                    const T* kept_tile = kept ? kept + (t * p.Lq + i0) * p.Lk + j0 : nullptr;
-                    const T* S = kept_tile && !p.score_fn ? kept_tile : P;
-                    const std::int64_t lds = kept_tile && !p.score_fn ? p.Lk : block_k;
                     if (kept) {
                         AUTODIFF_PHASE(bwd_scores);
                         if (next_i < qb) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
@@ -520,90 +565,119 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     } else if (next_i < qb) {
                         p.prefetch_tile(t, next_i, next_rows, j0, cols);
                     }
-                    // x for f: read in place from the kept buffer unless a bias gradient (outside f)
-                    // overwrites it there before f's reverse-mode derivative reads it; else a copy or
-                    // recomputed. Without captured gradients, f and ∂f/∂x come in one pass.
-                    const T* X = s.X.data();
-                    std::int64_t ldx = block_k;
-                    if (p.score_fn) {
-                        if (kept_tile && (p.bias_inside || dual)) {
-                            X = kept_tile, ldx = p.Lk;
-                        } else if (kept_tile) {
-                            AUTODIFF_PHASE(bwd_scores);
-                            for (std::int64_t r = 0; r < rows; ++r) std::copy_n(kept_tile + r * p.Lk, cols, s.X.data() + r * block_k);
-                        } else {
-                            p.raw_scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), s.X.data());
+                    const auto parts = p.parts(t, i0, rows, j0, cols, kind);
+                    if (full_dbias) {  // the parts write their elements of dB, the rest of the tile is masked: dS = 0
+                        std::int64_t i = i0;
+                        auto zero = [&](std::int64_t end, std::int64_t c0, std::int64_t c1) {
+                            for (; i < end; ++i) {
+                                T* row = dB_out + (t * p.Lq + i) * p.Lk;
+                                std::fill(row + j0, row + c0, T(0));
+                                std::fill(row + c1, row + j0 + cols, T(0));
+                            }
+                        };
+                        for (const auto& u : parts) {
+                            zero(u.i0, j0 + cols, j0 + cols);
+                            zero(u.i0 + u.rows, u.j0, u.j0 + u.cols);
+                        }
+                        zero(i0 + rows, j0 + cols, j0 + cols);
+                    }
+                    for (const auto& u : parts) {  // rows [u.i0, u.i0 + u.rows), keys [u.j0, u.j0 + u.cols)
+                        T* P = s.S.data();
+                        T* dS = s.dS.data();
+                        // S: from the forward's buffer (the forward wrote every part this loop visits) or recomputed.
+                        // When the buffer holds x (keeps_x), S = f(x) + ... is recomputed from it.
+                        const T* kept_tile = kept ? kept + (t * p.Lq + u.i0) * p.Lk + u.j0 : nullptr;
+                        const bool kept_S = kept_tile && !p.keeps_x;
+                        const T* S = kept_S ? kept_tile : P;
+                        const std::int64_t lds = kept_S ? p.Lk : block_k;
+                        // x for f: read in place from the kept buffer unless a bias gradient (outside f)
+                        // overwrites it there before f's reverse-mode derivative reads it; else a copy or
+                        // recomputed. Without captured gradients, f and ∂f/∂x come in one pass.
+                        const T* X = kept_S ? kept_tile : s.X.data();  // kept S: modify_backward does not read x
+                        std::int64_t ldx = kept_S ? p.Lk : block_k;
+                        if (p.score_fn && !kept_S) {
+                            if (kept_tile && (p.bias_inside || dual)) {
+                                X = kept_tile, ldx = p.Lk;
+                            } else if (kept_tile) {
+                                AUTODIFF_PHASE(bwd_scores);
+                                for (std::int64_t r = 0; r < u.rows; ++r) std::copy_n(kept_tile + r * p.Lk, u.cols, s.X.data() + r * block_k);
+                            } else {
+                                p.raw_scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), s.X.data());
+                            }
+                            {
+                                AUTODIFF_PHASE(score_fn);
+                                const ScoreTile tile = p.tile(t, u.i0, u.rows, u.j0, u.cols);
+                                if (dual) mod->modify_with_derivative(tile, X, ldx, P, block_k, s.Dfx.data(), block_k);
+                                else mod->modify(tile, X, ldx, P, block_k);
+                            }
+                            p.outer_terms(t, u.i0, u.rows, u.j0, u.cols, P, u.kind);
+                        } else if (!kept) {
+                            p.scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), P, u.kind);
                         }
                         {
-                            AUTODIFF_PHASE(score_fn);
-                            const ScoreTile tile = p.tile(t, i0, rows, j0, cols);
-                            if (dual) mod->modify_with_derivative(tile, X, ldx, P, block_k, s.Dfx.data(), block_k);
-                            else mod->modify(tile, X, ldx, P, block_k);
+                            AUTODIFF_PHASE(bwd_exp);
+                            for (std::int64_t r = 0; r < u.rows; ++r) {
+                                if (lse[u.i0 + r] == neg_inf<T>) RowMap<T>(P + r * block_k, u.cols).setZero();  // fully masked row: P = 0
+                                else detail::exp_shifted(S + r * lds, P + r * block_k, u.cols, lse[u.i0 + r]);
+                            }
                         }
-                        p.outer_terms(t, i0, rows, j0, cols, P, kind);
-                    } else if (!kept) {
-                        p.scores(t, i0, rows, j0, cols, Problem<T>::tile_of(s.Kt, j0, p.d), P, kind);
-                    }
-                    {
-                        AUTODIFF_PHASE(bwd_exp);
-                        for (std::int64_t r = 0; r < rows; ++r) {
-                            if (lse[i0 + r] == neg_inf<T>) RowMap<T>(P + r * block_k, cols).setZero();  // fully masked row: P = 0
-                            else detail::exp_shifted(S + r * lds, P + r * block_k, cols, lse[i0 + r]);
+                        const T* dOi = dO_t + u.i0 * p.dv;
+                        const T* Qi = p.q + (t * p.Lq + u.i0) * p.d;
+                        const T* Pd = P;  // dropout(P)
+                        std::uint64_t bits[block_q];
+                        if (p.dropout) {
+                            p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, kept_keep, nullptr, bits);
+                            AUTODIFF_PHASE(dropout);
+                            for (std::int64_t r = 0; r < u.rows; ++r)
+                                detail::multiply_by_keep(P + r * block_k, s.Pd.data() + r * block_k, u.cols, bits[r], p.drop_scale);
+                            Pd = s.Pd.data();
                         }
-                    }
-                    const T* dOi = dO_t + i0 * p.dv;
-                    const T* Qi = p.q + (t * p.Lq + i0) * p.d;
-                    const T* Pd = P;  // dropout(P)
-                    std::uint64_t keep[block_q];
-                    if (p.dropout) {
-                        p.keep_tile(t, i0, rows, j0, cols, kept_keep, nullptr, keep);
-                        AUTODIFF_PHASE(dropout);
-                        for (std::int64_t r = 0; r < rows; ++r)
-                            detail::multiply_by_keep(P + r * block_k, s.Pd.data() + r * block_k, cols, keep[r], p.drop_scale);
-                        Pd = s.Pd.data();
-                    }
-                    if (dV) {  // dV_j += dropout(P)ᵀ·dO_i
-                        AUTODIFF_PHASE(dv_product);
-                        detail::tile_gemm<T>(cols, p.dv, rows, T(1), Pd, 1, block_k, dOi, p.dv, T(1), s.dV.data(), p.dv);
-                    }
-                    {  // dS = P ⊙ (dropout_mask ⊙ (dO_i·V_jᵀ) − D_i)
-                        AUTODIFF_PHASE(dp_product);
-                        detail::tile_gemm<T>(rows, cols, p.dv, T(1), dOi, p.dv, 1, Problem<T>::tile_of(s.Vt, j0, p.dv), block_k, T(0), dS, block_k);
-                    }
-                    {
-                        AUTODIFF_PHASE(ds);
-                        for (std::int64_t r = 0; r < rows; ++r) {
-                            RowMap<T> ds(dS + r * block_k, cols);
-                            if (p.dropout) detail::multiply_by_keep(ds.data(), ds.data(), cols, keep[r], p.drop_scale);
-                            ds = RowMap<T>(P + r * block_k, cols) * (ds - s.D[static_cast<std::size_t>(i0 + r)]);
+                        if (dV) {  // dV_j += dropout(P)ᵀ·dO_i
+                            AUTODIFF_PHASE(dv_product);
+                            detail::tile_gemm<T>(u.cols, p.dv, u.rows, T(1), Pd, 1, block_k, dOi, p.dv, T(1), s.dV.data() + (u.j0 - j0) * p.dv,
+                                                 p.dv);
                         }
-                    }
-                    auto store_dbias = [&] {  // dbias = bias_scale·reduce(dS)
-                        AUTODIFF_PHASE(dbias);
-                        for (std::int64_t r = 0; r < rows; ++r) {
-                            T* dst = dB_out + p.lead(db_map, t) + (i0 + r) * db_map.s[2] + j0 * db_map.s[3];
-                            RowMap<T> ds(dS + r * block_k, cols);
-                            if (full_dbias) RowMap<T>(dst, cols) = p.bias_scale * ds;
-                            else if (db_map.s[3]) RowMap<T>(dst, cols) += p.bias_scale * ds;
-                            else *dst += p.bias_scale * ds.sum();
+                        {  // dS = P ⊙ (dropout_mask ⊙ (dO_i·V_jᵀ) − D_i)
+                            AUTODIFF_PHASE(dp_product);
+                            detail::tile_gemm<T>(u.rows, u.cols, p.dv, T(1), dOi, p.dv, 1, Problem<T>::tile_of(s.Vt, u.j0, p.dv), block_k, T(0),
+                                                 dS, block_k);
                         }
-                    };
-                    if (dbias && !p.bias_inside) store_dbias();
-                    if (p.score_fn) {  // dS -> dx = dS ⊙ ∂f/∂x, captured tensors' gradients
-                        AUTODIFF_PHASE(score_fn_backward);
-                        if (dual)
-                            for (std::int64_t r = 0; r < rows; ++r)
-                                RowMap<T>(dS + r * block_k, cols) *= RowMap<T>(s.Dfx.data() + r * block_k, cols);
-                        else mod->modify_backward(p.tile(t, i0, rows, j0, cols), X, ldx, dS, block_k, grads_w);
-                    }
-                    if (dbias && p.bias_inside) store_dbias();
-                    if (dQ) {  // dQ_i += scale·dS·K_j
-                        AUTODIFF_PHASE(dq_product);
-                        detail::tile_gemm<T>(rows, p.d, cols, p.scale, dS, block_k, 1, Kj, p.d, T(1), dQ->data() + (t * p.Lq + i0) * p.d, p.d);
-                    }
-                    if (dK) {  // dK_j += scale·dSᵀ·Q_i
-                        AUTODIFF_PHASE(dk_product);
-                        detail::tile_gemm<T>(cols, p.d, rows, p.scale, dS, 1, block_k, Qi, p.d, T(1), s.dK.data(), p.d);
+                        {
+                            AUTODIFF_PHASE(ds);
+                            for (std::int64_t r = 0; r < u.rows; ++r) {
+                                RowMap<T> ds(dS + r * block_k, u.cols);
+                                if (p.dropout) detail::multiply_by_keep(ds.data(), ds.data(), u.cols, bits[r], p.drop_scale);
+                                ds = RowMap<T>(P + r * block_k, u.cols) * (ds - s.D[static_cast<std::size_t>(u.i0 + r)]);
+                            }
+                        }
+                        auto store_dbias = [&] {  // dbias = bias_scale·reduce(dS)
+                            AUTODIFF_PHASE(dbias);
+                            for (std::int64_t r = 0; r < u.rows; ++r) {
+                                T* dst = dB_out + p.lead(db_map, t) + (u.i0 + r) * db_map.s[2] + u.j0 * db_map.s[3];
+                                RowMap<T> ds(dS + r * block_k, u.cols);
+                                if (full_dbias) RowMap<T>(dst, u.cols) = p.bias_scale * ds;
+                                else if (db_map.s[3]) RowMap<T>(dst, u.cols) += p.bias_scale * ds;
+                                else *dst += p.bias_scale * ds.sum();
+                            }
+                        };
+                        if (dbias && !p.bias_inside) store_dbias();
+                        if (p.score_fn) {  // dS -> dx = dS ⊙ ∂f/∂x, captured tensors' gradients
+                            AUTODIFF_PHASE(score_fn_backward);
+                            if (dual)
+                                for (std::int64_t r = 0; r < u.rows; ++r)
+                                    RowMap<T>(dS + r * block_k, u.cols) *= RowMap<T>(s.Dfx.data() + r * block_k, u.cols);
+                            else mod->modify_backward(p.tile(t, u.i0, u.rows, u.j0, u.cols), X, ldx, dS, block_k, grads_w);
+                        }
+                        if (dbias && p.bias_inside) store_dbias();
+                        if (dQ) {  // dQ_i += scale·dS·K_j
+                            AUTODIFF_PHASE(dq_product);
+                            detail::tile_gemm<T>(u.rows, p.d, u.cols, p.scale, dS, block_k, 1, p.k + (t * p.Lk + u.j0) * p.d, p.d, T(1),
+                                                 dQ->data() + (t * p.Lq + u.i0) * p.d, p.d);
+                        }
+                        if (dK) {  // dK_j += scale·dSᵀ·Q_i
+                            AUTODIFF_PHASE(dk_product);
+                            detail::tile_gemm<T>(u.cols, p.d, u.rows, p.scale, dS, 1, block_k, Qi, p.d, T(1), s.dK.data() + (u.j0 - j0) * p.d, p.d);
+                        }
                     }
                 }
                 if (dK) std::copy_n(s.dK.begin(), cols * p.d, dK_out + (t * p.Lk + j0) * p.d);

@@ -665,6 +665,33 @@ auto compose(F f, G g) {
     else return Compose<F, G>(std::move(f), std::move(g));
 }
 
+// Whether a node's backprop reads the score's value: whether its local derivatives depend on it.
+// When they do not (x + a relative-position table, x + ALiBi), the kernels keep S instead of x for
+// the backward (AttentionModifier::backward_reads_scores). Conservative (true) for any other node
+// that uses the score.
+template <class E>
+struct BackpropReadsScore : std::bool_constant<E::uses_score> {};
+template <>
+struct BackpropReadsScore<Score> : std::false_type {};
+template <class Op, class X>
+struct BackpropReadsScore<Unary<Op, X>> {
+    static constexpr bool value = Unary<Op, X>::active && (X::uses_score || BackpropReadsScore<X>::value);
+};
+template <class Op, class A, class B>
+struct BackpropReadsScore<Binary<Op, A, B>> {
+    static constexpr bool reads() {
+        if constexpr (!Binary<Op, A, B>::active) {
+            return false;
+        } else {  // as Binary::backprop: the operands its local derivatives read, then its children
+            constexpr bool eval_a = (A::active && Op::da_reads_a) || (B::active && Op::db_reads_a);
+            constexpr bool eval_b = (A::active && Op::da_reads_b) || (B::active && Op::db_reads_b);
+            return (eval_a && A::uses_score) || (eval_b && B::uses_score) || (A::active && BackpropReadsScore<A>::value) ||
+                   (B::active && BackpropReadsScore<B>::value);
+        }
+    }
+    static constexpr bool value = reads();
+};
+
 // ---- row hoisting ----------------------------------------------------------------------------
 // Along a row of a tile b, h and q are fixed: a sub-expression that uses neither the score nor k
 // (sigmoid(at(gate, h_idx)), at(slopes, h_idx), q_idx + R) has one value for the whole row. hoist(e, p)
@@ -908,6 +935,10 @@ public:
     [[nodiscard]] const std::vector<GradTarget<T>>& targets() const { return targets_; }
 
     [[nodiscard]] bool needs_reverse() const override { return !targets_.empty(); }
+    [[nodiscard]] bool backward_reads_scores() const override {
+        if constexpr (has_fn) return BackpropReadsScore<F>::value;
+        else return false;
+    }
     // Throws if a captured tensor was written into since the modifier was built (a backward reads them).
     void check_saved(const char* op) const {
         for (const Saved<T>& v : values_) (void)v.get(op, "captured tensor");
@@ -969,18 +1000,20 @@ public:
             const Interval r = m_.range(box);
             if (r.lo >= 1) return TileKind::full;
             if (r.hi <= 0) return TileKind::empty;
-            // Undecided by intervals (e.g. segment ids): look at the elements.
-            std::int64_t kept = 0;
+            // Undecided by intervals (e.g. segment ids, or a window's edge): look at the elements until
+            // both a kept and a dropped one are seen (a window's edge tile stops at its first vector).
+            bool any_kept = false, any_dropped = false;
             for (std::int64_t row = 0; row < tile.rows; ++row) {
                 Point<V> p = row_point(tile, row);
                 const auto m = hoist(m_, p);
                 for (std::int64_t c = 0; c < tile.cols; c += W) {
                     at_vector(p, tile, nullptr, c);
                     const V keep = m.eval(p);
-                    for (int l = 0; l < p.count; ++l) kept += keep[l] != T(0);
+                    for (int l = 0; l < p.count; ++l) (keep[l] != T(0) ? any_kept : any_dropped) = true;
+                    if (any_kept && any_dropped) return TileKind::partial;
                 }
             }
-            return kept == 0 ? TileKind::empty : kept == tile.rows * tile.cols ? TileKind::full : TileKind::partial;
+            return any_kept ? TileKind::full : TileKind::empty;
         }
     }
 

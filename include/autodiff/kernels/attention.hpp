@@ -75,6 +75,10 @@ public:
                                         std::int64_t ldd) const = 0;
     // Whether a captured tensor needs a gradient: the backward then calls modify_backward (reverse mode).
     [[nodiscard]] virtual bool needs_reverse() const = 0;
+    // Whether modify_backward reads x (f's derivatives depend on it). When it does not, a forward
+    // that keeps the scores for a reverse-mode backward keeps S rather than x, and modify_backward is
+    // given S in place of x.
+    [[nodiscard]] virtual bool backward_reads_scores() const { return true; }
     // g (rows × cols, ldg) = ∂L/∂f -> ∂L/∂x in place, at the tile's x (ldx); adds Σ g ⊙ ∂f/∂c for each
     // captured tensor c that needs a gradient to grads[i] (in the shape gradient_shapes()[i]).
     virtual void modify_backward(const ScoreTile& tile, const T* x, std::int64_t ldx, T* g, std::int64_t ldg,
@@ -126,7 +130,8 @@ struct AttentionSaved {
 };
 
 // bias and additive may be undefined (absent).
-// mod may be null (no modifier). With a score function and keep_scores, saved.scores holds x (before f).
+// mod may be null (no modifier). With a score function and keep_scores, saved.scores holds x (before f),
+// unless the backward runs in reverse mode and f's derivatives do not read x: then S.
 template <class T>
 AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& bias,
                                     const Tensor<T>& additive, const AttentionOptions& opt,
