@@ -125,7 +125,9 @@ struct AttentionSaved {
     Tensor<T> scores;
     // When attention_stores_dropout_mask: the keep mask, (leading index·Lq + i, ⌈Lk/64⌉) words, bit c
     // of word w of row i set when key 64·w + c is kept. Only the tiles the forward visits are
-    // written. Not consumed by the backward (a second backward, retain_graph, reads it again).
+    // written; in a tile a mask function leaves partial, a row's word holds the keys of its band only
+    // (the others are masked). Not consumed by the backward (a second backward, retain_graph, reads it
+    // again).
     Tensor<std::uint64_t> keep_bits;
 };
 
