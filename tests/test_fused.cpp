@@ -252,19 +252,25 @@ TEST_CASE("kept scores: the backward that reads the forward's scores equals, bit
     }
 }
 
+// A retained graph's second backward with the same seed adds the same gradients again: after it,
+// each gradient is exactly twice what the first backward gave (x + x == 2x exactly).
+static void check_second_backward_doubles(ad::Var<double>& O, const std::vector<P>& params) {
+    const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 8);
+    O.backward(seed, true);
+    std::vector<ad::Tensor<double>> once;
+    for (const P& p : params) once.push_back(p.grad().clone());
+    O.backward(seed);
+    for (std::size_t i = 0; i < once.size(); ++i) {
+        once[i].array() *= 2.0;
+        CHECK(ad::max_abs_diff(once[i], params[i].grad()) == 0.0);
+    }
+}
+
 TEST_CASE("kept scores: a second backward (retain_graph) recomputes the scores the first one consumed") {
     P q = param({2, 2, 67, 8}, 1, "q"), k = param({2, 2, 67, 8}, 2, "k"), v = param({2, 2, 67, 8}, 3, "v"),
       b = param({2, 2, 67, 67}, 4, "b");
     ad::Var<double> O = ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.3 + b, ad::causal), v);
-    const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 8);
-    O.backward(seed, true);
-    std::vector<ad::Tensor<double>> once{q.grad().clone(), k.grad().clone(), v.grad().clone(), b.grad().clone()};
-    O.backward(seed);
-    const std::vector<ad::Tensor<double>> twice{q.grad(), k.grad(), v.grad(), b.grad()};
-    for (std::size_t i = 0; i < once.size(); ++i) {
-        once[i].array() *= 2.0;  // x + x == 2x exactly
-        CHECK(ad::max_abs_diff(once[i], twice[i]) == 0.0);
-    }
+    check_second_backward_doubles(O, {q, k, v, b});
 }
 
 TEST_CASE("stored dropout mask: the forward's bits are dropout_keeps's, and the backward that reads them equals, bitwise, the one that regenerates them") {
@@ -332,15 +338,7 @@ TEST_CASE("stored dropout mask: a second backward (retain_graph) reads it again 
         ad::zero_grad(q, k, v, b);
         ad::Var<double> O = biased ? ad::Var<double>(ad::matmul(ad::dropout(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.3 + b, ad::causal), drop), v))
                                    : ad::Var<double>(ad::matmul(ad::dropout(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.3, ad::causal), drop), v));
-        const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 8);
-        O.backward(seed, true);
-        std::vector<ad::Tensor<double>> once{q.grad().clone(), k.grad().clone(), v.grad().clone(), b.grad().clone()};
-        O.backward(seed);
-        const std::vector<ad::Tensor<double>> twice{q.grad(), k.grad(), v.grad(), b.grad()};
-        for (std::size_t i = 0; i < once.size(); ++i) {
-            once[i].array() *= 2.0;  // x + x == 2x exactly
-            CHECK(ad::max_abs_diff(once[i], twice[i]) == 0.0);
-        }
+        check_second_backward_doubles(O, {q, k, v, b});
     }
 }
 
