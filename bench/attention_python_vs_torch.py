@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from benchlib import print_machine, run_alternating, timing_rows
+from benchlib import ATTENTION_TIMING, print_machine, run_alternating, timing_rows
 
 SIDE = r"""
 import json, sys, time, torch
@@ -37,22 +37,7 @@ def fwd():
     if mode == "eager":
         return torch.softmax(q @ k.transpose(-2, -1) * scale + b, dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=b)
-def timed(f):
-    t0 = time.perf_counter(); f(); return (time.perf_counter() - t0) * 1e3
-def fwd_only():
-    with torch.no_grad():
-        fwd()
-def fwd_bwd():
-    for t in (q, k, v, b):
-        t.grad = None
-    fwd().backward(dO)
-for _ in range(2):
-    fwd_only(); fwd_bwd()
-f = sorted(timed(fwd_only) for _ in range(reps))
-fb = sorted(timed(fwd_bwd) for _ in range(reps))
-hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"fwd_ms": f[len(f) // 2], "fwd_bwd_ms": fb[len(fb) // 2], "rss_mib": int(hwm.split()[1]) / 1024}))
-"""
+""" + ATTENTION_TIMING
 
 
 def main():

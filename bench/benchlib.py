@@ -4,6 +4,27 @@ import os
 import statistics
 import subprocess
 
+# The timing tail of a side-by-side attention script run as `python3 -c SCRIPT`: the script defines q, k, v,
+# b (or None), dO, reps and fwd(); this times fwd alone and fwd+bwd (median of reps after 2 warm-ups) and
+# prints the JSON line run_json reads.
+ATTENTION_TIMING = r"""
+def timed(f):
+    t0 = time.perf_counter(); f(); return (time.perf_counter() - t0) * 1e3
+def fwd_only():
+    with torch.no_grad():
+        fwd()
+def fwd_bwd():
+    for t in (q, k, v, b):
+        if t is not None: t.grad = None
+    fwd().backward(dO)
+for _ in range(2):
+    fwd_only(); fwd_bwd()
+f = sorted(timed(fwd_only) for _ in range(reps))
+fb = sorted(timed(fwd_bwd) for _ in range(reps))
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))  # not ru_maxrss: it survives exec
+print(json.dumps({"fwd_ms": f[len(f) // 2], "fwd_bwd_ms": fb[len(fb) // 2], "rss_mib": int(hwm.split()[1]) / 1024}))
+"""
+
 
 def env_threads(t):
     """The environment for a process limited to t threads, whichever runtime it uses."""
