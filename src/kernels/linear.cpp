@@ -29,6 +29,12 @@ template <class T>
 Tensor<T> as_rows(const Tensor<T>& x) {
     return x.reshaped({leading_rows(x.shape()), x.shape().dim_from_end(1)});
 }
+// The weight and bias gradients' shapes, shared by the backward kernels of linear layers.
+template <class T>
+void check_param_grads(const char* op, const Tensor<T>& W, const Tensor<T>* dW, const Tensor<T>* db) {
+    if (dW && dW->shape() != W.shape()) fail(op, "dW must have W's shape {}, got {}", W.shape(), dW->shape());
+    if (db && db->shape() != Shape{W.dim(0)}) fail(op, "db must have shape ({}), got {}", W.dim(0), db->shape());
+}
 }  // namespace
 
 template <class T>
@@ -46,8 +52,7 @@ void linear_backward(NoDeduce<Tensor<T>>* dx, NoDeduce<Tensor<T>>* dW, NoDeduce<
     const char* op = "linear_backward";
     const Shape y = linear_output_shape(op, x.shape(), W.shape(), nullptr);
     if (dy.shape() != y) fail(op, "dy must have the output's shape {}, got {}", y, dy.shape());
-    if (dW && dW->shape() != W.shape()) fail(op, "dW must have W's shape {}, got {}", W.shape(), dW->shape());
-    if (db && db->shape() != Shape{W.dim(0)}) fail(op, "db must have shape ({}), got {}", W.dim(0), db->shape());
+    check_param_grads<T>(op, W, dW, db);
     const Tensor<T> dy2 = as_rows(dy);
     if (dx) {
         *dx = Tensor<T>(x.shape());
@@ -118,8 +123,7 @@ void linear_heads_backward(NoDeduce<Tensor<T>>* dx, NoDeduce<Tensor<T>>* dW, NoD
     const Shape ys = linear_heads_output_shape(op, x.shape(), W.shape(), nullptr, dy[0].dim(1), S);
     for (std::size_t s = 0; s < dy.size(); ++s)
         if (dy[s].shape() != ys) fail(op, "dy part {} must have the output's shape {}, got {}", s, ys, dy[s].shape());
-    if (dW && dW->shape() != W.shape()) fail(op, "dW must have W's shape {}, got {}", W.shape(), dW->shape());
-    if (db && db->shape() != Shape{W.dim(0)}) fail(op, "db must have shape ({}), got {}", W.dim(0), db->shape());
+    check_param_grads<T>(op, W, dW, db);
     const std::int64_t H = ys[1], L = ys[2], D = ys[3], m = x.dim(0) * L, in = x.dim(2), n_out = W.dim(0);
     if (dx) {  // dx = dY·W, dY read in its head layout
         *dx = Tensor<T>(x.shape());
@@ -157,8 +161,7 @@ void heads_linear_backward(NoDeduce<Tensor<T>>* d_o, NoDeduce<Tensor<T>>* dW, No
     const char* op = "heads_linear_backward";
     const Shape y = heads_linear_output_shape(op, o.shape(), W.shape(), nullptr);
     if (dy.shape() != y) fail(op, "dy must have the output's shape {}, got {}", y, dy.shape());
-    if (dW && dW->shape() != W.shape()) fail(op, "dW must have W's shape {}, got {}", W.shape(), dW->shape());
-    if (db && db->shape() != Shape{W.dim(0)}) fail(op, "db must have shape ({}), got {}", W.dim(0), db->shape());
+    check_param_grads<T>(op, W, dW, db);
     const std::int64_t H = o.dim(1), L = o.dim(2), D = o.dim(3), m = o.dim(0) * L, in = H * D, n_out = W.dim(0);
     if (d_o) {  // do = dy·W, written in the head layout by the output pass
         *d_o = Tensor<T>(o.shape());
