@@ -81,22 +81,26 @@ std::array<Var<value_type_t<X>>, S> linear_heads(const X& x, const W& w, std::in
     return detail::linear_heads_eval<S>(as_expr(x), as_expr(w), NoBias{}, heads);
 }
 
-// y = merge_heads(o)·Wᵀ + b with o read in its head layout.
-template <class X, class W, class B>
-struct HeadsLinear : Expr<HeadsLinear<X, W, B>> {
-    using value_type = typename X::value_type;
-    static constexpr bool has_bias = !std::is_same_v<B, NoBias>;
-    static constexpr bool may_require_grad = any_may_require_grad_v<X, W> || (has_bias && B::may_require_grad);
-    X x;
-    W weight;
-    B bias;
-    Shape shape_;
-
-    HeadsLinear(X x_, W w_, B b_) : x(std::move(x_)), weight(std::move(w_)), bias(std::move(b_)) {
-        if constexpr (has_bias) shape_ = heads_linear_output_shape("heads_linear", x.shape(), weight.shape(), &bias.shape());
-        else shape_ = heads_linear_output_shape("heads_linear", x.shape(), weight.shape(), nullptr);
+namespace detail {
+// y = merge_heads(o)·Wᵀ + b with o read in its head layout; do = dy·W written in the head layout.
+struct HeadsLinearKernels {
+    static constexpr const char* name = "heads_linear";
+    static constexpr bool fused = true;  // for the graph view: merge_heads and linear in one record
+    static Shape output_shape(const Shape& o, const Shape& w, const Shape* b) { return heads_linear_output_shape(name, o, w, b); }
+    template <class T>
+    static Tensor<T> forward(const Tensor<T>& o, const Tensor<T>& w, const Tensor<T>& b) {
+        return heads_linear_forward(o, w, b);
     }
-    [[nodiscard]] const Shape& shape() const { return shape_; }
+    template <class T>
+    static void backward(Tensor<T>* d_o, Tensor<T>* dW, Tensor<T>* db, const Tensor<T>& dy, const Tensor<T>& o, const Tensor<T>& w) {
+        heads_linear_backward(d_o, dW, db, dy, o, w);
+    }
+};
+}  // namespace detail
+
+template <class X, class W, class B>
+struct HeadsLinear : detail::LinearNode<HeadsLinear<X, W, B>, detail::HeadsLinearKernels, X, W, B> {
+    using detail::LinearNode<HeadsLinear<X, W, B>, detail::HeadsLinearKernels, X, W, B>::LinearNode;
 };
 
 template <ExprLike X, ExprLike W, ExprLike B>
@@ -112,30 +116,6 @@ auto heads_linear(const X& o, const W& w) {
 }
 
 template <class X, class W, class B>
-struct Evaluator<HeadsLinear<X, W, B>> {
-    using T = typename X::value_type;
-    // y = merge_heads(o)·Wᵀ + b ; do = dy·W (head layout), dW = dyᵀ·merge_heads(o), db = colsum(dy)   (linear.hpp)
-    static Value<T> eval(const HeadsLinear<X, W, B>& e, EvalContext& ctx) {
-        Value<T> o = evaluate(e.x, ctx);
-        Value<T> w = evaluate(e.weight, ctx);
-        Value<T> b;
-        if constexpr (HeadsLinear<X, W, B>::has_bias) b = evaluate(e.bias, ctx);
-        Tensor<T> y = heads_linear_forward(o.value, w.value, b.value);
-        ctx.fused = true;  // for the graph view: merge_heads and linear in one record
-        return finish(ctx, std::move(y), o.target || w.target || b.target,
-                      [ot = o.target, wt = w.target, bt = b.target, Os = Saved<T>(o.value), Ws = Saved<T>(w.value)](const Tensor<T>& dy,
-                                                                                                                   Tape& tape) {
-                          const Tensor<T>& O_ = Os.get("heads_linear", "input");
-                          const Tensor<T>& W_ = Ws.get("heads_linear", "weight");
-                          Tensor<T> d_o;
-                          Tensor<T> dW = wt ? zeros<T>(W_.shape()) : Tensor<T>();
-                          Tensor<T> db = bt ? zeros<T>({W_.dim(0)}) : Tensor<T>();
-                          heads_linear_backward(ot ? &d_o : nullptr, wt ? &dW : nullptr, bt ? &db : nullptr, dy, O_, W_);
-                          if (ot) tape.accumulate(ot, std::move(d_o));
-                          if (wt) tape.accumulate(wt, std::move(dW));
-                          if (bt) tape.accumulate(bt, std::move(db));
-                      });
-    }
-};
+struct Evaluator<HeadsLinear<X, W, B>> : detail::LinearEvaluator<HeadsLinear<X, W, B>, detail::HeadsLinearKernels> {};
 
 }  // namespace autodiff

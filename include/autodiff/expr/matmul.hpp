@@ -126,8 +126,28 @@ struct NoBias : Expr<NoBias> {
     static constexpr bool may_require_grad = false;
 };
 
-template <class X, class W, class B>
-struct Linear : Expr<Linear<X, W, B>> {
+namespace detail {
+// What tells the linear-like nodes apart (Linear here, HeadsLinear in heads.hpp): the op's name, whether
+// its record fuses a layout change (for the graph view), its output shape and its kernels
+// (kernels/linear.hpp). LinearNode and LinearEvaluator are the rest, shared.
+struct LinearKernels {
+    static constexpr const char* name = "linear";
+    static constexpr bool fused = false;
+    static Shape output_shape(const Shape& x, const Shape& w, const Shape* b) { return linear_output_shape(name, x, w, b); }
+    template <class T>
+    static Tensor<T> forward(const Tensor<T>& x, const Tensor<T>& w, const Tensor<T>& b) {
+        return linear_forward(x, w, b);
+    }
+    template <class T>
+    static void backward(Tensor<T>* dx, Tensor<T>* dW, Tensor<T>* db, const Tensor<T>& dy, const Tensor<T>& x, const Tensor<T>& w) {
+        linear_backward(dx, dW, db, dy, x, w);
+    }
+};
+
+// y = x·Wᵀ + b, the node's data: input, weight, bias (NoBias when absent) and the output shape, checked
+// when the node is built.
+template <class Node, class Kernels, class X, class W, class B>
+struct LinearNode : Expr<Node> {
     using value_type = typename X::value_type;
     static constexpr bool has_bias = !std::is_same_v<B, NoBias>;
     static constexpr bool may_require_grad = any_may_require_grad_v<X, W> || (has_bias && B::may_require_grad);
@@ -136,11 +156,44 @@ struct Linear : Expr<Linear<X, W, B>> {
     B bias;
     Shape shape_;
 
-    Linear(X x_, W w_, B b_) : x(std::move(x_)), weight(std::move(w_)), bias(std::move(b_)) {
-        if constexpr (has_bias) shape_ = linear_output_shape("linear", x.shape(), weight.shape(), &bias.shape());
-        else shape_ = linear_output_shape("linear", x.shape(), weight.shape(), nullptr);
+    LinearNode(X x_, W w_, B b_) : x(std::move(x_)), weight(std::move(w_)), bias(std::move(b_)) {
+        if constexpr (has_bias) shape_ = Kernels::output_shape(x.shape(), weight.shape(), &bias.shape());
+        else shape_ = Kernels::output_shape(x.shape(), weight.shape(), nullptr);
     }
     [[nodiscard]] const Shape& shape() const { return shape_; }
+};
+
+// y = x·Wᵀ + b ; dx = dy·W, dW = dyᵀ·x, db = colsum(dy)   (linear.hpp), with the kernels' layouts.
+template <class Node, class Kernels>
+struct LinearEvaluator {
+    using T = typename Node::value_type;
+    static Value<T> eval(const Node& e, EvalContext& ctx) {
+        Value<T> x = evaluate(e.x, ctx);
+        Value<T> w = evaluate(e.weight, ctx);
+        Value<T> b;
+        if constexpr (Node::has_bias) b = evaluate(e.bias, ctx);
+        Tensor<T> y = Kernels::forward(x.value, w.value, b.value);
+        if constexpr (Kernels::fused) ctx.fused = true;
+        return finish(ctx, std::move(y), x.target || w.target || b.target,
+                      [xt = x.target, wt = w.target, bt = b.target, Xs = Saved<T>(x.value), Ws = Saved<T>(w.value)](const Tensor<T>& dy,
+                                                                                                                   Tape& tape) {
+                          const Tensor<T>& X_ = Xs.get(Kernels::name, "input");
+                          const Tensor<T>& W_ = Ws.get(Kernels::name, "weight");
+                          Tensor<T> dx;
+                          Tensor<T> dW = wt ? zeros<T>(W_.shape()) : Tensor<T>();
+                          Tensor<T> db = bt ? zeros<T>({W_.dim(0)}) : Tensor<T>();
+                          Kernels::backward(xt ? &dx : nullptr, wt ? &dW : nullptr, bt ? &db : nullptr, dy, X_, W_);
+                          if (xt) tape.accumulate(xt, std::move(dx));
+                          if (wt) tape.accumulate(wt, std::move(dW));
+                          if (bt) tape.accumulate(bt, std::move(db));
+                      });
+    }
+};
+}  // namespace detail
+
+template <class X, class W, class B>
+struct Linear : detail::LinearNode<Linear<X, W, B>, detail::LinearKernels, X, W, B> {
+    using detail::LinearNode<Linear<X, W, B>, detail::LinearKernels, X, W, B>::LinearNode;
 };
 
 template <ExprLike X, ExprLike W, ExprLike B>
@@ -156,29 +209,6 @@ auto linear(const X& x, const W& w) {
 }
 
 template <class X, class W, class B>
-struct Evaluator<Linear<X, W, B>> {
-    using T = typename X::value_type;
-    // y = x·Wᵀ + b ; dx = dy·W, dW = dyᵀ·x, db = colsum(dy)   (linear.hpp)
-    static Value<T> eval(const Linear<X, W, B>& e, EvalContext& ctx) {
-        Value<T> x = evaluate(e.x, ctx);
-        Value<T> w = evaluate(e.weight, ctx);
-        Value<T> b;
-        if constexpr (Linear<X, W, B>::has_bias) b = evaluate(e.bias, ctx);
-        Tensor<T> y = linear_forward(x.value, w.value, b.value);
-        return finish(ctx, std::move(y), x.target || w.target || b.target,
-                      [xt = x.target, wt = w.target, bt = b.target, Xs = Saved<T>(x.value), Ws = Saved<T>(w.value)](const Tensor<T>& dy,
-                                                                                                                   Tape& tape) {
-                          const Tensor<T>& X_ = Xs.get("linear", "input");
-                          const Tensor<T>& W_ = Ws.get("linear", "weight");
-                          Tensor<T> dx;
-                          Tensor<T> dW = wt ? zeros<T>(W_.shape()) : Tensor<T>();
-                          Tensor<T> db = bt ? zeros<T>({W_.dim(0)}) : Tensor<T>();
-                          linear_backward(xt ? &dx : nullptr, wt ? &dW : nullptr, bt ? &db : nullptr, dy, X_, W_);
-                          if (xt) tape.accumulate(xt, std::move(dx));
-                          if (wt) tape.accumulate(wt, std::move(dW));
-                          if (bt) tape.accumulate(bt, std::move(db));
-                      });
-    }
-};
+struct Evaluator<Linear<X, W, B>> : detail::LinearEvaluator<Linear<X, W, B>, detail::LinearKernels> {};
 
 }  // namespace autodiff
