@@ -35,35 +35,50 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 @torch.library.custom_op(f"{_OP}::attention_forward", mutates_args=(), device_types="cpu")
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                 mask: Optional[torch.Tensor], is_causal: bool, dropout_p: float, scale: float,
-                seed: int, keep_scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, lse, scores = _C.attention_forward(_contiguous(q), _contiguous(k), _contiguous(v), _contiguous(bias),
-                                            _contiguous(mask), is_causal, dropout_p, scale, seed, keep_scores)
-    # A custom op returns tensors: an empty one stands for scores that were not kept.
-    return out, lse, scores if scores is not None else q.new_empty(0)
+                seed: int, keep_scores: bool, keep_mask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, lse, scores, bits = _C.attention_forward(_contiguous(q), _contiguous(k), _contiguous(v), _contiguous(bias),
+                                                  _contiguous(mask), is_causal, dropout_p, scale, seed, keep_scores,
+                                                  keep_mask)
+    # A custom op returns tensors: an empty one stands for scores (or a dropout mask) that were not kept.
+    return (out, lse, scores if scores is not None else q.new_empty(0),
+            bits if bits is not None else q.new_empty(0, dtype=torch.uint64))
+
+
+def _dropout_mask_shape(q, k, dropout_p: float, keep_scores: bool, keep_mask: bool) -> tuple:
+    """The shape of the dropout mask attention_forward returns: (leading index·Lq, ⌈Lk/64⌉) uint64 words,
+    or (0,) when it keeps none (the C++ kernels decide: kernels/attention.hpp)."""
+    if not keep_mask or not _C.stores_dropout_mask(list(q.shape), list(k.shape), q.dtype == torch.float64,
+                                                   dropout_p, keep_scores):
+        return (0,)
+    return (math.prod(q.shape[:-1]), (k.shape[-2] + 63) // 64)
 
 
 @_forward_op.register_fake
-def _(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep_scores):
+def _(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep_scores, keep_mask):
     scores = q.shape[:-1] + k.shape[-2:-1] if keep_scores else (0,)
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(q.shape[:-1]), q.new_empty(scores)
+    bits = _dropout_mask_shape(q, k, dropout_p, keep_scores, keep_mask)
+    return (q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(q.shape[:-1]), q.new_empty(scores),
+            q.new_empty(bits, dtype=torch.uint64))
 
 
 @torch.library.custom_op(f"{_OP}::attention_backward", mutates_args=("scores",), device_types="cpu")
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], out: torch.Tensor,
                  lse: torch.Tensor, is_causal: bool, dropout_p: float, scale: float, seed: int,
-                 needs: list[bool], scores: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 needs: list[bool], scores: Optional[torch.Tensor],
+                 keep_bits: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """With `scores` (the forward's, kept for a full trainable bias) the bias gradient is written into
-    them: the returned dbias is then empty and the caller uses `scores`."""
+    them: the returned dbias is then empty and the caller uses `scores`. With `keep_bits` (the forward's
+    dropout mask) the mask is read instead of regenerated."""
     grads = _C.attention_backward(_contiguous(grad_out), _contiguous(q), _contiguous(k), _contiguous(v),
                                   _contiguous(bias), _contiguous(mask), _contiguous(out), _contiguous(lse),
-                                  is_causal, dropout_p, scale, seed, needs, scores)
+                                  is_causal, dropout_p, scale, seed, needs, scores, keep_bits)
     # A custom op returns tensors: an empty one stands for a gradient that was not asked for.
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _(grad_out, q, k, v, bias, mask, out, lse, is_causal, dropout_p, scale, seed, needs, scores):
+def _(grad_out, q, k, v, bias, mask, out, lse, is_causal, dropout_p, scale, seed, needs, scores, keep_bits):
     shapes = (q.shape, k.shape, v.shape, bias.shape if bias is not None and scores is None else (0,))
     return tuple(q.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
 
@@ -71,24 +86,29 @@ def _(grad_out, q, k, v, bias, mask, out, lse, is_causal, dropout_p, scale, seed
 class AttentionFunction(torch.autograd.Function):
     """out = dropout(softmax(scale·q·kᵀ + bias, masked))·v, forward and backward by the fused C++ kernels.
 
-    apply(q, k, v, bias, mask, is_causal, dropout_p, scale, seed) with every argument given (attention()
-    fills in the defaults). The backward returns dq, dk, dv and dbias in the bias's own shape, with the
-    dropout mask regenerated from (seed, element index): the same mask as the forward.
+    apply(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, track) with every argument given
+    (attention() fills in the defaults); track: whether the caller records a graph (its
+    torch.is_grad_enabled(): inside forward grad mode is always off). The backward returns dq, dk, dv
+    and dbias in the bias's own shape.
 
-    A trainable bias of the scores' full shape (..., Lq, Lk): outside torch.compile the forward keeps the
-    scores S in an L×L buffer and the first backward reads P from it (instead of recomputing q·kᵀ + bias)
-    and returns the bias gradient in that same buffer, as the C++ engine does; a second backward
+    What the forward keeps for the backward, when tracking and an input needs a gradient, as the C++
+    engine does: with dropout, the mask as bits when they are cheap (always with a full trainable bias,
+    else when they take at most q's bytes; otherwise the backward regenerates the same mask from (seed,
+    element index)); with a trainable bias of the scores' full shape (..., Lq, Lk), outside
+    torch.compile, the scores S in an L×L buffer: the first backward reads P from it (instead of
+    recomputing q·kᵀ + bias) and returns the bias gradient in that same buffer; a second backward
     (retain_graph) recomputes. Under torch.compile the scores are always recomputed.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, is_causal, dropout_p, scale, seed):
-        keep = (bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    def forward(ctx, q, k, v, bias, mask, is_causal, dropout_p, scale, seed, track):
+        backward_runs = track and any(ctx.needs_input_grad[:4])
+        keep = (backward_runs and bias is not None and ctx.needs_input_grad[3]
                 and not torch.compiler.is_compiling()
                 and tuple(bias.shape) == tuple(q.shape[:-1]) + (k.shape[-2],))
-        out, lse, scores = torch.ops.autodiff_attention.attention_forward(
-            q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep)
-        ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+        out, lse, scores, bits = torch.ops.autodiff_attention.attention_forward(
+            q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep, backward_runs)
+        ctx.save_for_backward(q, k, v, bias, mask, out, lse, bits if bits.numel() else None)
         # Not saved for backward: the backward overwrites it (with the bias gradient), once.
         ctx.scores = scores if keep else None
         ctx.options = (is_causal, dropout_p, scale, seed)
@@ -97,17 +117,17 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, bias, mask, out, lse = ctx.saved_tensors
+        q, k, v, bias, mask, out, lse, bits = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:3]] + [ctx.has_bias and bool(ctx.needs_input_grad[3])]
         if not any(needs):
-            return (None,) * 9
+            return (None,) * 10
         scores, ctx.scores = (ctx.scores if needs[3] else None), None
         dq, dk, dv, dbias = torch.ops.autodiff_attention.attention_backward(
-            grad_out, q, k, v, bias, mask, out, lse, *ctx.options, needs, scores)
+            grad_out, q, k, v, bias, mask, out, lse, *ctx.options, needs, scores, bits)
         if scores is not None and dbias.numel() == 0 and scores.numel() != 0:
             dbias = scores
         grads = [g if need else None for g, need in zip((dq, dk, dv, dbias), needs)]
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -128,7 +148,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     scale: of q·kᵀ; None gives 1/sqrt(E), as SDPA.
     seed: the dropout stream's Philox key. None draws one from torch's default generator, so
       torch.manual_seed(...) makes a run reproducible; the same seed gives the same mask. The backward
-      regenerates the forward's mask from it.
+      applies the forward's mask (kept as bits, or regenerated from the seed).
 
     Semantics are those of torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias or
     mask, ...), except that a query row whose keys are all masked gives 0 (and zero gradients) where SDPA
@@ -152,7 +172,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
         seed = _seed_from_torch() if dropout_p > 0 else 0
     elif not 0 <= seed < 2**63:
         raise Error(f"attention: seed must be in [0, 2^63), got {seed}")
-    return AttentionFunction.apply(q, k, v, bias, mask, bool(is_causal), float(dropout_p), float(scale), int(seed))
+    return AttentionFunction.apply(q, k, v, bias, mask, bool(is_causal), float(dropout_p), float(scale), int(seed),
+                                   torch.is_grad_enabled())
 
 
 # ---- parameter files -------------------------------------------------------------------------------

@@ -129,11 +129,15 @@ nb::object to_torch(ad::Tensor<T> t) {
 // keep_scores (a trainable full-shape bias): the forward also returns the masked scores S (..., Lq, Lk),
 // and the backward reads P from them instead of recomputing Q·Kᵀ + bias and writes the bias gradient
 // into their buffer (kernels/attention.hpp): one L×L buffer serves both, as in the C++ engine.
+// keep_mask (a backward will run): the forward may also return dropout's keep mask as bits
+// (attention_stores_dropout_mask decides; uint64 words, AttentionSaved::keep_bits), for the backward to
+// apply instead of regenerating it.
 template <class T>
 nb::tuple forward(const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask, bool is_causal,
-                  double dropout_p, double scale, std::uint64_t seed, bool keep_scores) {
+                  double dropout_p, double scale, std::uint64_t seed, bool keep_scores, bool keep_mask) {
     const ad::Tensor<T> Q = view<T>("q", q), K = view<T>("k", k), V = view<T>("v", v), B = optional_view<T>("bias", bias);
     ad::AttentionOptions opt = make_options(mask, is_causal, dropout_p, scale, seed);
+    opt.keep_dropout_mask = keep_mask;
     if (keep_scores) {
         // Validates the shapes before they are read below.
         (void)ad::attention_output_shape(op, Q.shape(), K.shape(), V.shape(), B.defined() ? &B.shape() : nullptr, nullptr, opt.mask);
@@ -149,13 +153,14 @@ nb::tuple forward(const Array& q, const Array& k, const Array& v, const OptArray
         saved = ad::attention_forward(Q, K, V, B, ad::Tensor<T>(), opt);
     }
     nb::object S = saved.scores.defined() ? to_torch(std::move(saved.scores)) : nb::none();
-    return nb::make_tuple(to_torch(std::move(saved.O)), to_torch(std::move(saved.lse)), S);
+    nb::object bits = saved.keep_bits.defined() ? to_torch(std::move(saved.keep_bits)) : nb::none();
+    return nb::make_tuple(to_torch(std::move(saved.O)), to_torch(std::move(saved.lse)), S, bits);
 }
 
 template <class T>
 nb::tuple backward(const Array& dO, const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask,
                    const Array& O, const Array& lse, bool is_causal, double dropout_p, double scale, std::uint64_t seed,
-                   const std::vector<bool>& needs, const OptArray& scores) {
+                   const std::vector<bool>& needs, const OptArray& scores, const OptArray& keep_bits) {
     if (needs.size() != 4) ad::fail(op, "needs must have 4 flags (dq, dk, dv, dbias), got {}", needs.size());
     const ad::Tensor<T> Q = view<T>("q", q), K = view<T>("k", k), V = view<T>("v", v), B = optional_view<T>("bias", bias);
     const ad::Tensor<T> dOt = view<T>("grad_out", dO);
@@ -164,6 +169,11 @@ nb::tuple backward(const Array& dO, const Array& q, const Array& k, const Array&
     if (S.defined() && (!B.defined() || S.shape() != B.shape()))
         ad::fail(op, "scores {} must have the bias's full shape {}", S.shape(), B.defined() ? B.shape().str() : "none");
     ad::AttentionSaved<T> saved{view<T>("out", O), view<T>("lse", lse), S, {}};
+    if (keep_bits) {
+        if (keep_bits->dtype() != nb::dtype<std::uint64_t>())
+            ad::fail(op, "keep_bits must be uint64 (the forward's dropout mask), got {}", dtype_name(*keep_bits));
+        saved.keep_bits = view<std::uint64_t>("keep_bits", *keep_bits);  // its shape is checked by attention_backward
+    }
     if (dOt.shape() != saved.O.shape()) ad::fail(op, "grad_out {} must have the output's shape {}", dOt.shape(), saved.O.shape());
     if (needs[3] && !B.defined()) ad::fail(op, "the bias gradient was asked for without a bias");
     const ad::AttentionOptions opt = make_options(mask, is_causal, dropout_p, scale, seed);
@@ -251,30 +261,46 @@ NB_MODULE(_C, m) {
     m.def(
         "attention_forward",
         [](const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask, bool is_causal,
-           double dropout_p, double scale, std::uint64_t seed, bool keep_scores) {
+           double dropout_p, double scale, std::uint64_t seed, bool keep_scores, bool keep_mask) {
             const DType d = common_dtype({{"q", &q}, {"k", &k}, {"v", &v}, {"bias", bias ? &*bias : nullptr}});
-            return d == DType::f32 ? forward<float>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep_scores)
-                                   : forward<double>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep_scores);
+            return d == DType::f32 ? forward<float>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep_scores, keep_mask)
+                                   : forward<double>(q, k, v, bias, mask, is_causal, dropout_p, scale, seed, keep_scores, keep_mask);
         },
         nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias").none(), nb::arg("mask").none(), nb::arg("is_causal"),
-        nb::arg("dropout_p"), nb::arg("scale"), nb::arg("seed"), nb::arg("keep_scores") = false,
-        "O, lse, scores = attention_forward(...): O (..., Lq, dv), the per-row log-sum-exp (..., Lq), and with "
-        "keep_scores the masked scores (..., Lq, Lk) for the backward (else None).");
+        nb::arg("dropout_p"), nb::arg("scale"), nb::arg("seed"), nb::arg("keep_scores") = false, nb::arg("keep_mask") = false,
+        "O, lse, scores, keep_bits = attention_forward(...): O (..., Lq, dv), the per-row log-sum-exp (..., Lq), with "
+        "keep_scores the masked scores (..., Lq, Lk) for the backward (else None), with keep_mask the dropout mask as "
+        "uint64 words (leading index * Lq, ceil(Lk / 64)) when stores_dropout_mask says so (else None).");
+
+    m.def(
+        "stores_dropout_mask",
+        [](const std::vector<std::int64_t>& q, const std::vector<std::int64_t>& k, bool f64, double dropout_p, bool keep_scores) {
+            ad::AttentionOptions opt;
+            opt.dropout = ad::DropoutDescriptor{dropout_p, 0, 0, true};
+            opt.keep_scores = keep_scores;
+            opt.keep_dropout_mask = true;
+            const auto shape = [](const std::vector<std::int64_t>& dims) { return ad::Shape::from_range(dims.begin(), dims.end()); };
+            return f64 ? ad::attention_stores_dropout_mask<double>(shape(q), shape(k), opt)
+                       : ad::attention_stores_dropout_mask<float>(shape(q), shape(k), opt);
+        },
+        nb::arg("q_shape"), nb::arg("k_shape"), nb::arg("f64"), nb::arg("dropout_p"), nb::arg("keep_scores"),
+        "Whether attention_forward with keep_mask returns the dropout mask for these shapes (for the fake kernel).");
 
     m.def(
         "attention_backward",
         [](const Array& dO, const Array& q, const Array& k, const Array& v, const OptArray& bias, const OptArray& mask,
            const Array& O, const Array& lse, bool is_causal, double dropout_p, double scale, std::uint64_t seed,
-           const std::vector<bool>& needs, const OptArray& scores) {
+           const std::vector<bool>& needs, const OptArray& scores, const OptArray& keep_bits) {
             const DType d = common_dtype({{"q", &q}, {"k", &k}, {"v", &v}, {"bias", bias ? &*bias : nullptr}, {"grad_out", &dO},
                                           {"out", &O}, {"lse", &lse}, {"scores", scores ? &*scores : nullptr}});
-            return d == DType::f32 ? backward<float>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs, scores)
-                                   : backward<double>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs, scores);
+            return d == DType::f32 ? backward<float>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs, scores, keep_bits)
+                                   : backward<double>(dO, q, k, v, bias, mask, O, lse, is_causal, dropout_p, scale, seed, needs, scores, keep_bits);
         },
         nb::arg("grad_out"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("bias").none(), nb::arg("mask").none(),
         nb::arg("out"), nb::arg("lse"), nb::arg("is_causal"), nb::arg("dropout_p"), nb::arg("scale"), nb::arg("seed"),
-        nb::arg("needs"), nb::arg("scores").none() = nb::none(),
-        "dq, dk, dv, dbias (None where not needed, or written into `scores` when given) = attention_backward(...).");
+        nb::arg("needs"), nb::arg("scores").none() = nb::none(), nb::arg("keep_bits").none() = nb::none(),
+        "dq, dk, dv, dbias (None where not needed, or written into `scores` when given) = attention_backward(...); "
+        "keep_bits: the forward's dropout mask (else regenerated).");
 
     m.def("save_safetensors", &save_file, nb::arg("path"), nb::arg("tensors"), nb::arg("metadata"),
           "Writes [(name, tensor)] (float32/float64, contiguous) with the C++ writer.");

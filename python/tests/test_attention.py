@@ -149,6 +149,7 @@ def test_a_full_trainable_bias_keeps_the_scores_and_a_second_backward_recomputes
     mask = torch.rand(LQ, LK, generator=torch.Generator().manual_seed(5)) > 0.2
     mask[:, 0] = True
     out = attention(q, k, v, bias=bias, mask=mask, is_causal=True, dropout_p=0.2, seed=4)
+    assert out.grad_fn.scores is not None and out.grad_fn.saved_tensors[-1] is not None  # scores and dropout bits kept
     g = make(out.shape, seed=9, grad=False)
     first = torch.autograd.grad(out, (q, k, v, bias), g, retain_graph=True)
     second = torch.autograd.grad(out, (q, k, v, bias), g)
@@ -157,6 +158,21 @@ def test_a_full_trainable_bias_keeps_the_scores_and_a_second_backward_recomputes
     weights = dropped_weights(q, k, 0.2, 4, bias=bias, mask=mask, is_causal=True)
     (dv,) = torch.autograd.grad(weights @ v, (v,), g)
     assert_close(first[2], dv, 1e-10, "dv")
+
+
+def test_the_kept_dropout_mask_gives_the_regenerated_masks_gradients_and_no_grad_keeps_nothing():
+    q, k, v = qkv()
+    bias = make((H, LQ, LK), seed=4)
+    args = (q, k, v, bias, None, False, 0.3, 0.5, 11)
+    kept = aa.AttentionFunction.apply(*args, True)
+    assert kept.grad_fn.saved_tensors[-1] is not None and kept.grad_fn.scores is None  # bits; a broadcast bias keeps no scores
+    # track=False (the caller's grad mode was off): nothing is kept and the backward regenerates the mask.
+    regenerated = aa.AttentionFunction.apply(*args, False)
+    assert regenerated.grad_fn.saved_tensors[-1] is None
+    assert torch.equal(kept, regenerated)
+    g = make(kept.shape, seed=9, grad=False)
+    for a, b in zip(torch.autograd.grad(kept, (q, k, v, bias), g), torch.autograd.grad(regenerated, (q, k, v, bias), g)):
+        assert torch.equal(a, b)
 
 
 def test_scale_argument():
@@ -197,8 +213,8 @@ def test_the_native_function_reads_inputs_in_place_and_refuses_strided_ones():
     q, k, v = (t.detach() for t in qkv())
     with pytest.raises(aa.Error, match=r"attention: q \(2,3,8,7\) is not contiguous"):
         aa._C.attention_forward(q.transpose(-1, -2), k, v, None, None, False, 0.0, 1.0, 0)
-    out, lse, scores = aa._C.attention_forward(q, k, v, None, None, False, 0.0, 1.0, 0)
-    assert scores is None
+    out, lse, scores, bits = aa._C.attention_forward(q, k, v, None, None, False, 0.0, 1.0, 0)
+    assert scores is None and bits is None
     assert out.is_contiguous() and out.shape == (N, H, LQ, EV) and lse.shape == (N, H, LQ)
     expected = F.scaled_dot_product_attention(q, k, v, scale=1.0)
     del q, k, v
@@ -286,18 +302,22 @@ def test_opcheck_of_the_custom_ops():
     q, k, v = (t.detach() for t in qkv())
     bias = make((H, LQ, LK), seed=4, grad=False)
     mask = torch.ones(LQ, LK, dtype=torch.bool)
-    args = (q, k, v, bias, mask, True, 0.1, 0.5, 3, False)
-    torch.library.opcheck(torch.ops.autodiff_attention.attention_forward, args)
-    out, lse, _ = torch.ops.autodiff_attention.attention_forward(*args)
-    torch.library.opcheck(torch.ops.autodiff_attention.attention_backward,
-                          (torch.ones_like(out), q, k, v, bias, mask, out, lse, True, 0.1, 0.5, 3, [True, False, True, True], None))
+    for keep_mask in (False, True):
+        args = (q, k, v, bias, mask, True, 0.1, 0.5, 3, False, keep_mask)
+        torch.library.opcheck(torch.ops.autodiff_attention.attention_forward, args)
+        out, lse, _, bits = torch.ops.autodiff_attention.attention_forward(*args)
+        assert bits.shape == ((N * H * LQ, 1) if keep_mask else (0,))
+        torch.library.opcheck(torch.ops.autodiff_attention.attention_backward,
+                              (torch.ones_like(out), q, k, v, bias, mask, out, lse, True, 0.1, 0.5, 3, [True, False, True, True],
+                               None, bits if keep_mask else None))
     full = make((N, H, LQ, LK), seed=5, grad=False)
-    args = (q, k, v, full, mask, True, 0.1, 0.5, 3, True)
+    args = (q, k, v, full, mask, True, 0.1, 0.5, 3, True, True)
     torch.library.opcheck(torch.ops.autodiff_attention.attention_forward, args)
-    out, lse, scores = torch.ops.autodiff_attention.attention_forward(*args)
-    assert scores.shape == (N, H, LQ, LK)
+    out, lse, scores, bits = torch.ops.autodiff_attention.attention_forward(*args)
+    assert scores.shape == (N, H, LQ, LK) and bits.shape == (N * H * LQ, 1)
     torch.library.opcheck(torch.ops.autodiff_attention.attention_backward,
-                          (torch.ones_like(out), q, k, v, full, mask, out, lse, True, 0.1, 0.5, 3, [True, True, True, True], scores))
+                          (torch.ones_like(out), q, k, v, full, mask, out, lse, True, 0.1, 0.5, 3, [True, True, True, True], scores,
+                           bits))
 
 
 @pytest.mark.parametrize("case, message", [
