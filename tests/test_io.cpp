@@ -251,7 +251,9 @@ TEST_CASE("Adam resumed from saved parameters and state continues bit for bit") 
     ad::nn::load(b, params.path);
     ad::nn::load(opt_b, state.path);
     CHECK(opt_b.state(0).step == 3);
+    CHECK(opt_b.steps() == 3);
     train(b, opt_b, 2, 20);
+    CHECK(opt_b.steps() == 5);
     CHECK(b.weight().value().to_vector() == a.weight().value().to_vector());
     CHECK(b.bias().value().to_vector() == a.bias().value().to_vector());
 
@@ -267,6 +269,20 @@ TEST_CASE("Adam resumed from saved parameters and state continues bit for bit") 
         ad::save_safetensors(state.path, {{"state.0.step", ad::full<double>({}, 1.5)}, {"state.0.exp_avg", ad::zeros<double>({2, 3})},
                                           {"state.0.exp_avg_sq", ad::zeros<double>({2, 3})}});
         check_error([&] { ad::nn::load(opt_b, state.path); }, "load(Adam)", {"'state.0.step' must be a whole number of steps >= 1, got 1.5"});
+    }
+    SUBCASE("steps(): from the metadata, else (a file torch wrote) the largest per-parameter count") {
+        auto saved = ad::load_safetensors(state.path);
+        saved.metadata.erase("steps");
+        ad::save_safetensors(state.path, saved.tensors, saved.metadata);
+        ad::nn::load(opt_b, state.path);
+        CHECK(opt_b.steps() == 3);
+        for (const char* bad : {"2", "x", "7 ", "-1"}) {
+            saved.metadata["steps"] = bad;
+            ad::save_safetensors(state.path, saved.tensors, saved.metadata);
+            check_error([&] { ad::nn::load(opt_b, state.path); }, "load(Adam)",
+                        {"metadata 'steps' must be a whole number >= the largest per-parameter step (3), got '" + std::string(bad) + "'"});
+        }
+        CHECK(opt_b.steps() == 3);  // a refused file changes nothing
     }
 }
 

@@ -133,7 +133,14 @@ public:
         for (auto& p : params_) p.zero_grad();
     }
     [[nodiscard]] const std::vector<Param<T>>& params() const { return params_; }
+    // The calls of step() (since construction, reset_state or the count set_steps restored).
     [[nodiscard]] long steps() const { return t_; }
+    // Restores the call count (load: nn/state.hpp); at least every parameter's own step count.
+    void set_steps(long t) {
+        for (std::size_t i = 0; i < params_.size(); ++i)
+            if (t < param_steps_[i]) fail("Adam", "steps {} must be >= the {} steps parameter {} took", t, param_steps_[i], i);
+        t_ = t;
+    }
 
     // Parameter i's state as torch.optim.Adam keeps it (nn/state.hpp saves and loads it): the steps it
     // took, and its moments (undefined before its first step).

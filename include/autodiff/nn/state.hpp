@@ -17,6 +17,7 @@
 // and changes nothing.
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -110,7 +111,9 @@ void load(Module& m, const std::string& path) {
     load_parameters(path, named_parameters(m));
 }
 
-// Adam's moments and per-parameter step counts, as torch.optim.Adam's state (step as a scalar).
+// Adam's moments and per-parameter step counts, as torch.optim.Adam's state (step as a scalar), and
+// the calls of step() as the metadata "steps" (torch keeps no such count: a file without it, saved by
+// torch, restores steps() as the largest per-parameter count).
 template <class T>
 void save(const Adam<T>& opt, const std::string& path) {
     std::vector<NamedTensor> tensors;
@@ -121,7 +124,7 @@ void save(const Adam<T>& opt, const std::string& path) {
         tensors.push_back({detail::state_name(i, "exp_avg"), s.exp_avg});
         tensors.push_back({detail::state_name(i, "exp_avg_sq"), s.exp_avg_sq});
     }
-    save_safetensors(path, tensors, {{"format", "pt"}, {"optimizer", "Adam"}});
+    save_safetensors(path, tensors, {{"format", "pt"}, {"optimizer", "Adam"}, {"steps", std::to_string(opt.steps())}});
 }
 template <class T>
 void load(Adam<T>& opt, const std::string& path) {
@@ -142,9 +145,20 @@ void load(Adam<T>& opt, const std::string& path) {
         if (!(step >= 1) || step != std::floor(step))
             fail(op, "{}: tensor '{}' must be a whole number of steps >= 1, got {}", path, expected[3 * j].first, step);
     }
+    long steps = 0;
+    for (std::size_t j = 0; j < which.size(); ++j) steps = std::max(steps, static_cast<long>(values[3 * j].item()));
+    if (const auto it = file.metadata.find("steps"); it != file.metadata.end()) {
+        const std::string& text = it->second;
+        long saved = -1;
+        const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), saved);
+        if (ec != std::errc() || end != text.data() + text.size() || saved < steps)
+            fail(op, "{}: metadata 'steps' must be a whole number >= the largest per-parameter step ({}), got '{}'", path, steps, text);
+        steps = saved;
+    }
     opt.reset_state();
     for (std::size_t j = 0; j < which.size(); ++j)
         opt.set_state(which[j], {static_cast<long>(values[3 * j].item()), values[3 * j + 1].clone(), values[3 * j + 2].clone()});
+    opt.set_steps(steps);
 }
 
 // SGD's momentum buffers, as torch.optim.SGD's state.
