@@ -7,23 +7,11 @@
 #include <new>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace autodiff::pool {
 
 namespace {
 
 constexpr std::size_t alignment = 64;
-// Blocks of at least huge_min bytes start on a 2 MiB boundary and are offered to the kernel's
-// transparent huge pages (madvise; the systems seen run THP in "madvise" mode, so nothing else
-// gets them). With 4 KiB pages, a kernel that walks an L×L operand by columns of tiles (the
-// attention backward: a key block at a time, every query row) touches one page per row: at
-// L = 2048 two such operands (a bias and the kept scores) are 4096 pages, more than the 3072 that
-// Zen 4's L2 TLB holds, and every row misses it. With 2 MiB pages they are 64.
-constexpr std::size_t huge_page = std::size_t{2} << 20, huge_min = std::size_t{4} << 20;
-constexpr std::size_t alignment_of(std::size_t cls) { return cls >= huge_min ? huge_page : alignment; }
 
 struct State {
     std::mutex mutex;
@@ -40,9 +28,8 @@ State& state() {
 }
 
 void system_free(Block* b) noexcept {
-    const std::size_t align = alignment_of(b->capacity);
     b->~Block();
-    ::operator delete(static_cast<void*>(b), std::align_val_t{align});
+    ::operator delete(static_cast<void*>(b), std::align_val_t{alignment});
 }
 
 }  // namespace
@@ -75,11 +62,7 @@ Block* acquire(std::size_t bytes) {
             return b;
         }
     }
-    void* raw = ::operator new(Block::header_bytes + cls, std::align_val_t{alignment_of(cls)});
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (cls >= huge_min)  // advice only: where THP is off or unavailable, 4 KiB pages as before
-        (void)::madvise(raw, (Block::header_bytes + cls + 4095) / 4096 * 4096, MADV_HUGEPAGE);
-#endif
+    void* raw = ::operator new(Block::header_bytes + cls, std::align_val_t{alignment});
     auto* b = new (raw) Block;
     b->capacity = cls;
     std::lock_guard lock(s.mutex);
