@@ -24,6 +24,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <ctime>
 #include <optional>
 #include <string>
 #include <vector>
@@ -82,11 +83,19 @@ void for_each_variant(Inputs<T>& in, Visit&& visit) {
 bool uses_bias(const std::string& name) { return name != "causal" && name != "causal_window"; }
 
 struct Stats {
-    double median, min, max;
+    double median, min, max, cpu_median = 0;
 };
 Stats stats(std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return {v[v.size() / 2], v.front(), v.back()};
+}
+
+// CPU time of the whole process (every thread), in ms: with OMP_WAIT_POLICY=passive idle threads
+// sleep, so it counts the work done, not the time lost to other processes on a shared machine.
+double cpu_ms() {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) * 1e-6;
 }
 
 // Forward+backward of make() timed `reps` times after one warm-up, fused or generic.
@@ -95,16 +104,20 @@ Stats time_step(Inputs<T>& in, Make&& make, int reps, bool generic) {
     std::optional<ad::NoFusionGuard> no_fusion;
     if (generic) no_fusion.emplace();
     const ad::Tensor<T> dO = ad::randn<T>({in.n, in.h, in.L, in.d}, 9);
-    std::vector<double> ms;
+    std::vector<double> ms, cpu;
     for (int i = 0; i < reps + 1; ++i) {
         for (ad::Param<T>& p : in.params()) p.zero_grad();
+        const double c0 = cpu_ms();
         const auto t0 = std::chrono::steady_clock::now();
         ad::Var<T> O = make();
         O.backward(dO);
         const auto t1 = std::chrono::steady_clock::now();
-        if (i > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+        const double c1 = cpu_ms();
+        if (i > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count()), cpu.push_back(c1 - c0);
     }
-    return stats(ms);
+    Stats s = stats(ms);
+    s.cpu_median = stats(cpu).median;
+    return s;
 }
 
 int bench(int argc, char** argv) {
@@ -122,8 +135,8 @@ int bench(int argc, char** argv) {
         if (variant != name) return;
         found = true;
         const Stats s = time_step(in, make, reps, generic);
-        fmt::print("{{\"fwd_bwd_ms\": {:.4f}, \"fwd_bwd_min_ms\": {:.4f}, \"fwd_bwd_max_ms\": {:.4f}, \"threads\": {}, \"pool_peak_mib\": {:.1f}}}\n",
-                   s.median, s.min, s.max, ad::num_threads(), static_cast<double>(ad::pool::stats().peak_bytes_in_use) / (1 << 20));
+        fmt::print("{{\"fwd_bwd_ms\": {:.4f}, \"fwd_bwd_min_ms\": {:.4f}, \"fwd_bwd_max_ms\": {:.4f}, \"cpu_ms\": {:.4f}, \"threads\": {}, \"pool_peak_mib\": {:.1f}}}\n",
+                   s.median, s.min, s.max, s.cpu_median, ad::num_threads(), static_cast<double>(ad::pool::stats().peak_bytes_in_use) / (1 << 20));
     });
     if (!found) fmt::print(stderr, "unknown variant '{}'\n", variant);
     return found ? 0 : 2;

@@ -185,6 +185,26 @@ TEST_CASE("fused attention: float results agree with the double generic path") {
     CHECK(rel(b.grad(), b64.grad()) < 1e-5);
 }
 
+TEST_CASE("fused attention: float K and V transposed 16 by 16 (d, dv multiples of 16) and key by key (the keys after the last 16)") {
+    // Lk = 83: key blocks of 64 and 19 keys, groups of 16 keys at offsets 0..48 of the first block and
+    // 0 of the second, then 3 keys one at a time; d = 48 and dv = 16 take 3 and 1 groups of columns.
+    const std::int64_t n = 1, h = 2, Lq = 40, Lk = 83, d = 48, dv = 16;
+    ad::Tensor<double> qd = ad::randn<double>({n, h, Lq, d}, 1), kd = ad::randn<double>({n, h, Lk, d}, 2),
+                       vd = ad::randn<double>({n, h, Lk, dv}, 3);
+    ad::Param<float> q(test::to_float(qd)), k(test::to_float(kd)), v(test::to_float(vd));
+    P q64(qd.clone()), k64(kd.clone()), v64(vd.clone());
+    ad::Var<float> O = ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.2f), v);
+    O.backward(ad::ones<float>(O.shape()));
+    ad::NoFusionGuard generic;
+    ad::Var<double> O64 = ad::matmul(ad::softmax(ad::matmul(q64, ad::transpose(k64)) * 0.2), v64);
+    O64.backward(ad::ones<double>(O64.shape()));
+    const auto rel = test::relative_error;
+    CHECK(rel(O.value(), O64.value()) < 1e-5);
+    CHECK(rel(q.grad(), q64.grad()) < 1e-5);
+    CHECK(rel(k.grad(), k64.grad()) < 1e-5);
+    CHECK(rel(v.grad(), v64.grad()) < 1e-5);
+}
+
 TEST_CASE("fused attention: bitwise identical results on 1 and 2 threads, for every bias shape") {
     const std::int64_t n = 2, h = 4, L = 130, d = 16;
     ad::Param<float> q(ad::randn<float>({n, h, L, d}, 1)), k(ad::randn<float>({n, h, L, d}, 2)), v(ad::randn<float>({n, h, L, d}, 3));
