@@ -606,6 +606,60 @@ __device__ inline bool tile_needs_mask(const Problem& p, const bool* kp, std::in
     return kp || (p.causal && j0 + rk - 1 > i0) || i0 + rq > p.Lq || j0 + rk > p.Lk;
 }
 
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Rows [r0, r0 + ROWS) of a (len × width) matrix (row stride `stride`) into a (ROWS × COLS, ld) staged
+// tile, zero outside. When rows are whole 16-byte chunks: a fixed number of cp.async a thread, the
+// index arithmetic at compile time (queued, not waited for); else stage()'s element-wise copy.
+template <int ROWS, int COLS, class C>
+__device__ inline void stage_async(C* dst, int ld, const C* src, std::int64_t stride, std::int64_t r0, std::int64_t len, int width) {
+    constexpr int chunks = COLS / 8, per_thread = ROWS * chunks / threads;
+    static_assert(ROWS * chunks % threads == 0);
+    if (width % 8 != 0 || stride % 8 != 0) {
+        stage<threads>(dst, ld, src, stride, r0, len, width, ROWS, COLS);
+        return;
+    }
+    const C* first = src + r0 * stride;
+    const int rows_left = static_cast<int>(min(std::int64_t{ROWS}, len - r0));
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+        const int e = static_cast<int>(threadIdx.x) + k * threads;
+        const int r = e / chunks, c = e % chunks * 8;
+        C* to = dst + r * ld + c;
+        if (r < rows_left && c < width)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(to)), "l"(first + r * stride + c));
+        else
+            *reinterpret_cast<int4*>(to) = make_int4(0, 0, 0, 0);
+    }
+}
+
+// The dropout factor of element (t, i, j) (dropout_factor above), out of line: the Philox rounds stay
+// out of the unrolled tile loops, whose code must fit the instruction cache.
+__device__ __noinline__ float dropout_factor_call(std::uint64_t seed, std::uint64_t offset, std::uint64_t index, std::uint32_t threshold,
+                                                  float keep_scale) {
+    return Philox4x32::bits(seed, offset, index) >= threshold ? keep_scale : 0.0f;
+}
+__device__ inline float dropout_of(const Problem& p, std::int64_t t, std::int64_t i, std::int64_t j) {
+    if (!p.dropout) return 1.0f;
+    if (p.drop_all) return 0.0f;
+    return dropout_factor_call(p.seed, p.offset, static_cast<std::uint64_t>((t * p.Lq + i) * p.Lk + j), p.threshold, p.drop_scale);
+}
+
+// 2^x (ex2.approx.ftz: one instruction; −inf gives 0).
+__device__ inline float exp2_fast(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <class C>
+__device__ inline float2 to_float2(std::uint32_t packed) {
+    if constexpr (std::is_same_v<C, __nv_bfloat16>) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
+    else return __half22float2(*reinterpret_cast<const __half2*>(&packed));
+}
+
 // The bias of one leading index t for these kernels: (rows × cols) tiles [q][k] staged in shared memory
 // by cp.async when its rows are whole 16-byte chunks, else read from global memory element by element.
 template <class C>
@@ -625,7 +679,7 @@ struct BiasTiles {
     __device__ void stage_tile(const Problem& p, C* tile, std::int64_t i0, std::int64_t j0) const {
         if (!base || !staged) return;
         const int width = static_cast<int>(min(std::int64_t{cols}, p.Lk - j0));
-        stage<threads>(tile, bias_ld, base + j0, si, i0, si == 0 ? std::int64_t{1} << 62 : p.Lq, width, rows, cols);
+        stage_async<rows, cols>(tile, bias_ld, base + j0, si, i0, si == 0 ? std::int64_t{1} << 62 : p.Lq, width);
     }
     // bias_scale·bias of element (i, j) = (i0 + r, j0 + c); 0 without bias. Only for visible elements
     // when not staged (the global read is unguarded).
@@ -635,12 +689,44 @@ struct BiasTiles {
     }
 };
 
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 constexpr float log2e = 1.4426950408889634f;
 constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+
+// x = (scale·s + bias_scale·bias)·log2(e) for a warp's (16 × cols) strip of accumulators s, queries
+// iw + row, keys j0 + column; −inf where masked. B_strip: the warp's 16 rows of the staged bias tile.
+// Tiles that need no mask, with no bias or a staged one, take the lean path (no per-element index
+// arithmetic, the bias read in pairs).
+template <class C>
+__device__ inline void scores_to_base2(float (&s)[n_tiles][4], const Problem& p, const BiasTiles<C>& bias, const bool* kp, const C* B_strip,
+                                       std::int64_t iw, std::int64_t j0, int lane) {
+    const float sc = p.scale * log2e, bsc = p.bias_scale * log2e;
+    if (!tile_needs_mask(p, kp, iw, 16, j0, cols) && (!bias.base || bias.staged)) {
+        if (!bias.base) {
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= sc;
+            return;
+        }
+#pragma unroll
+        for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float2 b = to_float2<C>(*reinterpret_cast<const std::uint32_t*>(B_strip + frag_row(lane, 2 * h) * bias_ld + frag_col(lane, n, 0)));
+                s[n][2 * h] = fmaf(s[n][2 * h], sc, bsc * b.x);
+                s[n][2 * h + 1] = fmaf(s[n][2 * h + 1], sc, bsc * b.y);
+            }
+        return;
+    }
+#pragma unroll
+    for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = frag_row(lane, e), c = frag_col(lane, n, e);
+            const std::int64_t i = iw + r, j = j0 + c;
+            s[n][e] = visible(p, kp, i, j) ? (p.scale * s[n][e] + p.bias_scale * bias.at(B_strip, r, c, i, j)) * log2e : neg_inf;
+        }
+}
 
 // ---- forward (16-bit) ----
 // Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq). Grid: (query blocks of 64, t).
@@ -664,7 +750,7 @@ __global__ void __launch_bounds__(threads) forward_kernel(Problem p, const C* Q,
     const bool* kp = key_padding_row(p, t);
     const C* Kt = K + t * p.Lk * p.d;
     const C* Vt = V + t * p.Lk * p.dv;
-    stage<threads>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d, rows, HD);
+    stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -684,8 +770,8 @@ __global__ void __launch_bounds__(threads) forward_kernel(Problem p, const C* Q,
     };
     auto issue = [&](std::int64_t kb, int buf) {
         const std::int64_t j0 = kb * cols;
-        stage<threads>(sK + buf * cols * LD, LD, Kt, p.d, j0, p.Lk, p.d, cols, HD);
-        stage<threads>(sV + buf * cols * LD, LD, Vt, p.dv, j0, p.Lk, p.dv, cols, HD);
+        stage_async<cols, HD>(sK + buf * cols * LD, LD, Kt, p.d, j0, p.Lk, p.d);
+        stage_async<cols, HD>(sV + buf * cols * LD, LD, Vt, p.dv, j0, p.Lk, p.dv);
         bias.stage_tile(p, sB + buf * rows * bias_ld, i0, j0);
     };
     std::int64_t kb = next_block(0);
@@ -717,20 +803,12 @@ __global__ void __launch_bounds__(threads) forward_kernel(Problem p, const C* Q,
 
         // Scores in base 2, masked to −inf; the tile's row maxima.
         const std::int64_t iw = i0 + warp * 16;
-        const bool masked = tile_needs_mask(p, kp, iw, 16, j0, cols);
+        scores_to_base2(s, p, bias, kp, B_tile, iw, j0, lane);
         float tile_max[2] = {neg_inf, neg_inf};
 #pragma unroll
         for (int n = 0; n < n_tiles; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = frag_row(lane, e), c = frag_col(lane, n, e);
-                const std::int64_t i = iw + r, j = j0 + c;
-                float x;
-                if (masked && !visible(p, kp, i, j)) x = neg_inf;
-                else x = (p.scale * s[n][e] + p.bias_scale * bias.at(B_tile, r, c, i, j)) * log2e;
-                s[n][e] = x;
-                tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
-            }
+            for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             // The quad (lanes 4g .. 4g+3) holds one row.
@@ -738,7 +816,7 @@ __global__ void __launch_bounds__(threads) forward_kernel(Problem p, const C* Q,
             tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
             const float m_new = fmaxf(m[h], tile_max[h]);
             // A row with nothing visible so far keeps m = −inf, l = 0 and adds zeros.
-            const float alpha = m_new == neg_inf ? 1.0f : exp2f(m[h] - m_new);
+            const float alpha = m_new == neg_inf ? 1.0f : exp2_fast(m[h] - m_new);
             l[h] *= alpha;
 #pragma unroll
             for (int n = 0; n < HD / 8; ++n) {
@@ -753,10 +831,16 @@ __global__ void __launch_bounds__(threads) forward_kernel(Problem p, const C* Q,
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float mh = m[e / 2];
-                const float pe = mh == neg_inf ? 0.0f : exp2f(s[n][e] - mh);
+                const float pe = mh == neg_inf ? 0.0f : exp2_fast(s[n][e] - mh);
                 l[e / 2] += pe;
-                s[n][e] = p.dropout ? pe * dropout_factor(p, t, iw + frag_row(lane, e), j0 + frag_col(lane, n, e)) : pe;
+                s[n][e] = pe;
             }
+        if (p.dropout) {
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= dropout_of(p, t, iw + frag_row(lane, e), j0 + frag_col(lane, n, e));
+        }
         // O += P·V, P repacked from the accumulators.
         product_xb<C, HD>(o, s, sV + buf * cols * LD, LD, lane);
         __syncthreads();
@@ -834,8 +918,8 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
 
     const BiasTiles<C> bias(p, t);
     const bool* kp = key_padding_row(p, t);
-    stage<threads>(sK, LD, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d, rows, HD);
-    stage<threads>(sV, LD, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv, rows, HD);
+    stage_async<rows, HD>(sK, LD, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d);
+    stage_async<rows, HD>(sV, LD, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv);
     cp_async_commit();
 
     float dk[HD / 8][4], dv[HD / 8][4];
@@ -848,8 +932,8 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
     const C* dOt = dO + t * p.Lq * p.dv;
     auto issue = [&](std::int64_t qb, int buf) {
         const std::int64_t i0 = qb * cols;
-        stage<threads>(sQ + buf * cols * LD, LD, Qt, p.d, i0, p.Lq, p.d, cols, HD);
-        stage<threads>(sdO + buf * cols * LD, LD, dOt, p.dv, i0, p.Lq, p.dv, cols, HD);
+        stage_async<cols, HD>(sQ + buf * cols * LD, LD, Qt, p.d, i0, p.Lq, p.d);
+        stage_async<cols, HD>(sdO + buf * cols * LD, LD, dOt, p.dv, i0, p.Lq, p.dv);
         // The bias tile here is (queries × keys): queries i0.., keys j0.. (rows × cols = 64 × 64).
         bias.stage_tile(p, sB + buf * cols * bias_ld, i0, j0);
         for (int r = threadIdx.x; r < cols; r += threads) {
@@ -885,25 +969,52 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
         product_abt<C, HD>(dpt, sV + warp * 16 * LD, dO_tile, LD, lane);
 
         // Element (n, e): key j = jw + frag_row, query i = i0 + frag_col. st <- Pᵀ·dropout, dpt <- dSᵀ.
-        const bool masked = tile_needs_mask(p, kp, i0, cols, jw, 16);
+        const float sc = p.scale * log2e, bsc = p.bias_scale * log2e;
+        if (!tile_needs_mask(p, kp, i0, cols, jw, 16) && (!bias.base || bias.staged) && !p.dropout) {
+            // Lean path: every element visible, every row's lse finite; P = 0 only where x = −inf.
 #pragma unroll
-        for (int n = 0; n < n_tiles; ++n)
+            for (int n = 0; n < n_tiles; ++n) {
+                const float2 l2 = *reinterpret_cast<const float2*>(lse2 + frag_col(lane, n, 0));
+                const float2 d2 = *reinterpret_cast<const float2*>(Dq + frag_col(lane, n, 0));
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int kr = frag_row(lane, e), qc = frag_col(lane, n, e);
-                const std::int64_t i = i0 + qc, j = jw + kr;
-                float P = 0.0f;
-                if (!(masked && !visible(p, kp, i, j)) && lse2[qc] != neg_inf) {
-                    const float x = (p.scale * st[n][e] + p.bias_scale * bias.at(B_tile, qc, warp * 16 + kr, i, j)) * log2e;
-                    P = exp2f(x - lse2[qc]);
+                for (int e = 0; e < 4; ++e) {
+                    const int kr = frag_row(lane, e), qc = frag_col(lane, n, e);
+                    const float b = bias.base ? to_float(B_tile[qc * bias_ld + warp * 16 + kr]) : 0.0f;
+                    const float x = fmaf(st[n][e], sc, bsc * b);
+                    const float P = x == neg_inf ? 0.0f : exp2_fast(x - ((e & 1) ? l2.y : l2.x));
+                    const float dS = P * (dpt[n][e] - ((e & 1) ? d2.y : d2.x));
+                    st[n][e] = P;
+                    dpt[n][e] = dS;
                 }
-                const float factor = dropout_factor(p, t, i, j);
-                const float dS = P * (dpt[n][e] * factor - Dq[qc]);
-                st[n][e] = P * factor;
-                dpt[n][e] = dS;
-                if (dbias_full) B_tile[qc * bias_ld + warp * 16 + kr] = from_float<C>(p.bias_scale * dS);
-                if (dS_scratch && i < p.Lq && j < p.Lk) dS_scratch[(t * p.Lq + i) * p.Lk + j] = dS;
             }
+        } else {
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int kr = frag_row(lane, e), qc = frag_col(lane, n, e);
+                    const std::int64_t i = i0 + qc, j = jw + kr;
+                    float P = 0.0f;
+                    if (visible(p, kp, i, j) && lse2[qc] != neg_inf) {
+                        const float x = (p.scale * st[n][e] + p.bias_scale * bias.at(B_tile, qc, warp * 16 + kr, i, j)) * log2e;
+                        if (x != neg_inf) P = exp2_fast(x - lse2[qc]);
+                    }
+                    const float factor = dropout_of(p, t, i, j);
+                    st[n][e] = P * factor;
+                    dpt[n][e] = P * (dpt[n][e] * factor - Dq[qc]);
+                }
+        }
+        if (dbias_full || dS_scratch) {
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int kr = frag_row(lane, e), qc = frag_col(lane, n, e);
+                    if (dbias_full) B_tile[qc * bias_ld + warp * 16 + kr] = from_float<C>(p.bias_scale * dpt[n][e]);
+                    const std::int64_t i = i0 + qc, j = jw + kr;
+                    if (dS_scratch && i < p.Lq && j < p.Lk) dS_scratch[(t * p.Lq + i) * p.Lk + j] = dpt[n][e];
+                }
+        }
         product_xb<C, HD>(dv, st, dO_tile, LD, lane);
         product_xb<C, HD>(dk, dpt, Q_tile, LD, lane);
         if (dbias_full) {
@@ -952,8 +1063,8 @@ __global__ void __launch_bounds__(threads) dq_kernel(Problem p, const C* Q, cons
     const BiasTiles<C> bias(p, t);
     const bool* kp = key_padding_row(p, t);
     if (!FromBiasGradient) {
-        stage<threads>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d, rows, HD);
-        stage<threads>(sdO, LD, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv, rows, HD);
+        stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
+        stage_async<rows, HD>(sdO, LD, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv);
     }
     cp_async_commit();
     const std::int64_t iw = i0 + warp * 16;
@@ -976,12 +1087,12 @@ __global__ void __launch_bounds__(threads) dq_kernel(Problem p, const C* Q, cons
     };
     auto issue = [&](std::int64_t kb, int buf) {
         const std::int64_t j0 = kb * cols;
-        stage<threads>(sK + buf * cols * LD, LD, Kt, p.d, j0, p.Lk, p.d, cols, HD);
+        stage_async<cols, HD>(sK + buf * cols * LD, LD, Kt, p.d, j0, p.Lk, p.d);
         if constexpr (FromBiasGradient) {
-            stage<threads>(sB + buf * rows * bias_ld, bias_ld, dbias_full + t * p.Lq * p.Lk + j0, p.Lk, i0, p.Lq,
-                           static_cast<int>(min(std::int64_t{cols}, p.Lk - j0)), rows, cols);
+            stage_async<rows, cols>(sB + buf * rows * bias_ld, bias_ld, dbias_full + t * p.Lq * p.Lk + j0, p.Lk, i0, p.Lq,
+                                   static_cast<int>(min(std::int64_t{cols}, p.Lk - j0)));
         } else {
-            stage<threads>(sV + buf * cols * LD, LD, Vt, p.dv, j0, p.Lk, p.dv, cols, HD);
+            stage_async<cols, HD>(sV + buf * cols * LD, LD, Vt, p.dv, j0, p.Lk, p.dv);
             bias.stage_tile(p, sB + buf * rows * bias_ld, i0, j0);
         }
     };
@@ -1007,20 +1118,23 @@ __global__ void __launch_bounds__(threads) dq_kernel(Problem p, const C* Q, cons
                 for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
             product_abt<C, HD>(s, sQ + warp * 16 * LD, K_tile, LD, lane);
             product_abt<C, HD>(dp, sdO + warp * 16 * LD, sV + buf * cols * LD, LD, lane);
-            const bool masked = tile_needs_mask(p, kp, iw, 16, j0, cols);
+            // x in base 2 (−inf where masked), P = 2^(x − lse·log2 e) (0 for rows with nothing visible).
+            scores_to_base2(s, p, bias, kp, B_tile, iw, j0, lane);
 #pragma unroll
             for (int n = 0; n < n_tiles; ++n)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = frag_row(lane, e), c = frag_col(lane, n, e);
-                    const std::int64_t i = iw + r, j = j0 + c;
-                    float P = 0.0f;
-                    if (!(masked && !visible(p, kp, i, j)) && lse2[e / 2] != neg_inf) {
-                        const float x = (p.scale * s[n][e] + p.bias_scale * bias.at(B_tile, r, c, i, j)) * log2e;
-                        P = exp2f(x - lse2[e / 2]);
-                    }
-                    s[n][e] = P * (dp[n][e] * dropout_factor(p, t, i, j) - Di[e / 2]);
-                }
+                for (int e = 0; e < 4; ++e) s[n][e] = s[n][e] == neg_inf || lse2[e / 2] == neg_inf ? 0.0f : exp2_fast(s[n][e] - lse2[e / 2]);
+            if (p.dropout) {
+#pragma unroll
+                for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) dp[n][e] *= dropout_of(p, t, iw + frag_row(lane, e), j0 + frag_col(lane, n, e));
+            }
+            // dS = P ⊙ (dP·dropout − D), in place.
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= dp[n][e] - Di[e / 2];
             product_xb<C, HD>(dq, s, K_tile, LD, lane);
         }
         __syncthreads();
