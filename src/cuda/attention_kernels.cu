@@ -483,6 +483,12 @@ __device__ inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* row)
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(shared_address(row)));
 }
+// The inverse of ldmatrix_x4_trans (sm_90): lane l gives row l%8 of matrix l/8.
+__device__ inline void stmatrix_x4_trans(void* row, const std::uint32_t (&r)[4]) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(shared_address(row)), "r"(r[0]), "r"(r[1]),
+                 "r"(r[2]), "r"(r[3])
+                 : "memory");
+}
 
 // d += a·b for one m16n8k16 tile.
 template <class C>
@@ -735,8 +741,9 @@ __device__ inline void scores_to_base2(float (&s)[n_tiles][4], const Problem& p,
 // Online softmax in base 2: x = (scale·s + bias_scale·b)·log2(e), m = running max of x, l = running
 // Σ 2^(x − m) (per thread over its columns; the quad's partial sums are added at the end), O += 2^(x − m)
 // ·dropout·V, rescaled by 2^(m_old − m_new) when the max moves.
+// Three blocks an SM for HD = 64 (at most 170 registers), two for 128.
 template <class C, int HD>
-__global__ void __launch_bounds__(threads) forward_kernel(Problem p, const C* Q, const C* K, const C* V, C* O, float* lse) {
+__global__ void __launch_bounds__(threads, HD == 64 ? 3 : 2) forward_kernel(Problem p, const C* Q, const C* K, const C* V, C* O, float* lse) {
     constexpr int LD = HD + 8;
     const std::int64_t t = blockIdx.y, i0 = std::int64_t{blockIdx.x} * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -970,17 +977,26 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
 
         // Element (n, e): key j = jw + frag_row, query i = i0 + frag_col. st <- Pᵀ·dropout, dpt <- dSᵀ.
         const float sc = p.scale * log2e, bsc = p.bias_scale * log2e;
+        // The transposed bias tile's rows (queries 8n.., keys of this warp's half h) are 8×8 matrices:
+        // ldmatrix.trans hands each thread the (query 8n + 2q, 8n + 2q + 1; key g + 8h) pairs of its
+        // accumulators, and stmatrix.trans writes dS back the same way. Call c covers n-tiles 2c, 2c + 1.
+        C* const bias_rows = B_tile + (8 * (lane / 16) + lane % 8) * bias_ld + warp * 16 + lane / 8 % 2 * 8;
+        auto pair_of = [](int n, int h) { return n % 2 * 2 + h; };  // register of (n-tile n, half h) in call n/2
         if (!tile_needs_mask(p, kp, i0, cols, jw, 16) && (!bias.base || bias.staged) && !p.dropout) {
             // Lean path: every element visible, every row's lse finite; P = 0 only where x = −inf.
+            std::uint32_t bt[n_tiles / 2][4] = {};
+            if (bias.base) {
+#pragma unroll
+                for (int c = 0; c < n_tiles / 2; ++c) ldmatrix_x4_trans(bt[c], bias_rows + 16 * c * bias_ld);
+            }
 #pragma unroll
             for (int n = 0; n < n_tiles; ++n) {
                 const float2 l2 = *reinterpret_cast<const float2*>(lse2 + frag_col(lane, n, 0));
                 const float2 d2 = *reinterpret_cast<const float2*>(Dq + frag_col(lane, n, 0));
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int kr = frag_row(lane, e), qc = frag_col(lane, n, e);
-                    const float b = bias.base ? to_float(B_tile[qc * bias_ld + warp * 16 + kr]) : 0.0f;
-                    const float x = fmaf(st[n][e], sc, bsc * b);
+                    const float2 b2 = to_float2<C>(bt[n / 2][pair_of(n, e / 2)]);
+                    const float x = fmaf(st[n][e], sc, bsc * ((e & 1) ? b2.y : b2.x));
                     const float P = x == neg_inf ? 0.0f : exp2_fast(x - ((e & 1) ? l2.y : l2.x));
                     const float dS = P * (dpt[n][e] - ((e & 1) ? d2.y : d2.x));
                     st[n][e] = P;
@@ -1004,15 +1020,26 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
                     dpt[n][e] = P * (dpt[n][e] * factor - Dq[qc]);
                 }
         }
-        if (dbias_full || dS_scratch) {
+        if (dbias_full) {
+            // bias_scale·dS over the bias tile (each warp its own 16 keys, whose bias it has read).
+#pragma unroll
+            for (int c = 0; c < n_tiles / 2; ++c) {
+                std::uint32_t w[4];
+#pragma unroll
+                for (int m = 0; m < 4; ++m) {
+                    const int n = 2 * c + m / 2, h = m % 2;
+                    w[m] = pack<C>(p.bias_scale * dpt[n][2 * h], p.bias_scale * dpt[n][2 * h + 1]);
+                }
+                stmatrix_x4_trans(bias_rows + 16 * c * bias_ld, w);
+            }
+        }
+        if (dS_scratch) {
 #pragma unroll
             for (int n = 0; n < n_tiles; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int kr = frag_row(lane, e), qc = frag_col(lane, n, e);
-                    if (dbias_full) B_tile[qc * bias_ld + warp * 16 + kr] = from_float<C>(p.bias_scale * dpt[n][e]);
-                    const std::int64_t i = i0 + qc, j = jw + kr;
-                    if (dS_scratch && i < p.Lq && j < p.Lk) dS_scratch[(t * p.Lq + i) * p.Lk + j] = dpt[n][e];
+                    const std::int64_t i = i0 + frag_col(lane, n, e), j = jw + frag_row(lane, e);
+                    if (i < p.Lq && j < p.Lk) dS_scratch[(t * p.Lq + i) * p.Lk + j] = dpt[n][e];
                 }
         }
         product_xb<C, HD>(dv, st, dO_tile, LD, lane);
