@@ -2,16 +2,17 @@
 // broadcast-bias gradient reduction, and the dtype conversions. The maths and the API are in
 // include/autodiff/cuda/attention.hpp; validation and allocation in attention.cpp.
 //
-// Every kernel works on one tile of the padded rank-4 scores (B, H, Lq, Lk), leading index t = b·H + h,
-// with 256 threads (8 warps). Operands are staged in shared memory, zero-padded to a multiple of 16 in
-// every dimension; tile products go through block_mma (WMMA on the tensor cores for bf16/fp16, fp32 FMA
-// for float32). Elementwise passes use a coalesced element-per-thread mapping.
+// Two sets of kernels, both on tiles of the padded rank-4 scores (B, H, Lq, Lk), leading index
+// t = b·H + h:
+//  - float32 (first section): 256 threads, operands and the scores staged in shared memory, zero-padded
+//    to a multiple of 16, tile products in fp32 FMA (block_mma), elementwise passes one element a thread.
+//  - bf16/fp16 (namespace mma): register-resident FlashAttention-2 kernels on mma.sync, one warp per 16
+//    rows; see the comment at the top of that section for the fragment layouts.
 
 #include "attention_kernels.hpp"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <cstdint>
 #include <limits>
@@ -23,21 +24,21 @@ namespace autodiff {
 
 namespace {
 
-// 8 warps a block. The forward and dQ kernels are held to 128 registers so that two blocks fit an SM
-// (their shared memory allows it); the dK/dV kernel's shared memory allows one block anyway.
+// The float32 kernels: 8 warps a block. The forward and dQ kernels are held to 128 registers so that
+// two blocks fit an SM (their shared memory allows it); the dK/dV kernel's allows one block anyway.
 constexpr int threads = 256;
 constexpr int warps = threads / 32;
 
-// Tile sizes: 64×64 with 16-bit operands, 32×32 in float32 (whose staged operands are twice as large).
+// Tile sizes of the float32 kernels: 32×32 (64×64 fp32 tiles would not fit shared memory).
 template <class C>
 struct Tile {
-    static constexpr int rows = sizeof(C) == 4 ? 32 : 64;  // query rows
-    static constexpr int cols = rows;                        // keys
+    static constexpr int rows = 32;  // query rows
+    static constexpr int cols = rows;  // keys
 };
 
 __host__ __device__ constexpr int round16(int x) { return (x + 15) / 16 * 16; }
-// Leading dimensions of staged tiles: 8 elements (16 bytes in bf16) of padding against bank conflicts,
-// keeping WMMA's 16-byte alignment of every row.
+// Leading dimensions of staged tiles: 8 elements of padding against bank conflicts, keeping every row
+// 16-byte aligned for cp.async.
 __host__ __device__ constexpr int staged_ld(int cols) { return cols + 8; }
 
 __device__ inline float to_float(float x) { return x; }
@@ -50,38 +51,17 @@ __device__ inline C from_float(float x) {
     else return __float2half_rn(x);
 }
 
-// C (m × n, ldc, fp32, shared) = (accumulate ? C : 0) + op(A)·op(B), all threads of the block; m, n, k
-// multiples of 16. op(A) is m × k: A[r·lda + c] when !TA, A stored k × m (A[c·lda + r]) when TA; op(B)
-// is k × n: B[r·ldb + c] when !TB, stored n × k when TB. Ends with a barrier.
-template <bool TA, bool TB, class C>
-__device__ void block_mma(float* Cm, int ldc, const C* A, int lda, const C* B, int ldb, int m, int n, int k, bool accumulate) {
-    if constexpr (std::is_same_v<C, float>) {
-        for (int e = threadIdx.x; e < m * n; e += threads) {
-            const int r = e / n, c = e % n;
-            float acc = accumulate ? Cm[r * ldc + c] : 0.0f;
-            for (int q = 0; q < k; ++q) acc = fmaf(TA ? A[q * lda + r] : A[r * lda + q], TB ? B[c * ldb + q] : B[q * ldb + c], acc);
-            Cm[r * ldc + c] = acc;
-        }
-    } else {
-        namespace wmma = nvcuda::wmma;
-        using LayoutA = std::conditional_t<TA, wmma::col_major, wmma::row_major>;
-        using LayoutB = std::conditional_t<TB, wmma::col_major, wmma::row_major>;
-        const int warp = static_cast<int>(threadIdx.x) / 32;
-        const int tiles_n = n / 16;
-        for (int t = warp; t < (m / 16) * tiles_n; t += warps) {
-            const int m0 = t / tiles_n * 16, n0 = t % tiles_n * 16;
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            if (accumulate) wmma::load_matrix_sync(acc, Cm + m0 * ldc + n0, ldc, wmma::mem_row_major);
-            else wmma::fill_fragment(acc, 0.0f);
-            for (int k0 = 0; k0 < k; k0 += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, C, LayoutA> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, C, LayoutB> b;
-                wmma::load_matrix_sync(a, TA ? A + k0 * lda + m0 : A + m0 * lda + k0, lda);
-                wmma::load_matrix_sync(b, TB ? B + n0 * ldb + k0 : B + k0 * ldb + n0, ldb);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(Cm + m0 * ldc + n0, acc, ldc, wmma::mem_row_major);
-        }
+// C (m × n, ldc, fp32, shared) = (accumulate ? C : 0) + op(A)·op(B), all threads of the block, fp32 FMA
+// (the float32 kernels; bf16/fp16 take the mma kernels below). op(A) is m × k: A[r·lda + c] when !TA,
+// A stored k × m (A[c·lda + r]) when TA; op(B) is k × n: B[r·ldb + c] when !TB, stored n × k when TB.
+// Ends with a barrier.
+template <bool TA, bool TB>
+__device__ void block_mma(float* Cm, int ldc, const float* A, int lda, const float* B, int ldb, int m, int n, int k, bool accumulate) {
+    for (int e = threadIdx.x; e < m * n; e += threads) {
+        const int r = e / n, c = e % n;
+        float acc = accumulate ? Cm[r * ldc + c] : 0.0f;
+        for (int q = 0; q < k; ++q) acc = fmaf(TA ? A[q * lda + r] : A[r * lda + q], TB ? B[c * ldb + q] : B[q * ldb + c], acc);
+        Cm[r * ldc + c] = acc;
     }
     __syncthreads();
 }
@@ -745,7 +725,9 @@ __device__ inline void scores_to_base2(float (&s)[n_tiles][4], const Problem& p,
 template <class C, int HD>
 __global__ void __launch_bounds__(threads, HD == 64 ? 3 : 2) forward_kernel(Problem p, const C* Q, const C* K, const C* V, C* O, float* lse) {
     constexpr int LD = HD + 8;
-    const std::int64_t t = blockIdx.y, i0 = std::int64_t{blockIdx.x} * rows;
+    // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
+    // first keeps the tail of the grid short.
+    const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     extern __shared__ __align__(128) unsigned char smem[];
     C* sQ = reinterpret_cast<C*>(smem);  // (rows, LD)
@@ -1078,7 +1060,9 @@ template <class C, int HD, bool FromBiasGradient>
 __global__ void __launch_bounds__(threads) dq_kernel(Problem p, const C* Q, const C* K, const C* V, const C* dO, const float* lse,
                                                      const float* D, const C* dbias_full, C* dQ) {
     constexpr int LD = HD + 8;
-    const std::int64_t t = blockIdx.y, i0 = std::int64_t{blockIdx.x} * rows;
+    // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
+    // first keeps the tail of the grid short.
+    const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     extern __shared__ __align__(128) unsigned char smem[];
     C* sQ = reinterpret_cast<C*>(smem);  // (rows, LD)
