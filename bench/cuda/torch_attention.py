@@ -11,6 +11,7 @@ Median of CUDA-event timings (triton.testing.do_bench) on random inputs. One CSV
 import sys
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
@@ -18,6 +19,11 @@ from triton.testing import do_bench
 
 n, h = 2, 8
 dt = torch.bfloat16
+# One compiled flex_attention per (d, L, grad mode): 16 graphs, past dynamo's default recompile limit of
+# 8, beyond which flex_attention silently runs unfused (the 2026-12-03b run's d=128 flex rows did).
+for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+    if hasattr(torch._dynamo.config, limit):
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
 flex = torch.compile(flex_attention, dynamic=False)
 
 
