@@ -420,7 +420,7 @@ __global__ void __launch_bounds__(threads, 2) attention_dq_kernel(Problem p, con
 }
 
 // ---- 16-bit path: register-resident kernels on mma.sync ---------------------------------------------
-// bf16/fp16 inputs take these kernels (the WMMA kernels above serve float32). Each warp owns 16 rows of
+// bf16/fp16 inputs take these kernels (the staged FMA kernels above serve float32). Each warp owns 16 rows of
 // a 64-row tile; tile products are mma.sync.m16n8k16 (16-bit operands, fp32 accumulate) whose
 // accumulators stay in registers: the scores, the online softmax and P never touch shared memory, and P
 // (or dS) becomes the A operand of the next product by repacking the accumulator registers.
