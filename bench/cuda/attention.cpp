@@ -1,11 +1,12 @@
-// The GPU fused attention's timings (issue 12): bf16, n=2, h=8, d=64, L = 1024 ... 8192, with a full
-// trainable bias (forward, and forward + backward with dQ, dK, dV and dbias) and without bias under a
-// causal mask. Median of CUDA-event timings after warm-up; inputs random (never zeros). Prints one CSV
+// The GPU fused attention's timings (issue 12): bf16, n=2, h=8, d=64 and d=128, L = 1024 ... 8192, with a
+// full trainable bias (forward, and forward + backward with dQ, dK, dV and dbias) and without bias under
+// a causal mask. Median of CUDA-event timings after warm-up; inputs random (never zeros). Prints one CSV
 // line per configuration (bench/cuda/run.sh joins them with PyTorch's in one table):
-//   ours,<case>,<L>,<forward ms>,<forward+backward ms>,<peak device bytes>,<Q+K+V+dO+bias+dbias bytes>
+//   ours,<case>,<d>,<L>,<forward ms>,<forward+backward ms>,<peak device bytes>,<Q+K+V+dO+bias+dbias bytes>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -48,8 +49,8 @@ double median_ms(const std::function<void()>& f, int warmup, int reps) {
     return ms[ms.size() / 2];
 }
 
-void run(std::int64_t L, bool with_bias, bool causal) {
-    const std::int64_t n = 2, h = 8, d = 64;
+void run(std::int64_t L, std::int64_t d, bool with_bias, bool causal) {
+    const std::int64_t n = 2, h = 8;
     const ad::Shape qs{n, h, L, d};
     auto Q = ad::to<ad::bf16>(ad::randn<float>(qs, 1), ad::cuda);
     auto K = ad::to<ad::bf16>(ad::randn<float>(qs, 2), ad::cuda);
@@ -58,7 +59,7 @@ void run(std::int64_t L, bool with_bias, bool causal) {
     ad::DeviceTensor<ad::bf16> bias;
     if (with_bias) bias = ad::to<ad::bf16>(ad::randn<float>(ad::Shape{n, h, L, L}, 5), ad::cuda);
     ad::DeviceAttentionOptions opt;
-    opt.scale = 0.125;
+    opt.scale = 1.0 / std::sqrt(static_cast<double>(d));
     opt.causal = causal;
     const int reps = L >= 8192 ? 10 : 20;
     const double fwd = median_ms([&] { (void)ad::attention_forward(Q, K, V, bias, opt); }, 3, reps);
@@ -77,8 +78,8 @@ void run(std::int64_t L, bool with_bias, bool causal) {
     const std::size_t peak = ad::device_pool::stats().peak_bytes_in_use;
     const double both = median_ms(step, 2, reps);
     const std::size_t base = 4 * Q.bytes() + (with_bias ? 2 * bias.bytes() : 0);
-    std::printf("ours,%s,%lld,%.4f,%.4f,%zu,%zu\n", with_bias ? "bias" : (causal ? "causal" : "plain"), static_cast<long long>(L), fwd, both,
-                peak, base);
+    std::printf("ours,%s,%lld,%lld,%.4f,%.4f,%zu,%zu\n", with_bias ? "bias" : (causal ? "causal" : "plain"), static_cast<long long>(d),
+                static_cast<long long>(L), fwd, both, peak, base);
     std::fflush(stdout);
 }
 
@@ -93,7 +94,9 @@ int main(int argc, char** argv) {
     std::vector<std::int64_t> lengths;
     for (int i = 1; i < argc; ++i) lengths.push_back(std::atoll(argv[i]));
     if (lengths.empty()) lengths = {1024, 2048, 4096, 8192};
-    for (std::int64_t L : lengths) run(L, true, false);
-    for (std::int64_t L : lengths) run(L, false, true);
+    for (const std::int64_t d : {64, 128}) {
+        for (std::int64_t L : lengths) run(L, d, true, false);
+        for (std::int64_t L : lengths) run(L, d, false, true);
+    }
     return 0;
 }

@@ -1,47 +1,52 @@
 """PyTorch's attention on the GPU, for bench/cuda/run.sh (issue 12), same sizes as bench_cuda_attention:
-bf16, n=2, h=8, d=64, full trainable bias (n, h, L, L) requiring grad:
+bf16, n=2, h=8, d=64 and d=128, full trainable bias (n, h, L, L) requiring grad:
   eager   softmax(q·kᵀ·scale + bias)·v in plain torch ops
   sdpa    scaled_dot_product_attention(attn_mask=bias) (PyTorch picks the backend; a float mask that needs
           a gradient rules out flash, so it is the memory-efficient or the math kernel)
   flex    flex_attention under torch.compile with score_mod = score + bias[b, h, q, kv]
 and without bias, causal: sdpa_flash = scaled_dot_product_attention(is_causal=True) on the flash backend.
 Median of CUDA-event timings (triton.testing.do_bench) on random inputs. One CSV line per case:
-  torch,<impl>,<case>,<L>,<forward ms>,<forward+backward ms>,<peak bytes of the fwd+bwd step>
+  torch,<impl>,<case>,<d>,<L>,<forward ms>,<forward+backward ms>,<peak bytes of the fwd+bwd step>
 """
 import sys
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 from triton.testing import do_bench
 
-n, h, d = 2, 8, 64
-scale = 0.125
+n, h = 2, 8
 dt = torch.bfloat16
+# One compiled flex_attention per (d, L, grad mode): 16 graphs, past dynamo's default recompile limit of
+# 8, beyond which flex_attention silently runs unfused (the 2026-12-03b run's d=128 flex rows did).
+for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+    if hasattr(torch._dynamo.config, limit):
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
 flex = torch.compile(flex_attention, dynamic=False)
 
 
 def eager(q, k, v, b):
-    return torch.softmax(q @ k.transpose(-1, -2) * scale + b, dim=-1) @ v
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + b, dim=-1) @ v
 
 
 def sdpa(q, k, v, b):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=b)
 
 
 def flex_bias(q, k, v, b):
     def score_mod(score, bi, hi, qi, ki):
         return score + b[bi, hi, qi, ki]
-    return flex(q, k, v, score_mod=score_mod, scale=scale)
+    return flex(q, k, v, score_mod=score_mod)
 
 
 def sdpa_flash_causal(q, k, v, b):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def measure(name, case, f, L, with_bias):
+def measure(name, case, f, L, d, with_bias):
     g = torch.Generator(device="cuda").manual_seed(L)
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=dt, generator=g).requires_grad_(True)
     q, k, v = mk(n, h, L, d), mk(n, h, L, d), mk(n, h, L, d)
@@ -63,9 +68,9 @@ def measure(name, case, f, L, with_bias):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base + sum(p.numel() * p.element_size() for p in params) + do.numel() * 2
         both = do_bench(step, warmup=50, rep=300, return_mode="median")
-        print(f"torch,{name},{case},{L},{fwd:.4f},{both:.4f},{peak}", flush=True)
+        print(f"torch,{name},{case},{d},{L},{fwd:.4f},{both:.4f},{peak}", flush=True)
     except Exception as e:  # report, never hide, a failing implementation
-        print(f"torch,{name},{case},{L},failed,failed,0  # {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+        print(f"torch,{name},{case},{d},{L},failed,failed,0  # {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
     del q, k, v, b, do
     torch.cuda.empty_cache()
 
@@ -73,8 +78,9 @@ def measure(name, case, f, L, with_bias):
 if __name__ == "__main__":
     lengths = [int(x) for x in sys.argv[1:]] or [1024, 2048, 4096, 8192]
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    for L in lengths:
-        measure("eager", "bias", eager, L, True)
-        measure("sdpa", "bias", sdpa, L, True)
-        measure("flex", "bias", flex_bias, L, True)
-        measure("sdpa_flash", "causal", sdpa_flash_causal, L, False)
+    for d in (64, 128):
+        for L in lengths:
+            measure("eager", "bias", eager, L, d, True)
+            measure("sdpa", "bias", sdpa, L, d, True)
+            measure("flex", "bias", flex_bias, L, d, True)
+            measure("sdpa_flash", "causal", sdpa_flash_causal, L, d, False)

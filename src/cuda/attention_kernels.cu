@@ -2,16 +2,17 @@
 // broadcast-bias gradient reduction, and the dtype conversions. The maths and the API are in
 // include/autodiff/cuda/attention.hpp; validation and allocation in attention.cpp.
 //
-// Every kernel works on one tile of the padded rank-4 scores (B, H, Lq, Lk), leading index t = b·H + h,
-// with 256 threads (8 warps). Operands are staged in shared memory, zero-padded to a multiple of 16 in
-// every dimension; tile products go through block_mma (WMMA on the tensor cores for bf16/fp16, fp32 FMA
-// for float32). Elementwise passes use a coalesced element-per-thread mapping.
+// Two sets of kernels, both on tiles of the padded rank-4 scores (B, H, Lq, Lk), leading index
+// t = b·H + h:
+//  - float32 (first section): 256 threads, operands and the scores staged in shared memory, zero-padded
+//    to a multiple of 16, tile products in fp32 FMA (block_mma), elementwise passes one element a thread.
+//  - bf16/fp16 (namespace mma): register-resident FlashAttention-2 kernels on mma.sync, one warp per 16
+//    rows; see the comment at the top of that section for the fragment layouts.
 
 #include "attention_kernels.hpp"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <cstdint>
 #include <limits>
@@ -23,21 +24,21 @@ namespace autodiff {
 
 namespace {
 
-// 8 warps a block. The forward and dQ kernels are held to 128 registers so that two blocks fit an SM
-// (their shared memory allows it); the dK/dV kernel's shared memory allows one block anyway.
+// The float32 kernels: 8 warps a block. The forward and dQ kernels are held to 128 registers so that
+// two blocks fit an SM (their shared memory allows it); the dK/dV kernel's allows one block anyway.
 constexpr int threads = 256;
 constexpr int warps = threads / 32;
 
-// Tile sizes: 64×64 with 16-bit operands, 32×32 in float32 (whose staged operands are twice as large).
+// Tile sizes of the float32 kernels: 32×32 (64×64 fp32 tiles would not fit shared memory).
 template <class C>
 struct Tile {
-    static constexpr int rows = sizeof(C) == 4 ? 32 : 64;  // query rows
-    static constexpr int cols = rows;                        // keys
+    static constexpr int rows = 32;  // query rows
+    static constexpr int cols = rows;  // keys
 };
 
 __host__ __device__ constexpr int round16(int x) { return (x + 15) / 16 * 16; }
-// Leading dimensions of staged tiles: 8 elements (16 bytes in bf16) of padding against bank conflicts,
-// keeping WMMA's 16-byte alignment of every row.
+// Leading dimensions of staged tiles: 8 elements of padding against bank conflicts, keeping every row
+// 16-byte aligned for cp.async.
 __host__ __device__ constexpr int staged_ld(int cols) { return cols + 8; }
 
 __device__ inline float to_float(float x) { return x; }
@@ -50,38 +51,17 @@ __device__ inline C from_float(float x) {
     else return __float2half_rn(x);
 }
 
-// C (m × n, ldc, fp32, shared) = (accumulate ? C : 0) + op(A)·op(B), all threads of the block; m, n, k
-// multiples of 16. op(A) is m × k: A[r·lda + c] when !TA, A stored k × m (A[c·lda + r]) when TA; op(B)
-// is k × n: B[r·ldb + c] when !TB, stored n × k when TB. Ends with a barrier.
-template <bool TA, bool TB, class C>
-__device__ void block_mma(float* Cm, int ldc, const C* A, int lda, const C* B, int ldb, int m, int n, int k, bool accumulate) {
-    if constexpr (std::is_same_v<C, float>) {
-        for (int e = threadIdx.x; e < m * n; e += threads) {
-            const int r = e / n, c = e % n;
-            float acc = accumulate ? Cm[r * ldc + c] : 0.0f;
-            for (int q = 0; q < k; ++q) acc = fmaf(TA ? A[q * lda + r] : A[r * lda + q], TB ? B[c * ldb + q] : B[q * ldb + c], acc);
-            Cm[r * ldc + c] = acc;
-        }
-    } else {
-        namespace wmma = nvcuda::wmma;
-        using LayoutA = std::conditional_t<TA, wmma::col_major, wmma::row_major>;
-        using LayoutB = std::conditional_t<TB, wmma::col_major, wmma::row_major>;
-        const int warp = static_cast<int>(threadIdx.x) / 32;
-        const int tiles_n = n / 16;
-        for (int t = warp; t < (m / 16) * tiles_n; t += warps) {
-            const int m0 = t / tiles_n * 16, n0 = t % tiles_n * 16;
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            if (accumulate) wmma::load_matrix_sync(acc, Cm + m0 * ldc + n0, ldc, wmma::mem_row_major);
-            else wmma::fill_fragment(acc, 0.0f);
-            for (int k0 = 0; k0 < k; k0 += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, C, LayoutA> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, C, LayoutB> b;
-                wmma::load_matrix_sync(a, TA ? A + k0 * lda + m0 : A + m0 * lda + k0, lda);
-                wmma::load_matrix_sync(b, TB ? B + n0 * ldb + k0 : B + k0 * ldb + n0, ldb);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(Cm + m0 * ldc + n0, acc, ldc, wmma::mem_row_major);
-        }
+// C (m × n, ldc, fp32, shared) = (accumulate ? C : 0) + op(A)·op(B), all threads of the block, fp32 FMA
+// (the float32 kernels; bf16/fp16 take the mma kernels below). op(A) is m × k: A[r·lda + c] when !TA,
+// A stored k × m (A[c·lda + r]) when TA; op(B) is k × n: B[r·ldb + c] when !TB, stored n × k when TB.
+// Ends with a barrier.
+template <bool TA, bool TB>
+__device__ void block_mma(float* Cm, int ldc, const float* A, int lda, const float* B, int ldb, int m, int n, int k, bool accumulate) {
+    for (int e = threadIdx.x; e < m * n; e += threads) {
+        const int r = e / n, c = e % n;
+        float acc = accumulate ? Cm[r * ldc + c] : 0.0f;
+        for (int q = 0; q < k; ++q) acc = fmaf(TA ? A[q * lda + r] : A[r * lda + q], TB ? B[c * ldb + q] : B[q * ldb + c], acc);
+        Cm[r * ldc + c] = acc;
     }
     __syncthreads();
 }
@@ -90,12 +70,13 @@ __device__ void block_mma(float* Cm, int ldc, const C* A, int lda, const C* B, i
 // `stride`, zero outside. Rows of 16 bytes' worth of elements go through cp.async (queued, not waited
 // for: the caller commits and waits, so the copies of several tiles are in flight together); other
 // widths element by element.
-template <class C>
+// NT: the threads of the block (all of them take part).
+template <int NT = threads, class C>
 __device__ void stage(C* dst, int ld, const C* src, std::int64_t stride, std::int64_t r0, std::int64_t len, int width, int rows, int padded) {
     constexpr int vec = 16 / sizeof(C);
     if (width % vec == 0 && stride % vec == 0) {
         const int chunks = padded / vec;
-        for (int e = threadIdx.x; e < rows * chunks; e += threads) {
+        for (int e = threadIdx.x; e < rows * chunks; e += NT) {
             const int r = e / chunks, c = e % chunks * vec;
             const std::int64_t row = r0 + r;
             C* to = dst + r * ld + c;
@@ -108,7 +89,7 @@ __device__ void stage(C* dst, int ld, const C* src, std::int64_t stride, std::in
         }
         return;
     }
-    for (int e = threadIdx.x; e < rows * padded; e += threads) {
+    for (int e = threadIdx.x; e < rows * padded; e += NT) {
         const int r = e / padded, c = e % padded;
         const std::int64_t row = r0 + r;
         dst[r * ld + c] = (row < len && c < width) ? src[row * stride + c] : from_float<C>(0.0f);
@@ -438,6 +419,759 @@ __global__ void __launch_bounds__(threads, 2) attention_dq_kernel(Problem p, con
     }
 }
 
+// ---- 16-bit path: register-resident kernels on mma.sync ---------------------------------------------
+// bf16/fp16 inputs take these kernels (the staged FMA kernels above serve float32). Each warp owns 16 rows of
+// a 64-row tile; tile products are mma.sync.m16n8k16 (16-bit operands, fp32 accumulate) whose
+// accumulators stay in registers: the scores, the online softmax and P never touch shared memory, and P
+// (or dS) becomes the A operand of the next product by repacking the accumulator registers.
+//
+// Fragment layouts of mma.sync.aligned.m16n8k16.row.col (PTX ISA, "Matrix fragments for mma.m16n8k16"),
+// lane = 4·g + q (g = lane/4 in 0..7, q = lane%4 in 0..3); each 32-bit register holds two 16-bit
+// elements, the lower column in the lower half:
+//   A (16×16, row-major):  a0 = A[g][2q, 2q+1]   a1 = A[g+8][2q, 2q+1]   a2 = A[g][2q+8, 2q+9]   a3 = A[g+8][2q+8, 2q+9]
+//   B (16×8, k × n):       b0 = B[2q, 2q+1][g]   b1 = B[2q+8, 2q+9][g]
+//   C (16×8, fp32):        c0, c1 = C[g][2q, 2q+1]                     c2, c3 = C[g+8][2q, 2q+1]
+// So the accumulators of two neighbouring n-tiles (C of columns 16k..16k+7 and 16k+8..16k+15) are, once
+// rounded to 16 bits and packed in pairs, exactly the A fragment of k-step k: (c0,c1 | c2,c3 of the
+// first; c0,c1 | c2,c3 of the second) -> (a0, a1, a2, a3). That is how P and dS feed the next product.
+//
+// Operands come from shared memory through ldmatrix (each lane gives one row address of an 8×8 matrix
+// of 16-bit elements; .x4 loads four matrices, lanes 8m..8m+7 addressing matrix m; .trans transposes
+// each). Staged tiles have rows of HD + 8 elements: a row stride of 16 bytes past a multiple of 128
+// puts the eight rows of one 8×8 matrix on eight different 4-bank groups, so ldmatrix is conflict-free.
+namespace mma {
+
+constexpr int warps = 4, threads = 32 * warps;
+constexpr int rows = 16 * warps;  // query rows of a forward/dQ block, keys of a dK/dV block
+constexpr int cols = 64;          // the other side of a tile: keys (forward, dQ) or queries (dK/dV)
+constexpr int n_tiles = cols / 8;  // m16n8 accumulator tiles in a warp's 16 × cols strip
+constexpr int bias_ld = cols + 8;  // staged (rows × cols) bias or dS tiles
+
+// The padded head dimension of the kernels: 64 or 128.
+__host__ __device__ constexpr int head_dim_bucket(int d, int dv) { return d <= 64 && dv <= 64 ? 64 : 128; }
+
+__device__ inline unsigned shared_address(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+// Four 8×8 matrices; lane l addresses row l%8 of matrix l/8.
+__device__ inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+}
+__device__ inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+}
+// The inverse of ldmatrix_x4_trans (sm_90): lane l gives row l%8 of matrix l/8.
+__device__ inline void stmatrix_x4_trans(void* row, const std::uint32_t (&r)[4]) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(shared_address(row)), "r"(r[0]), "r"(r[1]),
+                 "r"(r[2]), "r"(r[3])
+                 : "memory");
+}
+
+// d += a·b for one m16n8k16 tile.
+template <class C>
+__device__ inline void mma16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+    if constexpr (std::is_same_v<C, __nv_bfloat16>)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to C and packed, lo in the lower half.
+template <class C>
+__device__ inline std::uint32_t pack(float lo, float hi) {
+    if constexpr (std::is_same_v<C, __nv_bfloat16>) {
+        const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<const std::uint32_t*>(&v);
+    } else {
+        const __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<const std::uint32_t*>(&v);
+    }
+}
+
+// The A fragment of k-step k from accumulators x (rows × cols strip, see the layout note above).
+template <class C>
+__device__ inline void accumulators_to_a(std::uint32_t (&a)[4], const float (&x)[n_tiles][4], int k) {
+    a[0] = pack<C>(x[2 * k][0], x[2 * k][1]);
+    a[1] = pack<C>(x[2 * k][2], x[2 * k][3]);
+    a[2] = pack<C>(x[2 * k + 1][0], x[2 * k + 1][1]);
+    a[3] = pack<C>(x[2 * k + 1][2], x[2 * k + 1][3]);
+}
+
+// The A fragment (16 rows from `rows16`, k-step k) of a row-major staged tile with leading dimension ld.
+template <class C>
+__device__ inline void load_a(std::uint32_t (&a)[4], const C* rows16, int ld, int k, int lane) {
+    // Matrices: rows 0-7 | rows 8-15 at column 16k, then the same at 16k + 8 -> a0, a1, a2, a3.
+    ldmatrix_x4(a, rows16 + (lane % 16) * ld + 16 * k + lane / 16 * 8);
+}
+
+// acc (16 × cols) += A (16 × 16·ksteps, a row-major staged strip) · Bᵀ, where B (cols × 16·ksteps) is a
+// row-major staged tile: S = Q·Kᵀ with B = K, dP = dO·Vᵀ with B = V, and the transposed products of the
+// dK/dV kernel. One ldmatrix.x4 of B gives the (b0, b1) of two n-tiles: rows 0-7 | 8-15 of the 16, at
+// column 16k and 16k + 8.
+template <class C, int HD>
+__device__ inline void product_abt(float (&acc)[n_tiles][4], const C* a_rows16, const C* b, int ld, int lane) {
+#pragma unroll
+    for (int k = 0; k < HD / 16; ++k) {
+        std::uint32_t a[4];
+        load_a(a, a_rows16, ld, k, lane);
+#pragma unroll
+        for (int n = 0; n < n_tiles / 2; ++n) {
+            std::uint32_t bf[4];
+            ldmatrix_x4(bf, b + (16 * n + lane % 8 + lane / 16 * 8) * ld + 16 * k + lane / 8 % 2 * 8);
+            mma16816<C>(acc[2 * n], a, bf[0], bf[1]);
+            mma16816<C>(acc[2 * n + 1], a, bf[2], bf[3]);
+        }
+    }
+}
+
+// acc (16 × HD) += X (16 × cols, accumulators repacked as A) · B, B (cols × HD) a row-major staged tile:
+// O += P·V, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K. ldmatrix.trans of B's rows 16k..16k+15 gives, per
+// 16 columns, the (b0, b1) of two n-tiles: rows 0-7 | 8-15 at column 16n, then the same at 16n + 8.
+template <class C, int HD>
+__device__ inline void product_xb(float (&acc)[HD / 8][4], const float (&x)[n_tiles][4], const C* b, int ld, int lane) {
+#pragma unroll
+    for (int k = 0; k < cols / 16; ++k) {
+        std::uint32_t a[4];
+        accumulators_to_a<C>(a, x, k);
+#pragma unroll
+        for (int n = 0; n < HD / 16; ++n) {
+            std::uint32_t bf[4];
+            ldmatrix_x4_trans(bf, b + (16 * k + lane % 8 + lane / 8 % 2 * 8) * ld + 16 * n + lane / 16 * 8);
+            mma16816<C>(acc[2 * n], a, bf[0], bf[1]);
+            mma16816<C>(acc[2 * n + 1], a, bf[2], bf[3]);
+        }
+    }
+}
+
+// Same, with A read from a staged row-major strip (16 rows × cols) instead of registers: dQ = dS·K with
+// dS read back from the bias gradient.
+template <class C, int HD>
+__device__ inline void product_ab(float (&acc)[HD / 8][4], const C* a_rows16, int lda, const C* b, int ld, int lane) {
+#pragma unroll
+    for (int k = 0; k < cols / 16; ++k) {
+        std::uint32_t a[4];
+        load_a(a, a_rows16, lda, k, lane);
+#pragma unroll
+        for (int n = 0; n < HD / 16; ++n) {
+            std::uint32_t bf[4];
+            ldmatrix_x4_trans(bf, b + (16 * k + lane % 8 + lane / 8 % 2 * 8) * ld + 16 * n + lane / 16 * 8);
+            mma16816<C>(acc[2 * n], a, bf[0], bf[1]);
+            mma16816<C>(acc[2 * n + 1], a, bf[2], bf[3]);
+        }
+    }
+}
+
+// Row r (0..15) and column c (0..cols) of accumulator element e of n-tile n in a warp's strip.
+__device__ inline int frag_row(int lane, int e) { return lane / 4 + (e >= 2 ? 8 : 0); }
+__device__ inline int frag_col(int lane, int n, int e) { return 8 * n + 2 * (lane % 4) + (e & 1); }
+
+// Element (i, j) of the scores is in range and not masked.
+__device__ inline bool visible(const Problem& p, const bool* kp, std::int64_t i, std::int64_t j) {
+    return i < p.Lq && j < p.Lk && !(p.causal && j > i) && !(kp && !kp[j]);
+}
+
+// Whether a key of [j0, j0 + cols) survives the key-padding mask (every thread computes the same).
+__device__ inline bool tile_has_key(const Problem& p, const bool* kp, std::int64_t j0) {
+    if (!kp) return true;
+    const std::int64_t end = min(j0 + cols, p.Lk);
+    for (std::int64_t j = j0; j < end; ++j)
+        if (kp[j]) return true;
+    return false;
+}
+
+// Whether a tile (queries [i0, i0 + rq), keys [j0, j0 + rk)) needs the per-element mask: it crosses the
+// causal diagonal, a key-padding mask exists, or it overhangs Lq or Lk.
+__device__ inline bool tile_needs_mask(const Problem& p, const bool* kp, std::int64_t i0, int rq, std::int64_t j0, int rk) {
+    return kp || (p.causal && j0 + rk - 1 > i0) || i0 + rq > p.Lq || j0 + rk > p.Lk;
+}
+
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Rows [r0, r0 + ROWS) of a (len × width) matrix (row stride `stride`) into a (ROWS × COLS, ld) staged
+// tile, zero outside. When rows are whole 16-byte chunks: a fixed number of cp.async a thread, the
+// index arithmetic at compile time (queued, not waited for); else stage()'s element-wise copy.
+template <int ROWS, int COLS, class C>
+__device__ inline void stage_async(C* dst, int ld, const C* src, std::int64_t stride, std::int64_t r0, std::int64_t len, int width) {
+    constexpr int chunks = COLS / 8, per_thread = ROWS * chunks / threads;
+    static_assert(ROWS * chunks % threads == 0);
+    if (width % 8 != 0 || stride % 8 != 0) {
+        stage<threads>(dst, ld, src, stride, r0, len, width, ROWS, COLS);
+        return;
+    }
+    const C* first = src + r0 * stride;
+    const int rows_left = static_cast<int>(min(std::int64_t{ROWS}, len - r0));
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+        const int e = static_cast<int>(threadIdx.x) + k * threads;
+        const int r = e / chunks, c = e % chunks * 8;
+        C* to = dst + r * ld + c;
+        if (r < rows_left && c < width)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(to)), "l"(first + r * stride + c));
+        else
+            *reinterpret_cast<int4*>(to) = make_int4(0, 0, 0, 0);
+    }
+}
+
+// The dropout factor of element (t, i, j) (dropout_factor above), out of line: the Philox rounds stay
+// out of the unrolled tile loops, whose code must fit the instruction cache.
+__device__ __noinline__ float dropout_factor_call(std::uint64_t seed, std::uint64_t offset, std::uint64_t index, std::uint32_t threshold,
+                                                  float keep_scale) {
+    return Philox4x32::bits(seed, offset, index) >= threshold ? keep_scale : 0.0f;
+}
+__device__ inline float dropout_of(const Problem& p, std::int64_t t, std::int64_t i, std::int64_t j) {
+    if (!p.dropout) return 1.0f;
+    if (p.drop_all) return 0.0f;
+    return dropout_factor_call(p.seed, p.offset, static_cast<std::uint64_t>((t * p.Lq + i) * p.Lk + j), p.threshold, p.drop_scale);
+}
+
+// 2^x (ex2.approx.ftz: one instruction; −inf gives 0).
+__device__ inline float exp2_fast(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <class C>
+__device__ inline float2 to_float2(std::uint32_t packed) {
+    if constexpr (std::is_same_v<C, __nv_bfloat16>) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
+    else return __half22float2(*reinterpret_cast<const __half2*>(&packed));
+}
+
+// The bias of one leading index t for these kernels: (rows × cols) tiles [q][k] staged in shared memory
+// by cp.async when its rows are whole 16-byte chunks, else read from global memory element by element.
+template <class C>
+struct BiasTiles {
+    const C* base = nullptr;  // bias at (b, h, 0, 0) of t = b·H + h; null: no bias
+    std::int64_t si = 0, sj = 0;
+    bool staged = false;
+
+    __device__ BiasTiles(const Problem& p, std::int64_t t) {
+        if (!p.bias) return;
+        base = static_cast<const C*>(p.bias) + t / p.heads * p.bias_s[0] + t % p.heads * p.bias_s[1];
+        si = p.bias_s[2];
+        sj = p.bias_s[3];
+        staged = sj == 1 && si % 8 == 0 && p.Lk % 8 == 0;
+    }
+    // Queues the copy of queries [i0, i0 + rows), keys [j0, j0 + cols) into tile (zero outside).
+    __device__ void stage_tile(const Problem& p, C* tile, std::int64_t i0, std::int64_t j0) const {
+        if (!base || !staged) return;
+        const int width = static_cast<int>(min(std::int64_t{cols}, p.Lk - j0));
+        stage_async<rows, cols>(tile, bias_ld, base + j0, si, i0, si == 0 ? std::int64_t{1} << 62 : p.Lq, width);
+    }
+    // bias_scale·bias of element (i, j) = (i0 + r, j0 + c); 0 without bias. Only for visible elements
+    // when not staged (the global read is unguarded).
+    __device__ float at(const C* tile, int r, int c, std::int64_t i, std::int64_t j) const {
+        if (!base) return 0.0f;
+        return staged ? to_float(tile[r * bias_ld + c]) : to_float(base[i * si + j * sj]);
+    }
+};
+
+constexpr float log2e = 1.4426950408889634f;
+constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+
+// x = (scale·s + bias_scale·bias)·log2(e) for a warp's (16 × cols) strip of accumulators s, queries
+// iw + row, keys j0 + column; −inf where masked. B_strip: the warp's 16 rows of the staged bias tile.
+// Tiles that need no mask, with no bias or a staged one, take the lean path (no per-element index
+// arithmetic, the bias read in pairs).
+template <class C>
+__device__ inline void scores_to_base2(float (&s)[n_tiles][4], const Problem& p, const BiasTiles<C>& bias, const bool* kp, const C* B_strip,
+                                       std::int64_t iw, std::int64_t j0, int lane) {
+    const float sc = p.scale * log2e, bsc = p.bias_scale * log2e;
+    if (!tile_needs_mask(p, kp, iw, 16, j0, cols) && (!bias.base || bias.staged)) {
+        if (!bias.base) {
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= sc;
+            return;
+        }
+#pragma unroll
+        for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float2 b = to_float2<C>(*reinterpret_cast<const std::uint32_t*>(B_strip + frag_row(lane, 2 * h) * bias_ld + frag_col(lane, n, 0)));
+                s[n][2 * h] = fmaf(s[n][2 * h], sc, bsc * b.x);
+                s[n][2 * h + 1] = fmaf(s[n][2 * h + 1], sc, bsc * b.y);
+            }
+        return;
+    }
+#pragma unroll
+    for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = frag_row(lane, e), c = frag_col(lane, n, e);
+            const std::int64_t i = iw + r, j = j0 + c;
+            s[n][e] = visible(p, kp, i, j) ? (p.scale * s[n][e] + p.bias_scale * bias.at(B_strip, r, c, i, j)) * log2e : neg_inf;
+        }
+}
+
+// ---- forward (16-bit) ----
+// Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq). Grid: (query blocks of 64, t).
+// Warp w owns queries i0 + 16w ..+15: its Q fragments stay in registers, S (16 × 64) and O (16 × HD)
+// accumulate in registers; K, V and the bias tile are double-buffered in shared memory by cp.async.
+// Online softmax in base 2: x = (scale·s + bias_scale·b)·log2(e), m = running max of x, l = running
+// Σ 2^(x − m) (per thread over its columns; the quad's partial sums are added at the end), O += 2^(x − m)
+// ·dropout·V, rescaled by 2^(m_old − m_new) when the max moves.
+// Three blocks an SM for HD = 64 (at most 170 registers), two for 128.
+template <class C, int HD>
+__global__ void __launch_bounds__(threads, HD == 64 ? 3 : 2) forward_kernel(Problem p, const C* Q, const C* K, const C* V, C* O, float* lse) {
+    constexpr int LD = HD + 8;
+    // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
+    // first keeps the tail of the grid short.
+    const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    extern __shared__ __align__(128) unsigned char smem[];
+    C* sQ = reinterpret_cast<C*>(smem);  // (rows, LD)
+    C* sK = sQ + rows * LD;              // 2 × (cols, LD)
+    C* sV = sK + 2 * cols * LD;          // 2 × (cols, LD)
+    C* sB = sV + 2 * cols * LD;          // 2 × (rows, bias_ld)
+
+    const BiasTiles<C> bias(p, t);
+    const bool* kp = key_padding_row(p, t);
+    const C* Kt = K + t * p.Lk * p.d;
+    const C* Vt = V + t * p.Lk * p.dv;
+    stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    std::uint32_t qf[HD / 16][4];
+#pragma unroll
+    for (int k = 0; k < HD / 16; ++k) load_a(qf[k], sQ + warp * 16 * LD, LD, k, lane);
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};  // rows g and g + 8
+
+    const std::int64_t end = key_block_end(p, i0, rows, cols);
+    auto next_block = [&](std::int64_t kb) {
+        while (kb < end && !tile_has_key(p, kp, kb * cols)) ++kb;
+        return kb;
+    };
+    auto issue = [&](std::int64_t kb, int buf) {
+        const std::int64_t j0 = kb * cols;
+        stage_async<cols, HD>(sK + buf * cols * LD, LD, Kt, p.d, j0, p.Lk, p.d);
+        stage_async<cols, HD>(sV + buf * cols * LD, LD, Vt, p.dv, j0, p.Lk, p.dv);
+        bias.stage_tile(p, sB + buf * rows * bias_ld, i0, j0);
+    };
+    std::int64_t kb = next_block(0);
+    if (kb < end) issue(kb, 0);
+    cp_async_commit();
+    for (int buf = 0; kb < end; buf ^= 1) {
+        const std::int64_t nb = next_block(kb + 1);
+        if (nb < end) issue(nb, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const std::int64_t j0 = kb * cols;
+        const C* K_tile = sK + buf * cols * LD;
+        const C* B_tile = sB + buf * rows * bias_ld + warp * 16 * bias_ld;
+
+        // S = Q·Kᵀ: A = qf (registers), B = Kᵀ, i.e. K's rows (keys) as the n index.
+        float s[n_tiles][4];
+#pragma unroll
+        for (int n = 0; n < n_tiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < HD / 16; ++k)
+#pragma unroll
+            for (int n = 0; n < n_tiles / 2; ++n) {
+                std::uint32_t bf[4];
+                ldmatrix_x4(bf, K_tile + (16 * n + lane % 8 + lane / 16 * 8) * LD + 16 * k + lane / 8 % 2 * 8);
+                mma16816<C>(s[2 * n], qf[k], bf[0], bf[1]);
+                mma16816<C>(s[2 * n + 1], qf[k], bf[2], bf[3]);
+            }
+
+        // Scores in base 2, masked to −inf; the tile's row maxima.
+        const std::int64_t iw = i0 + warp * 16;
+        scores_to_base2(s, p, bias, kp, B_tile, iw, j0, lane);
+        float tile_max[2] = {neg_inf, neg_inf};
+#pragma unroll
+        for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            // The quad (lanes 4g .. 4g+3) holds one row.
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+            const float m_new = fmaxf(m[h], tile_max[h]);
+            // A row with nothing visible so far keeps m = −inf, l = 0 and adds zeros.
+            const float alpha = m_new == neg_inf ? 1.0f : exp2_fast(m[h] - m_new);
+            l[h] *= alpha;
+#pragma unroll
+            for (int n = 0; n < HD / 8; ++n) {
+                o[n][2 * h] *= alpha;
+                o[n][2 * h + 1] *= alpha;
+            }
+            m[h] = m_new;
+        }
+        // P = 2^(x − m) in place (l sums it before dropout), then dropout's factor.
+#pragma unroll
+        for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float mh = m[e / 2];
+                const float pe = mh == neg_inf ? 0.0f : exp2_fast(s[n][e] - mh);
+                l[e / 2] += pe;
+                s[n][e] = pe;
+            }
+        if (p.dropout) {
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= dropout_of(p, t, iw + frag_row(lane, e), j0 + frag_col(lane, n, e));
+        }
+        // O += P·V, P repacked from the accumulators.
+        product_xb<C, HD>(o, s, sV + buf * cols * LD, LD, lane);
+        __syncthreads();
+        kb = nb;
+    }
+
+    // O = O / l, lse = (m + log2 l)·ln 2 (−inf and O = 0 for rows with nothing visible).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        const std::int64_t i = i0 + warp * 16 + lane / 4 + 8 * h;
+        if (i >= p.Lq) continue;
+        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+        C* out = O + (t * p.Lq + i) * p.dv;
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            const int c = 8 * n + 2 * (lane % 4);
+            if (c + 1 < p.dv && p.dv % 2 == 0) {
+                *reinterpret_cast<std::uint32_t*>(out + c) = pack<C>(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+            } else {
+                if (c < p.dv) out[c] = from_float<C>(o[n][2 * h] * inv);
+                if (c + 1 < p.dv) out[c + 1] = from_float<C>(o[n][2 * h + 1] * inv);
+            }
+        }
+        if (lane % 4 == 0) lse[t * p.Lq + i] = l[h] > 0.0f ? m[h] * 0.6931471805599453f + logf(l[h]) : neg_inf;
+    }
+}
+
+// Writes a warp's (16 × HD) accumulator strip times `factor` to rows [r0, r0 + 16) of a (len × width)
+// matrix (row stride width), columns < width.
+template <class C, int HD>
+__device__ inline void store_strip(C* out, std::int64_t r0, std::int64_t len, int width, const float (&acc)[HD / 8][4], float factor, int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const std::int64_t r = r0 + lane / 4 + 8 * h;
+        if (r >= len) continue;
+        C* row = out + r * width;
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            const int c = 8 * n + 2 * (lane % 4);
+            if (c + 1 < width && width % 2 == 0) {
+                *reinterpret_cast<std::uint32_t*>(row + c) = pack<C>(factor * acc[n][2 * h], factor * acc[n][2 * h + 1]);
+            } else {
+                if (c < width) row[c] = from_float<C>(factor * acc[n][2 * h]);
+                if (c + 1 < width) row[c + 1] = from_float<C>(factor * acc[n][2 * h + 1]);
+            }
+        }
+    }
+}
+
+// ---- backward (16-bit) ----
+// dK, dV (and dS) for keys [j0, j0 + 64) of leading index t, over the query blocks that see them.
+// Grid: (key blocks of 64, t). Warp w owns keys j0 + 16w ..+15 and computes the transposed tiles, so
+// its accumulators hold its own keys' rows: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ (16 keys × 64 queries), then
+//   Pᵀ = 2^(x − lse·log2 e), dSᵀ = Pᵀ ⊙ (dPᵀ·dropout − D),  dV += (Pᵀ·dropout)·dO,  dK += dSᵀ·Q
+// with Pᵀ and dSᵀ repacked from the accumulators as A operands. Q, dO, the bias tile, lse and D are
+// double-buffered by cp.async. dS of a full-shape bias gradient goes through the bias tile's buffer
+// (each thread overwrites the elements it read) and out in coalesced 16-byte rows; a broadcast bias's
+// dS goes to the fp32 scratch. Tiles skipped under a mask are not written (the caller zeroes them).
+template <class C, int HD>
+__global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, const C* K, const C* V, const C* dO, const float* lse,
+                                                       const float* D, C* dK, C* dV, C* dbias_full, float* dS_scratch) {
+    constexpr int LD = HD + 8;
+    const std::int64_t t = blockIdx.y, j0 = std::int64_t{blockIdx.x} * rows;
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    extern __shared__ __align__(128) unsigned char smem[];
+    C* sK = reinterpret_cast<C*>(smem);  // (rows, LD)
+    C* sV = sK + rows * LD;              // (rows, LD)
+    C* sQ = sV + rows * LD;              // 2 × (cols, LD)
+    C* sdO = sQ + 2 * cols * LD;         // 2 × (cols, LD)
+    C* sB = sdO + 2 * cols * LD;         // 2 × (cols queries, bias_ld): bias tile, then dS
+    float* s_lse = reinterpret_cast<float*>(sB + 2 * cols * bias_ld);  // 2 × cols, times log2(e)
+    float* s_D = s_lse + 2 * cols;                                     // 2 × cols
+
+    const BiasTiles<C> bias(p, t);
+    const bool* kp = key_padding_row(p, t);
+    stage_async<rows, HD>(sK, LD, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d);
+    stage_async<rows, HD>(sV, LD, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv);
+    cp_async_commit();
+
+    float dk[HD / 8][4], dv[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+
+    const C* Qt = Q + t * p.Lq * p.d;
+    const C* dOt = dO + t * p.Lq * p.dv;
+    auto issue = [&](std::int64_t qb, int buf) {
+        const std::int64_t i0 = qb * cols;
+        stage_async<cols, HD>(sQ + buf * cols * LD, LD, Qt, p.d, i0, p.Lq, p.d);
+        stage_async<cols, HD>(sdO + buf * cols * LD, LD, dOt, p.dv, i0, p.Lq, p.dv);
+        // The bias tile here is (queries × keys): queries i0.., keys j0.. (rows × cols = 64 × 64).
+        bias.stage_tile(p, sB + buf * cols * bias_ld, i0, j0);
+        for (int r = threadIdx.x; r < cols; r += threads) {
+            const bool in = i0 + r < p.Lq;
+            s_lse[buf * cols + r] = in ? lse[t * p.Lq + i0 + r] * log2e : neg_inf;
+            s_D[buf * cols + r] = in ? D[t * p.Lq + i0 + r] : 0.0f;
+        }
+    };
+    // Causal: query blocks before the first row that sees key j0 are skipped; no kept key: all are.
+    const std::int64_t q_blocks = (p.Lq + cols - 1) / cols;
+    std::int64_t qb = tile_has_key(p, kp, j0) ? (p.causal ? j0 / cols : 0) : q_blocks;
+    if (qb < q_blocks) issue(qb, 0);
+    cp_async_commit();
+    const std::int64_t jw = j0 + warp * 16;
+    for (int buf = 0; qb < q_blocks; buf ^= 1, ++qb) {
+        if (qb + 1 < q_blocks) issue(qb + 1, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const std::int64_t i0 = qb * cols;
+        const C* Q_tile = sQ + buf * cols * LD;
+        const C* dO_tile = sdO + buf * cols * LD;
+        C* B_tile = sB + buf * cols * bias_ld;
+        const float* lse2 = s_lse + buf * cols;
+        const float* Dq = s_D + buf * cols;
+
+        float st[n_tiles][4], dpt[n_tiles][4];
+#pragma unroll
+        for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+        product_abt<C, HD>(st, sK + warp * 16 * LD, Q_tile, LD, lane);
+        product_abt<C, HD>(dpt, sV + warp * 16 * LD, dO_tile, LD, lane);
+
+        // Element (n, e): key j = jw + frag_row, query i = i0 + frag_col. st <- Pᵀ·dropout, dpt <- dSᵀ.
+        const float sc = p.scale * log2e, bsc = p.bias_scale * log2e;
+        // The transposed bias tile's rows (queries 8n.., keys of this warp's half h) are 8×8 matrices:
+        // ldmatrix.trans hands each thread the (query 8n + 2q, 8n + 2q + 1; key g + 8h) pairs of its
+        // accumulators, and stmatrix.trans writes dS back the same way. Call c covers n-tiles 2c, 2c + 1.
+        C* const bias_rows = B_tile + (8 * (lane / 16) + lane % 8) * bias_ld + warp * 16 + lane / 8 % 2 * 8;
+        auto pair_of = [](int n, int h) { return n % 2 * 2 + h; };  // register of (n-tile n, half h) in call n/2
+        if (!tile_needs_mask(p, kp, i0, cols, jw, 16) && (!bias.base || bias.staged) && !p.dropout) {
+            // Lean path: every element visible, every row's lse finite; P = 0 only where x = −inf.
+            std::uint32_t bt[n_tiles / 2][4] = {};
+            if (bias.base) {
+#pragma unroll
+                for (int c = 0; c < n_tiles / 2; ++c) ldmatrix_x4_trans(bt[c], bias_rows + 16 * c * bias_ld);
+            }
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n) {
+                const float2 l2 = *reinterpret_cast<const float2*>(lse2 + frag_col(lane, n, 0));
+                const float2 d2 = *reinterpret_cast<const float2*>(Dq + frag_col(lane, n, 0));
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 b2 = to_float2<C>(bt[n / 2][pair_of(n, e / 2)]);
+                    const float x = fmaf(st[n][e], sc, bsc * ((e & 1) ? b2.y : b2.x));
+                    const float P = x == neg_inf ? 0.0f : exp2_fast(x - ((e & 1) ? l2.y : l2.x));
+                    const float dS = P * (dpt[n][e] - ((e & 1) ? d2.y : d2.x));
+                    st[n][e] = P;
+                    dpt[n][e] = dS;
+                }
+            }
+        } else {
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int kr = frag_row(lane, e), qc = frag_col(lane, n, e);
+                    const std::int64_t i = i0 + qc, j = jw + kr;
+                    float P = 0.0f;
+                    if (visible(p, kp, i, j) && lse2[qc] != neg_inf) {
+                        const float x = (p.scale * st[n][e] + p.bias_scale * bias.at(B_tile, qc, warp * 16 + kr, i, j)) * log2e;
+                        if (x != neg_inf) P = exp2_fast(x - lse2[qc]);
+                    }
+                    const float factor = dropout_of(p, t, i, j);
+                    st[n][e] = P * factor;
+                    dpt[n][e] = P * (dpt[n][e] * factor - Dq[qc]);
+                }
+        }
+        if (dbias_full) {
+            // bias_scale·dS over the bias tile (each warp its own 16 keys, whose bias it has read).
+#pragma unroll
+            for (int c = 0; c < n_tiles / 2; ++c) {
+                std::uint32_t w[4];
+#pragma unroll
+                for (int m = 0; m < 4; ++m) {
+                    const int n = 2 * c + m / 2, h = m % 2;
+                    w[m] = pack<C>(p.bias_scale * dpt[n][2 * h], p.bias_scale * dpt[n][2 * h + 1]);
+                }
+                stmatrix_x4_trans(bias_rows + 16 * c * bias_ld, w);
+            }
+        }
+        if (dS_scratch) {
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const std::int64_t i = i0 + frag_col(lane, n, e), j = jw + frag_row(lane, e);
+                    if (i < p.Lq && j < p.Lk) dS_scratch[(t * p.Lq + i) * p.Lk + j] = dpt[n][e];
+                }
+        }
+        product_xb<C, HD>(dv, st, dO_tile, LD, lane);
+        product_xb<C, HD>(dk, dpt, Q_tile, LD, lane);
+        if (dbias_full) {
+            // The (64 queries × 64 keys) dS tile to the bias gradient, 16 bytes a thread at a time.
+            __syncthreads();
+            const std::int64_t qrows = min(std::int64_t{cols}, p.Lq - i0), kcols = min(std::int64_t{rows}, p.Lk - j0);
+            C* out = dbias_full + (t * p.Lq + i0) * p.Lk + j0;
+            if (p.Lk % 8 == 0) {
+                for (int e = threadIdx.x; e < cols * (rows / 8); e += threads) {
+                    const int r = e / (rows / 8), c = e % (rows / 8) * 8;
+                    if (r < qrows && c < kcols)
+                        *reinterpret_cast<int4*>(out + r * p.Lk + c) = *reinterpret_cast<const int4*>(B_tile + r * bias_ld + c);
+                }
+            } else {
+                for (int e = threadIdx.x; e < cols * rows; e += threads) {
+                    const int r = e / rows, c = e % rows;
+                    if (r < qrows && c < kcols) out[r * p.Lk + c] = B_tile[r * bias_ld + c];
+                }
+            }
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    if (dK) store_strip<C, HD>(dK + t * p.Lk * p.d, jw, p.Lk, p.d, dk, p.scale, lane);
+    if (dV) store_strip<C, HD>(dV + t * p.Lk * p.dv, jw, p.Lk, p.dv, dv, 1.0f, lane);
+}
+
+// dQ for queries [i0, i0 + 64) of leading index t, over the key blocks they see. Grid: (query blocks, t).
+// Warp w owns queries i0 + 16w ..+15. Recomputing (FromBiasGradient false): S = Q·Kᵀ, dP = dO·Vᵀ,
+// P = 2^(x − lse·log2 e), dS = P ⊙ (dP·dropout − D), dQ += dS·K with dS repacked as A. Reading
+// (FromBiasGradient true, a full-shape bias gradient already written by dkdv_kernel with bias_scale ≠
+// 0): dS = dbias / bias_scale comes staged from it, and dQ = scale / bias_scale · dbias·K.
+template <class C, int HD, bool FromBiasGradient>
+__global__ void __launch_bounds__(threads) dq_kernel(Problem p, const C* Q, const C* K, const C* V, const C* dO, const float* lse,
+                                                     const float* D, const C* dbias_full, C* dQ) {
+    constexpr int LD = HD + 8;
+    // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
+    // first keeps the tail of the grid short.
+    const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    extern __shared__ __align__(128) unsigned char smem[];
+    C* sQ = reinterpret_cast<C*>(smem);  // (rows, LD)
+    C* sdO = sQ + rows * LD;             // (rows, LD)
+    C* sK = sdO + rows * LD;             // 2 × (cols, LD)
+    C* sV = sK + 2 * cols * LD;          // 2 × (cols, LD)
+    C* sB = sV + 2 * cols * LD;          // 2 × (rows, bias_ld): bias tile, or dS read back
+
+    const BiasTiles<C> bias(p, t);
+    const bool* kp = key_padding_row(p, t);
+    if (!FromBiasGradient) {
+        stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
+        stage_async<rows, HD>(sdO, LD, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv);
+    }
+    cp_async_commit();
+    const std::int64_t iw = i0 + warp * 16;
+    float lse2[2], Di[2];
+    for (int h = 0; h < 2; ++h) {
+        const std::int64_t i = iw + lane / 4 + 8 * h;
+        lse2[h] = i < p.Lq ? lse[t * p.Lq + i] * log2e : neg_inf;
+        Di[h] = i < p.Lq ? D[t * p.Lq + i] : 0.0f;
+    }
+    float dq[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+
+    const C* Kt = K + t * p.Lk * p.d;
+    const C* Vt = V + t * p.Lk * p.dv;
+    const std::int64_t end = key_block_end(p, i0, rows, cols);
+    auto next_block = [&](std::int64_t kb) {
+        while (kb < end && !tile_has_key(p, kp, kb * cols)) ++kb;
+        return kb;
+    };
+    auto issue = [&](std::int64_t kb, int buf) {
+        const std::int64_t j0 = kb * cols;
+        stage_async<cols, HD>(sK + buf * cols * LD, LD, Kt, p.d, j0, p.Lk, p.d);
+        if constexpr (FromBiasGradient) {
+            stage_async<rows, cols>(sB + buf * rows * bias_ld, bias_ld, dbias_full + t * p.Lq * p.Lk + j0, p.Lk, i0, p.Lq,
+                                   static_cast<int>(min(std::int64_t{cols}, p.Lk - j0)));
+        } else {
+            stage_async<cols, HD>(sV + buf * cols * LD, LD, Vt, p.dv, j0, p.Lk, p.dv);
+            bias.stage_tile(p, sB + buf * rows * bias_ld, i0, j0);
+        }
+    };
+    std::int64_t kb = next_block(0);
+    if (kb < end) issue(kb, 0);
+    cp_async_commit();
+    for (int buf = 0; kb < end; buf ^= 1) {
+        const std::int64_t nb = next_block(kb + 1);
+        if (nb < end) issue(nb, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const std::int64_t j0 = kb * cols;
+        const C* K_tile = sK + buf * cols * LD;
+        const C* B_tile = sB + buf * rows * bias_ld + warp * 16 * bias_ld;
+        if constexpr (FromBiasGradient) {
+            product_ab<C, HD>(dq, B_tile, bias_ld, K_tile, LD, lane);
+        } else {
+            float s[n_tiles][4], dp[n_tiles][4];
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+            product_abt<C, HD>(s, sQ + warp * 16 * LD, K_tile, LD, lane);
+            product_abt<C, HD>(dp, sdO + warp * 16 * LD, sV + buf * cols * LD, LD, lane);
+            // x in base 2 (−inf where masked), P = 2^(x − lse·log2 e) (0 for rows with nothing visible).
+            scores_to_base2(s, p, bias, kp, B_tile, iw, j0, lane);
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] = s[n][e] == neg_inf || lse2[e / 2] == neg_inf ? 0.0f : exp2_fast(s[n][e] - lse2[e / 2]);
+            if (p.dropout) {
+#pragma unroll
+                for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) dp[n][e] *= dropout_of(p, t, iw + frag_row(lane, e), j0 + frag_col(lane, n, e));
+            }
+            // dS = P ⊙ (dP·dropout − D), in place.
+#pragma unroll
+            for (int n = 0; n < n_tiles; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= dp[n][e] - Di[e / 2];
+            product_xb<C, HD>(dq, s, K_tile, LD, lane);
+        }
+        __syncthreads();
+        kb = nb;
+    }
+    cp_async_wait<0>();
+    const float factor = FromBiasGradient ? p.scale / p.bias_scale : p.scale;
+    store_strip<C, HD>(dQ + t * p.Lq * p.d, iw, p.Lq, p.d, dq, factor, lane);
+}
+
+// Dynamic shared memory of each kernel, matching the carving at the top of each.
+template <class C>
+std::size_t forward_smem(int HD) {
+    return sizeof(C) * ((rows + 4 * cols) * (HD + 8) + 2 * rows * bias_ld);
+}
+template <class C>
+std::size_t dkdv_smem(int HD) {
+    return sizeof(C) * ((2 * rows + 4 * cols) * (HD + 8) + 2 * cols * bias_ld) + sizeof(float) * 4 * cols;
+}
+template <class C>
+std::size_t dq_smem(int HD) {
+    return sizeof(C) * ((2 * rows + 4 * cols) * (HD + 8) + 2 * rows * bias_ld);
+}
+
+}  // namespace mma
+
 // dbias = bias_scale·Σ dS over the dimensions where the bias broadcasts: dS (B, H, Lq, Lk) fp32 ->
 // dbias (the bias's padded shape). One thread per output element, summing in a fixed order.
 struct Dims4 {
@@ -521,6 +1255,44 @@ cudaError_t dispatch(detail::DeviceDType dtype, F&& f) {
 
 unsigned elementwise_grid(std::int64_t n) { return static_cast<unsigned>(n < 256 * 4096 ? (n + 255) / 256 : 4096); }
 
+// The 16-bit launchers: kernels instantiated for head dimensions padded to 64 or 128.
+template <class C>
+cudaError_t mma_forward(const Problem& p, const C* Q, const C* K, const C* V, C* O, float* lse) {
+    const int HD = mma::head_dim_bucket(p.d, p.dv);
+    const auto kernel = HD == 64 ? mma::forward_kernel<C, 64> : mma::forward_kernel<C, 128>;
+    const std::size_t smem = mma::forward_smem<C>(HD);
+    if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
+    const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
+    kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, O, lse);
+    return cudaGetLastError();
+}
+
+// dK/dV (and dS) over key blocks, then dQ over query blocks: read back from a full-shape bias gradient
+// when there is one (bias_scale ≠ 0, else dS cannot be recovered from it), recomputed otherwise.
+template <class C>
+cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, const C* dO, const float* lse, const float* D, C* dQ, C* dK,
+                         C* dV, C* dbias_full, float* dS_scratch) {
+    const int HD = mma::head_dim_bucket(p.d, p.dv);
+    if (dK || dV || dbias_full || dS_scratch) {
+        const auto kernel = HD == 64 ? mma::dkdv_kernel<C, 64> : mma::dkdv_kernel<C, 128>;
+        const std::size_t smem = mma::dkdv_smem<C>(HD);
+        if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
+        const dim3 grid(static_cast<unsigned>((p.Lk + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
+        kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dK, dV, dbias_full, dS_scratch);
+        if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    }
+    if (dQ) {
+        const bool read_back = dbias_full && p.bias_scale != 0.0f;
+        const auto kernel = read_back ? (HD == 64 ? mma::dq_kernel<C, 64, true> : mma::dq_kernel<C, 128, true>)
+                                      : (HD == 64 ? mma::dq_kernel<C, 64, false> : mma::dq_kernel<C, 128, false>);
+        const std::size_t smem = mma::dq_smem<C>(HD);
+        if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
+        const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
+        kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);
+    }
+    return cudaGetLastError();
+}
+
 }  // namespace
 
 namespace detail {
@@ -529,12 +1301,18 @@ cudaError_t launch_attention_forward(DeviceDType dtype, const AttentionProblem& 
                                      float* lse) {
     return dispatch(dtype, [&](auto* tag) {
         using C = std::remove_pointer_t<decltype(tag)>;
-        const std::size_t smem = forward_smem<C>(p.d, p.dv);
-        if (const cudaError_t e = allow_smem(attention_forward_kernel<C>, smem); e != cudaSuccess) return e;
-        const dim3 grid(static_cast<unsigned>((p.Lq + Tile<C>::rows - 1) / Tile<C>::rows), static_cast<unsigned>(p.items));
-        attention_forward_kernel<C><<<grid, threads, smem>>>(p, static_cast<const C*>(Q), static_cast<const C*>(K), static_cast<const C*>(V),
-                                                             static_cast<C*>(O), lse);
-        return cudaGetLastError();
+        const auto* q = static_cast<const C*>(Q);
+        const auto* k = static_cast<const C*>(K);
+        const auto* v = static_cast<const C*>(V);
+        if constexpr (!std::is_same_v<C, float>) {
+            return mma_forward<C>(p, q, k, v, static_cast<C*>(O), lse);
+        } else {
+            const std::size_t smem = forward_smem<C>(p.d, p.dv);
+            if (const cudaError_t e = allow_smem(attention_forward_kernel<C>, smem); e != cudaSuccess) return e;
+            const dim3 grid(static_cast<unsigned>((p.Lq + Tile<C>::rows - 1) / Tile<C>::rows), static_cast<unsigned>(p.items));
+            attention_forward_kernel<C><<<grid, threads, smem>>>(p, q, k, v, static_cast<C*>(O), lse);
+            return cudaGetLastError();
+        }
     });
 }
 
@@ -550,21 +1328,26 @@ cudaError_t launch_attention_backward(DeviceDType dtype, const AttentionProblem&
         const std::int64_t rows = p.items * p.Lq;
         attention_row_dot_kernel<C><<<static_cast<unsigned>((rows + warps - 1) / warps), threads>>>(rows, p.dv, dout, static_cast<const C*>(O), D);
         if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-        if (dK || dV || dbias_full || dS_scratch) {
-            const std::size_t smem = dkdv_smem<C>(p.d, p.dv);
-            if (const cudaError_t e = allow_smem(attention_dkdv_kernel<C>, smem); e != cudaSuccess) return e;
-            const dim3 grid(static_cast<unsigned>((p.Lk + Tile<C>::cols - 1) / Tile<C>::cols), static_cast<unsigned>(p.items));
-            attention_dkdv_kernel<C><<<grid, threads, smem>>>(p, q, k, v, dout, lse, D, static_cast<C*>(dK), static_cast<C*>(dV),
-                                                              static_cast<C*>(dbias_full), dS_scratch);
-            if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+        if constexpr (!std::is_same_v<C, float>) {
+            return mma_backward<C>(p, q, k, v, dout, lse, D, static_cast<C*>(dQ), static_cast<C*>(dK), static_cast<C*>(dV),
+                                   static_cast<C*>(dbias_full), dS_scratch);
+        } else {
+            if (dK || dV || dbias_full || dS_scratch) {
+                const std::size_t smem = dkdv_smem<C>(p.d, p.dv);
+                if (const cudaError_t e = allow_smem(attention_dkdv_kernel<C>, smem); e != cudaSuccess) return e;
+                const dim3 grid(static_cast<unsigned>((p.Lk + Tile<C>::cols - 1) / Tile<C>::cols), static_cast<unsigned>(p.items));
+                attention_dkdv_kernel<C><<<grid, threads, smem>>>(p, q, k, v, dout, lse, D, static_cast<C*>(dK), static_cast<C*>(dV),
+                                                                  static_cast<C*>(dbias_full), dS_scratch);
+                if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+            }
+            if (dQ) {
+                const std::size_t smem = dq_smem<C>(p.d, p.dv);
+                if (const cudaError_t e = allow_smem(attention_dq_kernel<C>, smem); e != cudaSuccess) return e;
+                const dim3 grid(static_cast<unsigned>((p.Lq + Tile<C>::rows - 1) / Tile<C>::rows), static_cast<unsigned>(p.items));
+                attention_dq_kernel<C><<<grid, threads, smem>>>(p, q, k, v, dout, lse, D, static_cast<C*>(dQ));
+            }
+            return cudaGetLastError();
         }
-        if (dQ) {
-            const std::size_t smem = dq_smem<C>(p.d, p.dv);
-            if (const cudaError_t e = allow_smem(attention_dq_kernel<C>, smem); e != cudaSuccess) return e;
-            const dim3 grid(static_cast<unsigned>((p.Lq + Tile<C>::rows - 1) / Tile<C>::rows), static_cast<unsigned>(p.items));
-            attention_dq_kernel<C><<<grid, threads, smem>>>(p, q, k, v, dout, lse, D, static_cast<C*>(dQ));
-        }
-        return cudaGetLastError();
     });
 }
 

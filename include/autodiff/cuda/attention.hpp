@@ -11,14 +11,18 @@
 // keep), with whole tiles skipped where nothing is kept. Dropout decisions are the CPU's: Philox4x32-10
 // keyed by the seed, element index ((t·Lq + i)·Lk + j) for leading index t (kernels/dropout.hpp).
 //
-// FlashAttention-2 tiling: 64×64 tiles (32×32 in float32), tile products on the tensor cores (WMMA,
-// bf16/fp16 operands, fp32 accumulate) and in fp32 FMA for float32 inputs; the softmax statistics, O
-// and all gradients accumulate in fp32. No L×L buffer in the forward; the backward recomputes P.
+// FlashAttention-2 tiling. bf16/fp16: register-resident kernels on mma.sync.m16n8k16 (16-bit operands,
+// fp32 accumulate), one warp per 16 rows of a 64-row block, 64-key tiles; S, the online softmax and P
+// stay in registers (P is repacked as the next product's operand), K/V (or Q/dO) and the bias tile are
+// double-buffered in shared memory by cp.async; head dimensions are padded to 64 or 128. float32: 32×32
+// tiles staged in shared memory with fp32 FMA products (a slower, exact path). The softmax statistics,
+// O and all gradients accumulate in fp32. No L×L buffer in the forward; the backward recomputes P.
 //
 // Determinism: no atomics. The backward runs one kernel over key blocks (dK, dV, and dS written to a
-// full-shape bias gradient) and one over query blocks (dQ); a broadcast bias gradient is reduced from
-// an fp32 dS buffer by a kernel that sums each output element in a fixed order. Results are
-// bit-identical run to run.
+// full-shape bias gradient) and one over query blocks (dQ): with a full-shape bias gradient (and
+// bias_scale ≠ 0) it reads dS back from it (dQ = scale/bias_scale · dbias·K, a plain tile product),
+// otherwise it recomputes S and dP. A broadcast bias gradient is reduced from an fp32 dS buffer by a
+// kernel that sums each output element in a fixed order. Results are bit-identical run to run.
 
 #include "autodiff/cuda/device.hpp"
 #include "autodiff/kernels/dropout.hpp"
