@@ -16,13 +16,23 @@
 // tests/test_attention_small.cpp compares it with the general kernels bit for bit and with the
 // generic (unfused) path.
 
+#include <atomic>
+
 namespace autodiff {
+
+namespace {
+std::atomic<bool> one_tile_path_enabled{true};
+}  // namespace
+
+void set_attention_one_tile_path(bool enabled) { one_tile_path_enabled.store(enabled, std::memory_order_relaxed); }
+bool attention_one_tile_path() { return one_tile_path_enabled.load(std::memory_order_relaxed); }
+
 namespace {
 
 // Whether p goes through the one-tile path.
 template <class T>
 bool one_tile_problem(const Problem<T>& p) {
-    return p.mod == nullptr && p.Lq <= block_q && p.Lk > 0 && p.Lk <= block_k &&
+    return attention_one_tile_path() && p.mod == nullptr && p.Lq <= block_q && p.Lk > 0 && p.Lk <= block_k &&
            p.items * p.Lq * p.Lk * (p.d + p.dv) * 2 < parallel_grain;
 }
 
@@ -35,33 +45,6 @@ struct SmallScratch {
         return s;
     }
 };
-
-// C (m×n) = beta·C + alpha·op(A)·B (tile_gemm's contract and per-element order) in blocks of 8 rows:
-// a one-tile problem has few rows, and 8 independent accumulator chains hide the FMA latency
-// better than tile_gemm's 6 + remainder when the k loop is short.
-template <class T>
-void small_gemm(std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col,
-                const T* B, std::int64_t ldb, T beta, T* C, std::int64_t ldc) {
-    constexpr int W = detail::Simd<T, detail::simd_bytes>::lanes;
-    if (n > 2 * W) {  // 8 rows × block_vectors vectors would spill
-        detail::tile_gemm<T>(m, n, k, alpha, A, a_row, a_col, B, ldb, beta, C, ldc);
-        return;
-    }
-    std::int64_t r = 0;
-    for (; r + 8 <= m; r += 8) detail::row_block<T, 8>(n, k, alpha, A + r * a_row, a_row, a_col, B, ldb, beta, C + r * ldc, ldc);
-    const T* Ar = A + r * a_row;
-    T* Cr = C + r * ldc;
-    switch (m - r) {
-        case 7: detail::row_block<T, 7>(n, k, alpha, Ar, a_row, a_col, B, ldb, beta, Cr, ldc); break;
-        case 6: detail::row_block<T, 6>(n, k, alpha, Ar, a_row, a_col, B, ldb, beta, Cr, ldc); break;
-        case 5: detail::row_block<T, 5>(n, k, alpha, Ar, a_row, a_col, B, ldb, beta, Cr, ldc); break;
-        case 4: detail::row_block<T, 4>(n, k, alpha, Ar, a_row, a_col, B, ldb, beta, Cr, ldc); break;
-        case 3: detail::row_block<T, 3>(n, k, alpha, Ar, a_row, a_col, B, ldb, beta, Cr, ldc); break;
-        case 2: detail::row_block<T, 2>(n, k, alpha, Ar, a_row, a_col, B, ldb, beta, Cr, ldc); break;
-        case 1: detail::row_block<T, 1>(n, k, alpha, Ar, a_row, a_col, B, ldb, beta, Cr, ldc); break;
-        default: break;
-    }
-}
 
 // Xt (cols × L, leading dimension L) = Xᵀ for the row-major (L × cols) X.
 // A row of Xt at a time by masked gathers where AVX-512 has them (a scalar loop cost ~1 cycle per
@@ -96,7 +79,7 @@ void small_transpose(const T* X, std::int64_t L, std::int64_t cols, T* Xt) {
 // general kernels' raw_scores + finish_scores without a modifier). Kt: Kᵀ of t (d × Lk).
 template <class T>
 void small_scores(const Problem<T>& p, std::int64_t t, const T* Kt, T* S) {
-    small_gemm<T>(p.Lq, p.Lk, p.d, p.scale, p.q + t * p.Lq * p.d, p.d, 1, Kt, p.Lk, T(0), S, block_k);
+    detail::tile_gemm<T>(p.Lq, p.Lk, p.d, p.scale, p.q + t * p.Lq * p.d, p.d, 1, Kt, p.Lk, T(0), S, block_k);
     p.add_operand(p.bias, p.bias_scale, t, 0, p.Lq, 0, p.Lk, S);
     p.outer_terms(t, 0, p.Lq, 0, p.Lk, S, TileKind::full);
 }
@@ -135,7 +118,7 @@ void small_forward(const Problem<T>& p, AttentionSaved<T>& saved, const Attentio
             for (std::int64_t r = 0; r < rows; ++r) detail::multiply_by_keep(S + r * block_k, S + r * block_k, cols, bits[r], p.drop_scale);
         }
         std::fill_n(s.acc.begin(), rows * p.dv, T(0));  // acc = 0 + P·V (beta = 1 as the general kernel: the same signed zeros)
-        small_gemm<T>(rows, p.dv, cols, T(1), S, block_k, 1, p.v + t * cols * p.dv, p.dv, T(1), s.acc.data(), p.dv);
+        detail::tile_gemm<T>(rows, p.dv, cols, T(1), S, block_k, 1, p.v + t * cols * p.dv, p.dv, T(1), s.acc.data(), p.dv);
         T* O = saved.O.data() + t * rows * p.dv;
         T* lse = saved.lse.data() + t * rows;
         for (std::int64_t r = 0; r < rows; ++r) {
@@ -195,9 +178,9 @@ void small_backward(const Problem<T>& p, T* dQ, T* dK, T* dV, T* dB, const Broad
             Pd = s.Pd.data();
         }
         if (dV)  // dV += dropout(P)ᵀ·dO
-            small_gemm<T>(cols, p.dv, rows, T(1), Pd, 1, block_k, dO_t, p.dv, T(1), dV + t * cols * p.dv, p.dv);
+            detail::tile_gemm<T>(cols, p.dv, rows, T(1), Pd, 1, block_k, dO_t, p.dv, T(1), dV + t * cols * p.dv, p.dv);
         // dS = P ⊙ (dropout_mask ⊙ (dO·Vᵀ) − D)
-        small_gemm<T>(rows, cols, p.dv, T(1), dO_t, p.dv, 1, s.Vt.data(), cols, T(0), dS, block_k);
+        detail::tile_gemm<T>(rows, cols, p.dv, T(1), dO_t, p.dv, 1, s.Vt.data(), cols, T(0), dS, block_k);
         for (std::int64_t r = 0; r < rows; ++r) {
             RowMap<T> ds(dS + r * block_k, cols);
             if (p.dropout) detail::multiply_by_keep(ds.data(), ds.data(), cols, bits[r], p.drop_scale);
@@ -212,9 +195,9 @@ void small_backward(const Problem<T>& p, T* dQ, T* dK, T* dV, T* dB, const Broad
                 else *dst += p.bias_scale * ds.sum();
             }
         if (dQ)  // dQ += scale·dS·K
-            small_gemm<T>(rows, p.d, cols, p.scale, dS, block_k, 1, p.k + t * cols * p.d, p.d, T(1), dQ + t * rows * p.d, p.d);
+            detail::tile_gemm<T>(rows, p.d, cols, p.scale, dS, block_k, 1, p.k + t * cols * p.d, p.d, T(1), dQ + t * rows * p.d, p.d);
         if (dK)  // dK += scale·dSᵀ·Q
-            small_gemm<T>(cols, p.d, rows, p.scale, dS, 1, block_k, Qt, p.d, T(1), dK + t * cols * p.d, p.d);
+            detail::tile_gemm<T>(cols, p.d, rows, p.scale, dS, 1, block_k, Qt, p.d, T(1), dK + t * cols * p.d, p.d);
     }
 }
 
