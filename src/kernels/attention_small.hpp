@@ -46,6 +46,22 @@ struct SmallScratch {
     }
 };
 
+// C (m×n) = alpha·op(A)·B (tile_gemm with beta = 0) in blocks of 8 rows: a one-tile problem has few
+// rows, and tile_gemm's 6 + 2 rows leave the 2-row block's short accumulator chains waiting on the
+// FMA latency for the whole k loop. Each element is still the k products summed in order by FMAs
+// and then scaled, as in tile_gemm: the same bits. (Not with beta ≠ 0: whether C·beta or acc·alpha
+// is fused into the final add is the compiler's choice per instantiation.)
+template <class T>
+void small_gemm(std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col,
+                const T* B, std::int64_t ldb, T* C, std::int64_t ldc) {
+    constexpr int W = detail::Simd<T, detail::simd_bytes>::lanes;
+    if (m % 8 != 0 || n > 2 * W) {  // 8 rows × block_vectors vectors would spill
+        detail::tile_gemm<T>(m, n, k, alpha, A, a_row, a_col, B, ldb, T(0), C, ldc);
+        return;
+    }
+    for (std::int64_t r = 0; r < m; r += 8) detail::row_block<T, 8>(n, k, alpha, A + r * a_row, a_row, a_col, B, ldb, T(0), C + r * ldc, ldc);
+}
+
 // Xt (cols × L, leading dimension L) = Xᵀ for the row-major (L × cols) X.
 // A row of Xt at a time by masked gathers where AVX-512 has them (a scalar loop cost ~1 cycle per
 // element: 10 % of a tiny step).
@@ -79,7 +95,7 @@ void small_transpose(const T* X, std::int64_t L, std::int64_t cols, T* Xt) {
 // general kernels' raw_scores + finish_scores without a modifier). Kt: Kᵀ of t (d × Lk).
 template <class T>
 void small_scores(const Problem<T>& p, std::int64_t t, const T* Kt, T* S) {
-    detail::tile_gemm<T>(p.Lq, p.Lk, p.d, p.scale, p.q + t * p.Lq * p.d, p.d, 1, Kt, p.Lk, T(0), S, block_k);
+    small_gemm<T>(p.Lq, p.Lk, p.d, p.scale, p.q + t * p.Lq * p.d, p.d, 1, Kt, p.Lk, S, block_k);
     p.add_operand(p.bias, p.bias_scale, t, 0, p.Lq, 0, p.Lk, S);
     p.outer_terms(t, 0, p.Lq, 0, p.Lk, S, TileKind::full);
 }
@@ -180,7 +196,7 @@ void small_backward(const Problem<T>& p, T* dQ, T* dK, T* dV, T* dB, const Broad
         if (dV)  // dV += dropout(P)ᵀ·dO
             detail::tile_gemm<T>(cols, p.dv, rows, T(1), Pd, 1, block_k, dO_t, p.dv, T(1), dV + t * cols * p.dv, p.dv);
         // dS = P ⊙ (dropout_mask ⊙ (dO·Vᵀ) − D)
-        detail::tile_gemm<T>(rows, cols, p.dv, T(1), dO_t, p.dv, 1, s.Vt.data(), cols, T(0), dS, block_k);
+        small_gemm<T>(rows, cols, p.dv, T(1), dO_t, p.dv, 1, s.Vt.data(), cols, dS, block_k);
         for (std::int64_t r = 0; r < rows; ++r) {
             RowMap<T> ds(dS + r * block_k, cols);
             if (p.dropout) detail::multiply_by_keep(ds.data(), ds.data(), cols, bits[r], p.drop_scale);
