@@ -4,7 +4,10 @@ shapes, ours (bench_overhead: generic path and fused path) against PyTorch eager
 separate processes run alternately (BENCHMARKING.md: never in one process, never trust one timing).
 
     pip install torch numpy
-    python3 bench/overhead_vs_torch.py --build build [--reps 5] [--no-limits]
+    python3 bench/overhead_vs_torch.py --build build [--base BASE_BUILD] [--reps 5] [--no-limits]
+
+--base adds the same benchmark from another build (the code before a change), run in the same
+alternation, as rows `base generic` / `base fused`.
 
 Prints a Markdown table for docs/PERFORMANCE.md.
 """
@@ -63,6 +66,7 @@ def torch_us(shape):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
+    ap.add_argument("--base", help="another build directory to time alternately (rows 'base ...')")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-limits", action="store_true", help="skip ../shared/tools/machine-limits/run.sh")
     a = ap.parse_args()
@@ -70,12 +74,14 @@ def main():
 
     print_machine(a.no_limits)
     print(f"torch {torch.__version__}, 1 thread, {a.reps} alternating repetitions\n")
-    paths = ("generic", "fused")
+    paths = ("generic", "fused") + (("base generic", "base fused") if a.base else ())
     ours_t = {(p, s): [] for p in paths for s in SHAPES}
     torch_t = {s: [] for s in SHAPES}
     allocs = {}
     for r in range(a.reps):
         res = ours(a.build)
+        if a.base:
+            res.update({("base " + p, s): r for (p, s), r in ours(a.base).items()})
         for key in ours_t:
             ours_t[key].append(res[key][0])
             allocs[key] = res[key][1]

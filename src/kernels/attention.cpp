@@ -378,6 +378,11 @@ void online_softmax_tile(T* S, std::int64_t r0, std::int64_t rows, std::int64_t 
 }
 
 }  // namespace
+}  // namespace autodiff
+
+#include "attention_small.hpp"
+
+namespace autodiff {
 
 template <class T>
 bool attention_stores_dropout_mask(const Shape& q, const Shape& k, const AttentionOptions& opt) {
@@ -405,6 +410,10 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
         saved.keep_bits = Tensor<std::uint64_t>(Shape{p.items * p.Lq, (p.Lk + block_k - 1) / block_k});
     std::uint64_t* const keep_bits = saved.keep_bits.data();
     if (out.numel() == 0) return saved;
+    if (one_tile_problem(p)) {
+        small_forward(p, saved, opt);
+        return saved;
+    }
     const std::int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
     // Work items run over (leading index, query block); consecutive items of one thread share the
     // leading index, so its Kᵀ is transposed once per thread and leading index, not per block.
@@ -516,6 +525,12 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     if (dbias) *dbias = !full_dbias ? zeros<T>(bias.shape()) : kept ? std::exchange(saved.scores, Tensor<T>()) : Tensor<T>(scores);
     if (out.numel() == 0 || p.Lk == 0) {
         if (dbias) dbias->fill(T(0));
+        return;
+    }
+    if (one_tile_problem(p)) {
+        small_backward(p, dQ ? dQ->data() : nullptr, dK ? dK->data() : nullptr, dV ? dV->data() : nullptr,
+                       dbias ? dbias->data() : nullptr, dbias ? Broadcast<T>(*dbias) : Broadcast<T>(), full_dbias, dO.data(),
+                       std::as_const(saved), kept, kept_keep);
         return;
     }
 

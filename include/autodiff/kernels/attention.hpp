@@ -158,4 +158,12 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         AttentionSaved<T>& saved, const AttentionOptions& opt,
                         const AttentionModifier<T>* mod = nullptr, std::vector<Tensor<T>>* mod_grads = nullptr);
 
+// Whether problems of one tile (at most 64 query rows and 64 keys per leading index, no modifier, too
+// little work for threads) take the fused kernels' one-tile path, which gives the general kernels'
+// results bit for bit at a fraction of their per-call cost (issue 11's tiny graph). On by default;
+// switched off only by the tests that compare the two paths. Process-wide: not for use while other
+// threads run attention.
+void set_attention_one_tile_path(bool enabled);
+[[nodiscard]] bool attention_one_tile_path();
+
 }  // namespace autodiff
