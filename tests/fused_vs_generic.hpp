@@ -2,10 +2,13 @@
 // The oracle check shared by the fused-path tests: the same expression through the fused kernels and
 // through the generic path (NoFusionGuard), compared on the output and on every Param's gradient.
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include <autodiff/autodiff.hpp>
+#include <doctest/doctest.h>
 
 namespace test {
 
@@ -42,6 +45,17 @@ inline autodiff::Tensor<float> to_float(const autodiff::Tensor<double>& t) {
 // max |a − ref| / max |ref|: a float result against a double reference.
 inline double relative_error(const autodiff::Tensor<float>& a, const autodiff::Tensor<double>& ref) {
     return (a.array().cast<double>() - ref.array()).abs().maxCoeff() / ref.array().abs().maxCoeff();
+}
+
+// Float results against their double references, each within relative 1e-5 of the reference's largest
+// value (relative_error): a few units of float rounding over sums of ~100 terms.
+inline void check_float_close_to_double(
+    std::initializer_list<std::pair<const autodiff::Tensor<float>*, const autodiff::Tensor<double>*>> pairs) {
+    int i = 0;
+    for (const auto& [a, ref] : pairs) {
+        CAPTURE(i++);
+        CHECK(relative_error(*a, *ref) < 1e-5);
+    }
 }
 
 }  // namespace test

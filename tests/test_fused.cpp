@@ -176,13 +176,8 @@ TEST_CASE("fused attention: float results agree with the double generic path") {
     ad::NoFusionGuard generic;
     ad::Var<double> O64 = ad::matmul(ad::softmax(ad::matmul(q64, ad::transpose(k64)) * 0.2 + b64, ad::causal), v64);
     O64.backward(ad::ones<double>(O64.shape()));
-    // fp32 relative 1e-5 of each tensor's largest value: a few units of float rounding over sums of 100 terms.
-    const auto rel = test::relative_error;
-    CHECK(rel(O.value(), O64.value()) < 1e-5);
-    CHECK(rel(q.grad(), q64.grad()) < 1e-5);
-    CHECK(rel(k.grad(), k64.grad()) < 1e-5);
-    CHECK(rel(v.grad(), v64.grad()) < 1e-5);
-    CHECK(rel(b.grad(), b64.grad()) < 1e-5);
+    test::check_float_close_to_double(
+        {{&O.value(), &O64.value()}, {&q.grad(), &q64.grad()}, {&k.grad(), &k64.grad()}, {&v.grad(), &v64.grad()}, {&b.grad(), &b64.grad()}});
 }
 
 TEST_CASE("fused attention: float K and V transposed 16 by 16 (d, dv multiples of 16) and key by key (the keys after the last 16)") {
@@ -198,11 +193,7 @@ TEST_CASE("fused attention: float K and V transposed 16 by 16 (d, dv multiples o
     ad::NoFusionGuard generic;
     ad::Var<double> O64 = ad::matmul(ad::softmax(ad::matmul(q64, ad::transpose(k64)) * 0.2), v64);
     O64.backward(ad::ones<double>(O64.shape()));
-    const auto rel = test::relative_error;
-    CHECK(rel(O.value(), O64.value()) < 1e-5);
-    CHECK(rel(q.grad(), q64.grad()) < 1e-5);
-    CHECK(rel(k.grad(), k64.grad()) < 1e-5);
-    CHECK(rel(v.grad(), v64.grad()) < 1e-5);
+    test::check_float_close_to_double({{&O.value(), &O64.value()}, {&q.grad(), &q64.grad()}, {&k.grad(), &k64.grad()}, {&v.grad(), &v64.grad()}});
 }
 
 TEST_CASE("fused attention: bitwise identical results on 1 and 2 threads, for every bias shape") {

@@ -336,13 +336,8 @@ TEST_CASE("float fused modifiers agree with the double generic path") {
     ad::NoFusionGuard generic;
     ad::Var<double> O64 = ad::matmul(ad::softmax(ad::tanh(ad::matmul(q64, ad::transpose(k64)) * 0.05) * 4.0 + b64, ad::sliding_window(30)), v64);
     O64.backward(ad::ones<double>(O64.shape()));
-    // fp32 relative 1e-5 of each tensor's largest value, as for the plain fused path (test_fused.cpp).
-    const auto rel = test::relative_error;
-    CHECK(rel(O.value(), O64.value()) < 1e-5);
-    CHECK(rel(q.grad(), q64.grad()) < 1e-5);
-    CHECK(rel(k.grad(), k64.grad()) < 1e-5);
-    CHECK(rel(v.grad(), v64.grad()) < 1e-5);
-    CHECK(rel(b.grad(), b64.grad()) < 1e-5);
+    test::check_float_close_to_double(
+        {{&O.value(), &O64.value()}, {&q.grad(), &q64.grad()}, {&k.grad(), &k64.grad()}, {&v.grad(), &v64.grad()}, {&b.grad(), &b64.grad()}});
 }
 
 TEST_CASE("tiles of a mask: intervals and element tests classify every tile as its elements say") {
