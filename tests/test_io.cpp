@@ -283,6 +283,8 @@ TEST_CASE("Adam resumed from saved parameters and state continues bit for bit") 
                         {"metadata 'steps' must be a whole number >= the largest per-parameter step (3), got '" + std::string(bad) + "'"});
         }
         CHECK(opt_b.steps() == 3);  // a refused file changes nothing
+        check_error([&] { opt_b.set_steps(2); }, "Adam", {"steps 2 must be >= the 3 steps parameter 0 took"});
+        CHECK(opt_b.steps() == 3);
     }
 }
 

@@ -223,6 +223,17 @@ def test_the_native_function_reads_inputs_in_place_and_refuses_strided_ones():
     assert_close(out, expected + 1.0, 1e-10, "out + 1")
 
 
+def test_a_dropout_mask_of_the_wrong_dtype_or_shape_is_refused():
+    q, k, v = (t.detach() for t in qkv())
+    out, lse, _, bits = aa._C.attention_forward(q, k, v, None, None, False, 0.1, 0.5, 3, False, True)
+    assert bits.dtype == torch.uint64 and bits.shape == (N * H * LQ, 1)
+    args = (torch.ones_like(out), q, k, v, None, None, out, lse, False, 0.1, 0.5, 3, [True, True, True, False], None)
+    with pytest.raises(aa.Error, match=r"attention: keep_bits must be uint64 \(the forward's dropout mask\), got \(DLPack"):
+        aa._C.attention_backward(*args, bits.view(torch.int64))
+    with pytest.raises(aa.Error, match=r"saved dropout mask \(41,1\) must have the shape \(42,1\)"):
+        aa._C.attention_backward(*args, bits[:-1])
+
+
 def test_gradcheck_float64_with_bias_mask_causal_and_dropout():
     q, k, v = qkv(lq=5, lk=6)
     bias = make((H, 5, 6), seed=4)
