@@ -200,7 +200,7 @@ __global__ void dropout_kernel(std::uint64_t seed, std::uint64_t offset, std::ui
             const std::int64_t i = 4 * q + l;
             if (i >= n) break;
             const bool keep = !drop_all && bits[static_cast<std::size_t>(l)] >= threshold;
-            out[i] = store<S>(keep ? load(in[i]) * scale : 0.f);
+            out[i] = store<S>(load(in[i]) * (keep ? scale : 0.f));  // x·0 as the CPU: −0 and NaN kept
         }
     }
 }
