@@ -143,6 +143,101 @@ DeviceTensor<T> sum_rows_forward(const DeviceTensor<T>& x) {
     return s;
 }
 
+template <class T>
+float mse_loss_forward(const DeviceTensor<T>& a, const DeviceTensor<T>& b) {
+    constexpr std::string_view op = "mse_loss (cuda)";
+    expect_defined(op, "a", a);
+    expect_like(op, "a", a, "b", b);
+    if (a.numel() == 0) fail(op, "inputs are empty {}", a.shape());
+    DeviceTensor<T> squares(a.shape());  // (a − b)², rounded to T as the CPU rounds to its T
+    detail::cuda_check(detail::launch_difference(dtype_of<T>(), true, 0.f, a.data(), b.data(), squares.data(), a.numel()), op,
+                       "the elementwise kernel");
+    return sum_forward(squares) / static_cast<float>(a.numel());
+}
+
+template <class T>
+void mse_loss_backward(NoDeduce<DeviceTensor<T>>* da, NoDeduce<DeviceTensor<T>>* db, float dloss, const DeviceTensor<T>& a,
+                       const DeviceTensor<T>& b) {
+    constexpr std::string_view op = "mse_loss_backward (cuda)";
+    expect_defined(op, "a", a);
+    expect_like(op, "a", a, "b", b);
+    const float k = dloss * 2.f / static_cast<float>(a.numel());
+    DeviceTensor<T> g(a.shape());
+    detail::cuda_check(detail::launch_difference(dtype_of<T>(), false, k, a.data(), b.data(), g.data(), a.numel()), op,
+                       "the elementwise kernel");
+    if (db) *db = unary_forward(DeviceUnaryOp::neg, g);
+    if (da) *da = std::move(g);
+}
+
+// ---- layout -----------------------------------------------------------------------------------
+
+namespace {
+
+// Row-major strides of s.
+std::array<std::int64_t, max_rank> strides_of(const Shape& s) {
+    std::array<std::int64_t, max_rank> st{};
+    std::int64_t stride = 1;
+    for (int k = s.rank() - 1; k >= 0; --k) {
+        st[static_cast<std::size_t>(k)] = stride;
+        stride *= s[k];
+    }
+    return st;
+}
+
+// The dense side's shape (rank r) and the strided side's strides per dense dimension, left-padded to rank 4.
+void pad4(int rank, const Shape& dense, const std::array<std::int64_t, max_rank>& strides, std::int64_t shape4[4], std::int64_t strides4[4]) {
+    for (int k = 0; k < 4; ++k) {
+        const int d = k - (4 - rank);
+        shape4[k] = d < 0 ? 1 : dense[d];
+        strides4[k] = d < 0 ? 0 : strides[static_cast<std::size_t>(d)];
+    }
+}
+
+}  // namespace
+
+template <class T>
+DeviceTensor<T> permute_forward(const DeviceTensor<T>& x, const Permutation& perm) {
+    constexpr std::string_view op = "permute (cuda)";
+    expect_defined(op, "x", x);
+    DeviceTensor<T> y(permute_output_shape(op, x.shape(), perm));
+    const auto xs = strides_of(x.shape());
+    std::array<std::int64_t, max_rank> read{};  // y's dimension k walks x's dimension perm[k]
+    for (int k = 0; k < x.rank(); ++k) read[static_cast<std::size_t>(k)] = xs[static_cast<std::size_t>(perm[static_cast<std::size_t>(k)])];
+    std::int64_t shape4[4], strides4[4];
+    pad4(x.rank(), y.shape(), read, shape4, strides4);
+    detail::cuda_check(detail::launch_strided_copy(dtype_of<T>(), x.data(), y.data(), shape4, strides4, 0, false), op, "the copy kernel");
+    return y;
+}
+
+template <class T>
+DeviceTensor<T> narrow_forward(const DeviceTensor<T>& x, int dim, std::int64_t start, std::int64_t length) {
+    constexpr std::string_view op = "narrow (cuda)";
+    expect_defined(op, "x", x);
+    DeviceTensor<T> y(narrow_output_shape(op, x.shape(), dim, start, length));
+    const auto xs = strides_of(x.shape());
+    std::int64_t shape4[4], strides4[4];
+    pad4(x.rank(), y.shape(), xs, shape4, strides4);
+    detail::cuda_check(detail::launch_strided_copy(dtype_of<T>(), x.data(), y.data(), shape4, strides4, start * xs[static_cast<std::size_t>(dim)], false),
+                       op, "the copy kernel");
+    return y;
+}
+
+template <class T>
+DeviceTensor<T> narrow_backward(const DeviceTensor<T>& dy, const Shape& x_shape, int dim, std::int64_t start) {
+    constexpr std::string_view op = "narrow_backward (cuda)";
+    expect_defined(op, "dy", dy);
+    if (dy.shape() != narrow_output_shape(op, x_shape, dim, start, dy.rank() > dim && dim >= 0 ? dy.shape()[dim] : 0))
+        fail(op, "dy {} does not match a slice of {} along dimension {}", dy.shape(), x_shape, dim);
+    DeviceTensor<T> dx(x_shape);
+    dx.zero();
+    const auto xs = strides_of(x_shape);
+    std::int64_t shape4[4], strides4[4];
+    pad4(x_shape.rank(), dy.shape(), xs, shape4, strides4);
+    detail::cuda_check(detail::launch_strided_copy(dtype_of<T>(), dy.data(), dx.data(), shape4, strides4, start * xs[static_cast<std::size_t>(dim)], true),
+                       op, "the copy kernel");
+    return dx;
+}
+
 // ---- softmax ----------------------------------------------------------------------------------
 
 template <class T>
@@ -241,6 +336,11 @@ DeviceTensor<T> dropout_backward(const DropoutDescriptor& d, const DeviceTensor<
                                      const DeviceTensor<T>&);                                                                             \
     template float sum_forward<T>(const DeviceTensor<T>&);                                                                                \
     template DeviceTensor<T> sum_rows_forward<T>(const DeviceTensor<T>&);                                                                 \
+    template float mse_loss_forward<T>(const DeviceTensor<T>&, const DeviceTensor<T>&);                                                   \
+    template void mse_loss_backward<T>(DeviceTensor<T>*, DeviceTensor<T>*, float, const DeviceTensor<T>&, const DeviceTensor<T>&);        \
+    template DeviceTensor<T> permute_forward<T>(const DeviceTensor<T>&, const Permutation&);                                              \
+    template DeviceTensor<T> narrow_forward<T>(const DeviceTensor<T>&, int, std::int64_t, std::int64_t);                                  \
+    template DeviceTensor<T> narrow_backward<T>(const DeviceTensor<T>&, const Shape&, int, std::int64_t);                                 \
     template DeviceTensor<T> softmax_forward<T>(const DeviceTensor<T>&, const DeviceMask&, const DeviceTensor<T>&);                       \
     template DeviceTensor<T> softmax_backward<T>(const DeviceTensor<T>&, const DeviceTensor<T>&);                                         \
     template DeviceTensor<T> dropout_forward<T>(const DropoutDescriptor&, const DeviceTensor<T>&);                                        \

@@ -25,6 +25,9 @@ using ex::store;
 
 constexpr int threads = 256;
 
+template <class S>
+using Inputs2 = ex::Inputs<S, 2>;
+
 // Calls f with a null pointer of the storage type of dtype (float, __nv_bfloat16, __half).
 template <class F>
 cudaError_t with_storage(DeviceDType dtype, F&& f) {
@@ -73,6 +76,27 @@ cudaError_t with_binary(DeviceBinaryOp op, F&& f) {
 int blocks_for(std::int64_t n, int per_block) {
     const std::int64_t b = (n + per_block - 1) / per_block;
     return static_cast<int>(b < 65535 * 32 ? b : 65535 * 32);
+}
+
+// ---- layout ----------------------------------------------------------------------------------------
+
+struct Strided {
+    std::int64_t shape[4];
+    std::int64_t strides[4];
+    std::int64_t base;
+};
+
+template <class S, bool Scatter>
+__global__ void strided_copy_kernel(const S* in, S* out, Strided g, std::int64_t n) {
+    for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x) {
+        std::int64_t rest = i, offset = g.base;
+        for (int k = 3; k >= 0; --k) {
+            offset += rest % g.shape[k] * g.strides[k];
+            rest /= g.shape[k];
+        }
+        if constexpr (Scatter) out[offset] = in[i];
+        else out[i] = in[offset];
+    }
 }
 
 // ---- rows and reductions ------------------------------------------------------------------------
@@ -252,6 +276,34 @@ cudaError_t launch_binary_backward(DeviceDType dtype, DeviceBinaryOp op, const v
             return ex::evaluate_gradients<S, 2>(e, {{static_cast<const S*>(a), static_cast<const S*>(b)}}, static_cast<const S*>(dy),
                                                 {{static_cast<S*>(da), static_cast<S*>(db)}}, false, n);
         });
+    });
+}
+
+cudaError_t launch_difference(DeviceDType dtype, bool square, float scale, const void* a, const void* b, void* out, std::int64_t n) {
+    return with_storage(dtype, [&]<class S>(S*) {
+        const Inputs2<S> in{{static_cast<const S*>(a), static_cast<const S*>(b)}};
+        constexpr auto x = ex::arg<0>();
+        constexpr auto y = ex::arg<1>();
+        return square ? ex::evaluate<S, 2>(ex::square(x - y), in, static_cast<S*>(out), n)
+                      : ex::evaluate<S, 2>(ex::scale(x - y, scale), in, static_cast<S*>(out), n);
+    });
+}
+
+cudaError_t launch_strided_copy(DeviceDType dtype, const void* in, void* out, const std::int64_t shape[4], const std::int64_t strides[4],
+                                std::int64_t base, bool scatter) {
+    Strided g{};
+    std::int64_t n = 1;
+    for (int k = 0; k < 4; ++k) {
+        g.shape[k] = shape[k];
+        g.strides[k] = strides[k];
+        n *= shape[k];
+    }
+    g.base = base;
+    if (n == 0) return cudaSuccess;
+    return with_storage(dtype, [&]<class S>(S*) {
+        if (scatter) strided_copy_kernel<S, true><<<blocks_for(n, threads), threads>>>(static_cast<const S*>(in), static_cast<S*>(out), g, n);
+        else strided_copy_kernel<S, false><<<blocks_for(n, threads), threads>>>(static_cast<const S*>(in), static_cast<S*>(out), g, n);
+        return cudaGetLastError();
     });
 }
 

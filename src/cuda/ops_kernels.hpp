@@ -24,6 +24,16 @@ cudaError_t launch_binary(DeviceDType dtype, DeviceBinaryOp op, const void* a, c
 cudaError_t launch_binary_backward(DeviceDType dtype, DeviceBinaryOp op, const void* a, const void* b, const void* dy, void* da, void* db,
                                    std::int64_t n);
 
+// out = scale·(a − b); with square: out = (a − b)² (scale ignored). mse_loss's two expressions.
+cudaError_t launch_difference(DeviceDType dtype, bool square, float scale, const void* a, const void* b, void* out, std::int64_t n);
+
+// ---- layout: permute and narrow as one strided copy ------------------------------------------------
+// The output (or, with scatter, the input) is dense of padded rank-4 shape `shape`; the other side is
+// read (written) at base + Σ_k index_k·strides[k]. gather: out[i] = in[base + ...]; scatter:
+// out[base + ...] = in[i] (the narrow backward, into a zeroed dx).
+cudaError_t launch_strided_copy(DeviceDType dtype, const void* in, void* out, const std::int64_t shape[4], const std::int64_t strides[4],
+                                std::int64_t base, bool scatter);
+
 // ---- rows and reductions ------------------------------------------------------------------------
 // y (rows, n) = b (n) repeated on every row.
 cudaError_t launch_broadcast_rows(DeviceDType dtype, const void* b, void* y, std::int64_t rows, std::int64_t n);

@@ -21,6 +21,7 @@
 #include "autodiff/cuda/optim.hpp"
 #include "autodiff/kernels/elementwise.hpp"
 #include "autodiff/kernels/gemm.hpp"
+#include "autodiff/kernels/layout.hpp"
 #include "autodiff/kernels/linear.hpp"
 #include "autodiff/kernels/reduce.hpp"
 #include "fused_expression.hpp"
@@ -296,6 +297,49 @@ TEST_CASE("sums: the full sum and the sum over rows match the CPU") {
     check_close("sum_rows", ad::sum_rows_forward(x.device), rows, fp32_tolerance);
 }
 
+TEST_CASE("mse_loss: forward and backward match the CPU") {
+    const auto a = random_input<float>(Shape{3, 17, 29}, 55), b = random_input<float>(Shape{3, 17, 29}, 56);
+    const float loss = ad::mse_loss_forward(a.device, b.device), loss_cpu = ad::mse_loss_forward<float>(a.host, b.host);
+    MESSAGE("mse_loss: ", loss, " vs ", loss_cpu);
+    CHECK(std::abs(loss - loss_cpu) <= 1e-5 * std::abs(loss_cpu));
+    Tensor<float> da, db;
+    ad::mse_loss_backward<float>(&da, &db, 0.75f, a.host, b.host);
+    DeviceTensor<float> gda, gdb;
+    ad::mse_loss_backward<float>(&gda, &gdb, 0.75f, a.device, b.device);
+    check_close("da", gda, da, fp32_tolerance);
+    check_close("db", gdb, db, fp32_tolerance);
+    const auto ab = random_input<ad::bf16>(Shape{1000}, 57), bb = random_input<ad::bf16>(Shape{1000}, 58);
+    const float loss_bf16 = ad::mse_loss_forward(ab.device, bb.device), ref = ad::mse_loss_forward<float>(ab.host, bb.host);
+    MESSAGE("mse_loss (bf16): ", loss_bf16, " vs ", ref);
+    CHECK(std::abs(loss_bf16 - ref) <= bf16_tolerance * ref);
+}
+
+// ---- layout ----------------------------------------------------------------------------------------
+
+TEST_CASE("permute and narrow: the CPU's copies; split and merge heads as reshape + permute") {
+    const auto x = random_input<float>(Shape{2, 5, 3, 4}, 91);
+    for (const ad::Permutation perm : {ad::Permutation{0, 2, 1, 3}, ad::Permutation{3, 1, 0, 2}, ad::Permutation{0, 1, 2, 3}}) {
+        INFO("perm ", perm[0], perm[1], perm[2], perm[3]);
+        CHECK(bitwise_equal(ad::to(ad::permute_forward(x.device, perm), ad::cpu), ad::permute_forward<float>(x.host, perm)));
+    }
+    const auto x3 = random_input<ad::bf16>(Shape{7, 3, 5}, 92);
+    CHECK(bitwise_equal(ad::to(ad::permute_forward(x3.device, {2, 0, 1, 0}), ad::cpu), ad::permute_forward<float>(x3.host, {2, 0, 1, 0})));
+    // split_heads then merge_heads gives x back.
+    const DeviceTensor<float> heads = ad::permute_forward(x.device.reshape(Shape{2, 5, 3, 4}), {0, 2, 1, 3});
+    CHECK(heads.shape() == Shape{2, 3, 5, 4});
+    CHECK(bitwise_equal(ad::to(ad::permute_forward(heads, ad::inverse_permutation({0, 2, 1, 3}, 4)), ad::cpu), x.host));
+
+    for (int dim = 0; dim < 4; ++dim) {
+        INFO("dim ", dim);
+        const std::int64_t start = dim == 1 ? 2 : 1, length = dim == 1 ? 3 : 1;
+        const Tensor<float> y = ad::narrow_forward<float>(x.host, dim, start, length);
+        CHECK(bitwise_equal(ad::to(ad::narrow_forward(x.device, dim, start, length), ad::cpu), y));
+        const auto dy = random_input<float>(y.shape(), 93 + static_cast<std::uint64_t>(dim));
+        CHECK(bitwise_equal(ad::to(ad::narrow_backward(dy.device, x.host.shape(), dim, start), ad::cpu),
+                            ad::narrow_backward<float>(dy.host, x.host.shape(), dim, start)));
+    }
+}
+
 // ---- softmax ---------------------------------------------------------------------------------------
 
 Tensor<bool> key_padding(std::int64_t batch, std::int64_t Lk) {  // batch 0 keeps a prefix, the last keeps nothing
@@ -485,6 +529,10 @@ TEST_CASE("bad input: the device functional layer throws autodiff::Error naming 
                 {"keep mask (4,7) does not broadcast to the logits (2,3,5,7)"});
     check_error([&] { ad::softmax_backward(logits, DeviceTensor<float>(Shape{2, 3, 5, 6})); }, "softmax_backward (cuda)",
                 {"dy has shape (2,3,5,7)", "y has shape (2,3,5,6)"});
+    check_error([&] { ad::permute_forward(logits, {0, 1, 1, 3}); }, "permute (cuda)", {"(0,1,1,3) is not a permutation of the 4 dimensions"});
+    check_error([&] { ad::narrow_forward(logits, 3, 5, 3); }, "narrow (cuda)", {"slice [5, 8) of dimension 3 is out of range for input (2,3,5,7)"});
+    check_error([&] { ad::narrow_backward(x, Shape{4, 9}, 1, 2); }, "narrow_backward (cuda)", {"slice [2, 10) of dimension 1"});
+    check_error([&] { ad::mse_loss_forward(x, dy); }, "mse_loss (cuda)", {"b has shape (4,3) but a has shape (4,8)"});
     check_error([&] { ad::dropout_forward({1.0, 0, 0, true}, x); }, "dropout (cuda)", {"rate must be in [0, 1), got 1"});
     check_error([&] { ad::dropout_backward({-0.5, 0, 0, true}, x); }, "dropout_backward (cuda)", {"rate must be in [0, 1), got -0.5"});
     ad::DeviceAdamState state;

@@ -11,6 +11,7 @@
 #include "autodiff/cuda/device.hpp"
 #include "autodiff/cuda/op_kinds.hpp"
 #include "autodiff/kernels/dropout.hpp"
+#include "autodiff/kernels/layout.hpp"
 #include "autodiff/kernels/softmax.hpp"
 
 namespace autodiff {
@@ -38,6 +39,26 @@ float sum_forward(const DeviceTensor<T>& x);
 // s = Σ over every leading index of x (..., n) -> (n): the bias gradient's reduction, in row order.
 template <class T>
 DeviceTensor<T> sum_rows_forward(const DeviceTensor<T>& x);
+
+// loss = mean((a − b)²)          a, b (same shape) -> scalar (to the host; waits for the device)
+template <class T>
+float mse_loss_forward(const DeviceTensor<T>& a, const DeviceTensor<T>& b);
+// Backward of loss = mean((a − b)²):   da = dloss·2(a − b)/N,  db = −da (allocated; nullptr: not wanted).
+template <class T>
+void mse_loss_backward(NoDeduce<DeviceTensor<T>>* da, NoDeduce<DeviceTensor<T>>* db, float dloss, const DeviceTensor<T>& a,
+                       const DeviceTensor<T>& b);
+
+// ---- layout (kernels/layout.hpp): one strided-copy kernel ---------------------------------------------
+// y.dim(k) = x.dim(perm[k]) (a copy). The backward is permute by inverse_permutation(perm, rank).
+// split_heads is reshape (B, L, H, D) + permute {0, 2, 1, 3}; merge_heads the inverse.
+template <class T>
+DeviceTensor<T> permute_forward(const DeviceTensor<T>& x, const Permutation& perm);
+// y = x[..., start:start+length, ...] along dim (a copy).
+template <class T>
+DeviceTensor<T> narrow_forward(const DeviceTensor<T>& x, int dim, std::int64_t start, std::int64_t length);
+// Backward of narrow: dx = zeros(x_shape) with the slice set to dy.
+template <class T>
+DeviceTensor<T> narrow_backward(const DeviceTensor<T>& dy, const Shape& x_shape, int dim, std::int64_t start);
 
 // ---- softmax over the last dimension ------------------------------------------------------------
 // The masks of kernels/softmax.hpp, on the device (true = keep): causal, keep (broadcastable to x),
