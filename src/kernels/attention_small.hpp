@@ -62,6 +62,29 @@ void small_gemm(std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T
     for (std::int64_t r = 0; r < m; r += 8) detail::row_block<T, 8>(n, k, alpha, A + r * a_row, a_row, a_col, B, ldb, T(0), C + r * ldc, ldc);
 }
 
+// 8 rows × one full-width vector of C = acc·alpha + 0, acc = op(A)·B accumulated exactly as
+// detail::micro_kernel does (the same broadcasts, one FMA per k in order): micro_kernel<T, 8, 1>
+// with the + 0 of small_gemm_onto_zeros in its output pass (no second pass that waits on the
+// stores).
+template <class T>
+inline void kernel8_onto_zeros(std::int64_t k, T alpha, const T* A, std::int64_t a_row, std::int64_t a_col, const T* B,
+                               std::int64_t ldb, T* C, std::int64_t ldc) {
+    using V = typename detail::Simd<T, detail::simd_bytes>::type;
+    V acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = V{};
+    for (std::int64_t p = 0; p < k; ++p) {
+        V b = detail::load<V>(B + p * ldb);
+#if defined(__x86_64__) || defined(__i386__)
+        asm("" : "+v"(b));
+#endif
+        for (int r = 0; r < 8; ++r) {
+            const V a = A[r * a_row + p * a_col] - V{};
+            acc[r] += a * b;
+        }
+    }
+    for (int r = 0; r < 8; ++r) detail::store(C + r * ldc, acc[r] * alpha + T(0));
+}
+
 // C (m×n) = alpha·op(A)·B + C for a C that holds zeros, in small_gemm's 8-row blocks (tile_gemm's
 // 6 + 2 rows leave the 2-row block waiting on the FMA latency): what tile_gemm with beta = 1 gives
 // there (acc·alpha + 0, whichever product the compiler fuses into the add, since C·1 = 0 exactly)
@@ -78,6 +101,10 @@ template <class T>
     constexpr int W = detail::Simd<T, detail::simd_bytes>::lanes;
     if constexpr (sizeof(T) != 4) return false;  // double: the old call sites unchanged (see above)
     if (m % 8 != 0 || n > 2 * W) return false;
+    if (n == W) {
+        for (std::int64_t r = 0; r < m; r += 8) kernel8_onto_zeros<T>(k, alpha, A + r * a_row, a_row, a_col, B, ldb, C + r * ldc, ldc);
+        return true;
+    }
     for (std::int64_t r = 0; r < m; r += 8) detail::row_block<T, 8>(n, k, alpha, A + r * a_row, a_row, a_col, B, ldb, T(0), C + r * ldc, ldc);
     for (std::int64_t r = 0; r < m; ++r) {
         T* row = C + r * ldc;
@@ -286,9 +313,11 @@ void small_forward(const Problem<T>& p, AttentionSaved<T>& saved, const Attentio
             p.keep_tile(t, 0, rows, 0, cols, nullptr, keep_bits, bits);
             for (std::int64_t r = 0; r < rows; ++r) detail::multiply_by_keep(S + r * block_k, S + r * block_k, cols, bits[r], p.drop_scale);
         }
-        std::fill_n(s.acc.begin(), rows * p.dv, T(0));  // acc = 0 + P·V (onto zeros as the general kernel: the same signed zeros)
-        if (!small_gemm_onto_zeros<T>(rows, p.dv, cols, T(1), S, block_k, 1, p.v + t * cols * p.dv, p.dv, s.acc.data(), p.dv))
+        // acc = 0 + P·V (onto zeros as the general kernel: the same signed zeros)
+        if (!small_gemm_onto_zeros<T>(rows, p.dv, cols, T(1), S, block_k, 1, p.v + t * cols * p.dv, p.dv, s.acc.data(), p.dv)) {
+            std::fill_n(s.acc.begin(), rows * p.dv, T(0));
             detail::tile_gemm<T>(rows, p.dv, cols, T(1), S, block_k, 1, p.v + t * cols * p.dv, p.dv, T(1), s.acc.data(), p.dv);
+        }
         T* O = saved.O.data() + t * rows * p.dv;
         T* lse = saved.lse.data() + t * rows;
         for (std::int64_t r = 0; r < rows; ++r) {
