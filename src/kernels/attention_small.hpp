@@ -289,6 +289,22 @@ void small_scores(const Problem<T>& p, std::int64_t t, const T* Kt, T* S) {
     p.outer_terms(t, 0, p.Lq, 0, p.Lk, S, TileKind::full);
 }
 
+// dst (rows × cols, leading dimension cols) = S (leading dimension block_k): the kept scores; rows of
+// 8 floats two to a register (a copy_n per row was a memmove call per 8 elements).
+template <class T>
+void small_copy_rows(const T* S, std::int64_t rows, std::int64_t cols, T* dst) {
+    std::int64_t r = 0;
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4)
+        if (cols == 8) {
+            for (; r + 2 <= rows; r += 2) _mm512_storeu_ps(dst + r * 8, load_two_rows(S + r * block_k, S + (r + 1) * block_k, 0xFF, 0.0f));
+            if (r < rows) _mm256_storeu_ps(dst + r * 8, _mm256_loadu_ps(S + r * block_k));
+            return;
+        }
+#endif
+    for (; r < rows; ++r) std::copy_n(S + r * block_k, cols, dst + r * cols);
+}
+
 template <class T>
 void small_forward(const Problem<T>& p, AttentionSaved<T>& saved, const AttentionOptions& opt) {
     SmallScratch<T>& s = SmallScratch<T>::get();
@@ -303,8 +319,7 @@ void small_forward(const Problem<T>& p, AttentionSaved<T>& saved, const Attentio
     for (std::int64_t t = 0; t < p.items; ++t) {
         small_transpose(p.k + t * cols * p.d, cols, p.d, s.Kt.data());
         small_scores(p, t, s.Kt.data(), S);
-        if (opt.keep_scores)
-            for (std::int64_t r = 0; r < rows; ++r) std::copy_n(S + r * block_k, cols, saved.scores.data() + (t * rows + r) * cols);
+        if (opt.keep_scores) small_copy_rows(S, rows, cols, saved.scores.data() + t * rows * cols);
         // The softmax of one tile: S becomes the unnormalised P (online_softmax_tile's first tile,
         // whose rescale factors are exactly 0 and whose running sums start at 0).
         small_softmax(S, rows, cols, s.m.data(), s.l.data());
@@ -320,7 +335,24 @@ void small_forward(const Problem<T>& p, AttentionSaved<T>& saved, const Attentio
         }
         T* O = saved.O.data() + t * rows * p.dv;
         T* lse = saved.lse.data() + t * rows;
-        for (std::int64_t r = 0; r < rows; ++r) {
+        std::int64_t r0 = 0;
+#if defined(__AVX512F__)
+        if constexpr (sizeof(T) == 4)
+            if (p.dv <= 16) {  // a row of O in one register: the same division as Eigen's, without its loop
+                const auto k = static_cast<__mmask16>((1u << p.dv) - 1u);
+                for (; r0 < rows; ++r0) {
+                    const float m = s.m[static_cast<std::size_t>(r0)], l = s.l[static_cast<std::size_t>(r0)];
+                    if (m == neg_inf<T>) {
+                        _mm512_mask_storeu_ps(O + r0 * p.dv, k, _mm512_setzero_ps());
+                        lse[r0] = neg_inf<T>;
+                    } else {
+                        _mm512_mask_storeu_ps(O + r0 * p.dv, k, _mm512_div_ps(_mm512_maskz_loadu_ps(k, s.acc.data() + r0 * p.dv), _mm512_set1_ps(l)));
+                        lse[r0] = m + std::log(l);
+                    }
+                }
+            }
+#endif
+        for (std::int64_t r = r0; r < rows; ++r) {
             RowMap<T> o(O + r * p.dv, p.dv);
             const T m = s.m[static_cast<std::size_t>(r)], l = s.l[static_cast<std::size_t>(r)];
             if (m == neg_inf<T>) {  // every key masked: output 0
