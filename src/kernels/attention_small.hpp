@@ -410,13 +410,34 @@ void small_backward(const Problem<T>& p, T* dQ, T* dK, T* dV, T* dB, const Broad
                 detail::tile_gemm<T>(cols, p.dv, rows, T(1), Pd, 1, block_k, dO_t, p.dv, T(1), dV + t * cols * p.dv, p.dv);
         // dS = P ⊙ (dropout_mask ⊙ (dO·Vᵀ) − D)
         small_gemm<T>(rows, cols, p.dv, T(1), dO_t, p.dv, 1, s.Vt.data(), cols, dS, block_k);
-        for (std::int64_t r = 0; r < rows; ++r) {
+        std::int64_t r_ds = 0, r_db = 0;  // rows done two to a register (8 keys or fewer, float)
+#if defined(__AVX512F__)
+        if constexpr (sizeof(T) == 4)
+            if (cols <= 8) {
+                const auto k = static_cast<__mmask8>((1u << cols) - 1u);
+                if (!p.dropout)
+                    for (; r_ds + 2 <= rows; r_ds += 2) {  // the same P·(dS − D) per element as below
+                        float* a = dS + r_ds * block_k;
+                        const __m512 x = _mm512_sub_ps(load_two_rows(a, a + block_k, k, 0.0f),
+                                                       two_broadcasts(s.D[static_cast<std::size_t>(r_ds)], s.D[static_cast<std::size_t>(r_ds + 1)]));
+                        store_two_rows(a, a + block_k, k, _mm512_mul_ps(load_two_rows(P + r_ds * block_k, P + (r_ds + 1) * block_k, k, 0.0f), x));
+                    }
+                if (dB && full_dbias) {  // the kept scores' buffer: dB = bias_scale·dS
+                    float* dst = dB + p.lead(db_map, t);
+                    const __m512 bs = _mm512_set1_ps(p.bias_scale);
+                    for (; r_db + 2 <= rows && r_db + 2 <= r_ds; r_db += 2)
+                        store_two_rows(dst + r_db * db_map.s[2], dst + (r_db + 1) * db_map.s[2], k,
+                                       _mm512_mul_ps(bs, load_two_rows(dS + r_db * block_k, dS + (r_db + 1) * block_k, k, 0.0f)));
+                }
+            }
+#endif
+        for (std::int64_t r = r_ds; r < rows; ++r) {
             RowMap<T> ds(dS + r * block_k, cols);
             if (p.dropout) detail::multiply_by_keep(ds.data(), ds.data(), cols, bits[r], p.drop_scale);
             ds = RowMap<T>(P + r * block_k, cols) * (ds - s.D[static_cast<std::size_t>(r)]);
         }
         if (dB)  // dbias = bias_scale·reduce(dS), leading indices in order
-            for (std::int64_t r = 0; r < rows; ++r) {
+            for (std::int64_t r = r_db; r < rows; ++r) {
                 T* dst = dB + p.lead(db_map, t) + r * db_map.s[2];
                 RowMap<T> ds(dS + r * block_k, cols);
                 if (full_dbias) RowMap<T>(dst, cols) = p.bias_scale * ds;
