@@ -66,6 +66,22 @@ std::vector<Case<T>> cases() {
         out.push_back({"Lq " + std::to_string(lq) + ", Lk " + std::to_string(lk),
                        [=] { return ad::matmul(ad::dropout(ad::softmax(ad::matmul(q1, ad::transpose(k1)) + b1), drop), v1); }, {q1, k1, v1, b1}});
     }
+    // The blog's shape (2, 4, 8, 16) and d = 32, with and without a full trainable bias and a
+    // padded key: the 8 × 16 register transposes, the 16-wide 8-row products, two 8-key rows per
+    // register in the softmax.
+    for (const std::int64_t dd : {16, 32}) {
+        P q2(ad::randn<T>({2, 4, 8, dd}, 13), "q2"), k2(ad::randn<T>({2, 4, 8, dd}, 14), "k2"), v2(ad::randn<T>({2, 4, 8, dd}, 15), "v2"),
+            b2(ad::randn<T>({2, 4, 8, 8}, 16), "b2");
+        const T s2 = T(1) / std::sqrt(static_cast<T>(dd));
+        const std::string tag = "blog shape, d " + std::to_string(dd);
+        out.push_back({tag + ", full bias", [=] { return ad::matmul(ad::softmax(ad::matmul(q2, ad::transpose(k2)) * s2 + b2), v2); }, {q2, k2, v2, b2}});
+        out.push_back({tag + ", no bias", [=] { return ad::matmul(ad::softmax(ad::matmul(q2, ad::transpose(k2)) * s2), v2); }, {q2, k2, v2}});
+        ad::Tensor<bool> pad2 = ad::full<bool>({2, 8}, true);
+        for (std::int64_t j = 0; j < 8; ++j) pad2(0, j) = false;  // batch 0: every row fully masked
+        pad2(1, 7) = false;
+        const ad::Mask masks2 = ad::key_padding_mask(pad2);
+        out.push_back({tag + ", key padding, dropout", [=] { return ad::matmul(ad::dropout(ad::softmax(ad::matmul(q2, ad::transpose(k2)) * s2 + b2, masks2), drop), v2); }, {q2, k2, v2, b2}});
+    }
     const ad::Tensor<T> fixed = ad::randn<T>({n, h, Lq, Lk}, 12);
     out.push_back({"constant bias", [=] { return ad::matmul(ad::softmax(scores() + fixed), v); }, {q, k, v}});
     return out;
