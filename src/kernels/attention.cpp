@@ -653,16 +653,17 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         const bool kept_S = kept_tile && !p.keeps_x;
                         const T* S = kept_S ? kept_tile : P;
                         const std::int64_t lds = kept_S ? p.Lk : block_k;
-                        // x for f: read in place from the kept buffer, else recomputed. Without captured
-                        // gradients, f and ∂f/∂x come in one pass. With them and a bias gradient outside f
-                        // that overwrites x in the kept buffer, f's reverse-mode derivative runs first, on a
-                        // copy of dS in cache (dS_pre), and the bias gradient is stored from that copy.
+                        // x for f: read in place from the kept buffer unless a bias gradient (outside f)
+                        // overwrites it there before f's reverse-mode derivative reads it; else a copy or
+                        // recomputed. Without captured gradients, f and ∂f/∂x come in one pass.
                         const T* X = kept_S ? kept_tile : s.X.data();  // kept S: modify_backward does not read x
                         std::int64_t ldx = kept_S ? p.Lk : block_k;
-                        const bool x_under_dB = p.score_fn && !kept_S && kept_tile && !p.bias_inside && !dual && dbias;
                         if (p.score_fn && !kept_S) {
-                            if (kept_tile) {
+                            if (kept_tile && (p.bias_inside || dual)) {
                                 X = kept_tile, ldx = p.Lk;
+                            } else if (kept_tile) {
+                                AUTODIFF_PHASE(bwd_scores);
+                                for (std::int64_t r = 0; r < u.rows; ++r) std::copy_n(kept_tile + r * p.Lk, u.cols, s.X.data() + r * block_k);
                             } else {
                                 p.raw_scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), s.X.data());
                             }
@@ -712,20 +713,17 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                                 ds = RowMap<T>(P + r * block_k, u.cols) * (ds - s.D[static_cast<std::size_t>(u.i0 + r)]);
                             }
                         }
-                        auto store_dbias = [&](const T* from) {  // dbias = bias_scale·reduce(dS)
+                        auto store_dbias = [&] {  // dbias = bias_scale·reduce(dS)
                             AUTODIFF_PHASE(dbias);
                             for (std::int64_t r = 0; r < u.rows; ++r) {
                                 T* dst = dB_out + p.lead(db_map, t) + (u.i0 + r) * db_map.s[2] + u.j0 * db_map.s[3];
-                                ConstRowMap<T> ds(from + r * block_k, u.cols);
+                                RowMap<T> ds(dS + r * block_k, u.cols);
                                 if (full_dbias) RowMap<T>(dst, u.cols) = p.bias_scale * ds;
                                 else if (db_map.s[3]) RowMap<T>(dst, u.cols) += p.bias_scale * ds;
                                 else *dst += p.bias_scale * ds.sum();
                             }
                         };
-                        T* const dS_pre = s.Dfx.data();  // unused by the reverse mode otherwise
-                        if (x_under_dB)
-                            for (std::int64_t r = 0; r < u.rows; ++r) std::copy_n(dS + r * block_k, u.cols, dS_pre + r * block_k);
-                        else if (dbias && !p.bias_inside) store_dbias(dS);
+                        if (dbias && !p.bias_inside) store_dbias();
                         if (p.score_fn) {  // dS -> dx = dS ⊙ ∂f/∂x, captured tensors' gradients
                             AUTODIFF_PHASE(score_fn_backward);
                             if (dual)
@@ -733,8 +731,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                                     RowMap<T>(dS + r * block_k, u.cols) *= RowMap<T>(s.Dfx.data() + r * block_k, u.cols);
                             else mod->modify_backward(p.tile(t, u.i0, u.rows, u.j0, u.cols), X, ldx, dS, block_k, grads_w);
                         }
-                        if (x_under_dB) store_dbias(dS_pre);
-                        if (dbias && p.bias_inside) store_dbias(dS);
+                        if (dbias && p.bias_inside) store_dbias();
                         if (dQ) {  // dQ_i += scale·dS·K_j
                             AUTODIFF_PHASE(dq_product);
                             detail::tile_gemm<T>(u.rows, p.d, u.cols, p.scale, dS, block_k, 1, p.k + (t * p.Lk + u.j0) * p.d, p.d, T(1),
