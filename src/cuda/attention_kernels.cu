@@ -900,8 +900,9 @@ __device__ inline void dq_pass_turn(unsigned* turn, unsigned rank) {
 }
 
 // acc (fp32) += a warp's (16 × W) accumulator strip at rows [r0, r0 + 16), columns c0 + [0, W) of a
-// (len × width) fp32 matrix (row stride width), columns < width only. Through L2 (ld/st.cg): the
-// previous updates were made on other SMs.
+// (len × width) fp32 matrix (row stride width), columns < width only. Reductions in L2 (red.add, no
+// round trip), only ever made while holding the turn: every element receives its additions in the
+// same order on every run.
 template <int W>
 __device__ inline void add_strip(float* acc, std::int64_t r0, std::int64_t len, int width, int c0, const float (&x)[W / 8][4], int lane) {
 #pragma unroll
@@ -912,14 +913,8 @@ __device__ inline void add_strip(float* acc, std::int64_t r0, std::int64_t len, 
 #pragma unroll
         for (int n = 0; n < W / 8; ++n) {
             const int c = c0 + 8 * n + 2 * (lane % 4);
-            if (c + 1 < width && width % 2 == 0) {
-                float2* at = reinterpret_cast<float2*>(row + c);
-                const float2 old = __ldcg(at);
-                __stcg(at, make_float2(old.x + x[n][2 * h], old.y + x[n][2 * h + 1]));
-            } else {
-                if (c < width) __stcg(row + c, __ldcg(row + c) + x[n][2 * h]);
-                if (c + 1 < width) __stcg(row + c + 1, __ldcg(row + c + 1) + x[n][2 * h + 1]);
-            }
+            if (c < width) atomicAdd(row + c, x[n][2 * h]);
+            if (c + 1 < width) atomicAdd(row + c + 1, x[n][2 * h + 1]);
         }
     }
 }
@@ -938,9 +933,12 @@ __device__ inline void add_strip(float* acc, std::int64_t r0, std::int64_t len, 
 // rows of dS·K, and the block adds them to the fp32 dQ_accum (t, Lq, d) in a fixed order: query block
 // qb is visited by key blocks kb = 0 .. last(qb) = min(qb, key blocks − 1), and key block kb reaches it
 // at its step qb − kb, so the order of arrival, last(qb), last(qb) − 1, .., 0, is the order enforced:
-// dq_turn[t·q_blocks + qb] counts the key blocks done with qb, and kb waits for last(qb) − kb. No float
-// atomics, so dQ is bit-identical run to run. Key block kb only waits for kb + 1 .. (launched after it):
-// the caller makes sure every key block of one leading index fits the GPU at once (no deadlock).
+// dq_turn[t·q_blocks + qb] counts the key blocks done with qb, and kb waits for last(qb) − kb. The
+// additions are fp32 atomics, but only one key block adds to a query block at a time and always in
+// that order, so dQ is bit-identical run to run. Key block kb only waits for kb + 1 .. (launched after it):
+// the caller makes sure every key block of one leading index fits the GPU at once (no deadlock). A
+// turn is handed on one step late, after the next tile's products: by then the block's additions have
+// landed and the fence costs little.
 template <class C, int HD, bool FusedDQ>
 __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, const C* K, const C* V, const C* dO, const float* lse,
                                                        const float* D, C* dK, C* dV, C* dbias_full, float* dS_scratch, float* dQ_accum,
@@ -1001,6 +999,8 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
     if (qb < q_blocks) issue(qb, 0);
     cp_async_commit();
     const std::int64_t jw = j0 + warp * 16;
+    unsigned* held_turn = nullptr;  // FusedDQ: the turn of the last query block updated, not yet handed on
+    unsigned held_rank = 0;
     for (int buf = 0; qb < q_blocks; buf ^= 1, ++qb) {
         if (qb + 1 < q_blocks) issue(qb + 1, buf ^ 1);
         cp_async_commit();
@@ -1105,15 +1105,16 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
         product_xb<C, HD>(dk, dpt, Q_tile, LD, lane);
         if constexpr (FusedDQ) {
             // dQ_accum[queries i0 + 16w ..+15] += dS·K (this warp's query rows, all 64 keys), in turn.
-            unsigned* turn = dq_turn + t * q_blocks + qb;
-            dq_wait_turn(turn, dq_rank(qb));  // ends with a barrier: the whole dS tile is in place
+            if (held_turn) dq_pass_turn(held_turn, held_rank);
+            held_turn = dq_turn + t * q_blocks + qb;
+            held_rank = dq_rank(qb);
+            dq_wait_turn(held_turn, held_rank);  // ends with a barrier: the whole dS tile is in place
 #pragma unroll
             for (int half = 0; half < HD / 32; ++half) {
                 float dq[4][4] = {};
                 product_ab<C, 32>(dq, B_tile + warp * 16 * bias_ld, bias_ld, sK + 32 * half, LD, lane);
                 add_strip<32>(dQ_accum + t * p.Lq * p.d, i0 + warp * 16, p.Lq, p.d, 32 * half, dq, lane);
             }
-            dq_pass_turn(turn, dq_rank(qb));
         }
         if (dbias_full) {
             // The (64 queries × 64 keys) dS tile to the bias gradient, 16 bytes a thread at a time.
@@ -1134,6 +1135,9 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
             }
         }
         __syncthreads();
+    }
+    if constexpr (FusedDQ) {
+        if (held_turn) dq_pass_turn(held_turn, held_rank);
     }
     cp_async_wait<0>();
     if (dK) store_strip<C, HD>(dK + t * p.Lk * p.d, jw, p.Lk, p.d, dk, p.scale, lane);
