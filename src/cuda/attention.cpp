@@ -145,19 +145,10 @@ void attention_backward(DeviceTensor<T>* dQ, DeviceTensor<T>* dK, DeviceTensor<T
         if (full_bias) dbias->zero();
         if (dS.defined()) dS.zero();
     }
-    // dQ accumulated by the dK/dV kernel, where it can be (see attention_dq_accumulator).
-    std::int64_t dq_floats = 0;
-    if (dQ) detail::cuda_check(detail::attention_dq_accumulator(dtype_of<T>(), p, full_bias, dq_floats), op, "the dQ accumulator's query");
-    DeviceTensor<float> dq_accum;
-    if (dq_floats > 0) {
-        dq_accum = DeviceTensor<float>(Shape{dq_floats});
-        dq_accum.zero();
-    }
     DeviceTensor<float> D(saved.lse.shape());
     detail::cuda_check(detail::launch_attention_backward(dtype_of<T>(), p, Q.data(), K.data(), V.data(), dO.data(), saved.O.data(),
                                                          saved.lse.data(), D.data(), data_or_null(dQ), data_or_null(dK), data_or_null(dV),
-                                                         full_bias ? dbias->data() : nullptr, dS.defined() ? dS.data() : nullptr,
-                                                         dq_accum.defined() ? dq_accum.data() : nullptr),
+                                                         full_bias ? dbias->data() : nullptr, dS.defined() ? dS.data() : nullptr),
                        op, "the backward kernels' launch");
     if (dS.defined()) {
         const auto padded = bias.shape().padded();

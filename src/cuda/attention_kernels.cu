@@ -881,44 +881,6 @@ __device__ inline void store_strip(C* out, std::int64_t r0, std::int64_t len, in
     }
 }
 
-// The turns of the ordered dQ updates (dkdv_kernel with FusedDQ). Waits until *turn == rank (one
-// thread polls with acquire loads, then the block's barrier), and hands the turn to the next key block
-// once this block's updates are visible (fence, barrier, release store).
-__device__ inline void dq_wait_turn(const unsigned* turn, unsigned rank) {
-    if (threadIdx.x == 0) {
-        unsigned now;
-        do {
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(now) : "l"(turn) : "memory");
-        } while (now != rank);
-    }
-    __syncthreads();
-}
-__device__ inline void dq_pass_turn(unsigned* turn, unsigned rank) {
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(turn), "r"(rank + 1) : "memory");
-}
-
-// acc (fp32) += a warp's (16 × W) accumulator strip at rows [r0, r0 + 16), columns c0 + [0, W) of a
-// (len × width) fp32 matrix (row stride width), columns < width only. Reductions in L2 (red.add, no
-// round trip), only ever made while holding the turn: every element receives its additions in the
-// same order on every run.
-template <int W>
-__device__ inline void add_strip(float* acc, std::int64_t r0, std::int64_t len, int width, int c0, const float (&x)[W / 8][4], int lane) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const std::int64_t r = r0 + lane / 4 + 8 * h;
-        if (r >= len) continue;
-        float* row = acc + r * width;
-#pragma unroll
-        for (int n = 0; n < W / 8; ++n) {
-            const int c = c0 + 8 * n + 2 * (lane % 4);
-            if (c < width) atomicAdd(row + c, x[n][2 * h]);
-            if (c + 1 < width) atomicAdd(row + c + 1, x[n][2 * h + 1]);
-        }
-    }
-}
-
 // ---- backward (16-bit) ----
 // dK, dV (and dS) for keys [j0, j0 + 64) of leading index t, over the query blocks that see them.
 // Grid: (key blocks of 64, t). Warp w owns keys j0 + 16w ..+15 and computes the transposed tiles, so
@@ -928,21 +890,9 @@ __device__ inline void add_strip(float* acc, std::int64_t r0, std::int64_t len, 
 // double-buffered by cp.async. dS of a full-shape bias gradient goes through the bias tile's buffer
 // (each thread overwrites the elements it read) and out in coalesced 16-byte rows; a broadcast bias's
 // dS goes to the fp32 scratch. Tiles skipped under a mask are not written (the caller zeroes them).
-// FusedDQ (causal only, no full-shape bias gradient): dQ is accumulated here too, without recomputing
-// S and dP in a query-block kernel. dS goes through the bias tile's buffer, each warp computes 16 query
-// rows of dS·K, and the block adds them to the fp32 dQ_accum (t, Lq, d) in a fixed order: query block
-// qb is visited by key blocks kb = 0 .. last(qb) = min(qb, key blocks − 1), and key block kb reaches it
-// at its step qb − kb, so the order of arrival, last(qb), last(qb) − 1, .., 0, is the order enforced:
-// dq_turn[t·q_blocks + qb] counts the key blocks done with qb, and kb waits for last(qb) − kb. The
-// additions are fp32 atomics, but only one key block adds to a query block at a time and always in
-// that order, so dQ is bit-identical run to run. Key block kb only waits for kb + 1 .. (launched after it):
-// the caller makes sure every key block of one leading index fits the GPU at once (no deadlock). A
-// turn is handed on one step late, after the next tile's products: by then the block's additions have
-// landed and the fence costs little.
-template <class C, int HD, bool FusedDQ>
+template <class C, int HD>
 __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, const C* K, const C* V, const C* dO, const float* lse,
-                                                       const float* D, C* dK, C* dV, C* dbias_full, float* dS_scratch, float* dQ_accum,
-                                                       unsigned* dq_turn) {
+                                                       const float* D, C* dK, C* dV, C* dbias_full, float* dS_scratch) {
     constexpr int LD = HD + 8;
     const std::int64_t t = blockIdx.y, j0 = std::int64_t{blockIdx.x} * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -982,25 +932,11 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
         }
     };
     // Causal: query blocks before the first row that sees key j0 are skipped; no kept key: all are.
-    const std::int64_t q_blocks = (p.Lq + cols - 1) / cols, first_qb = p.causal ? j0 / cols : 0;
-    const bool live = tile_has_key(p, kp, j0);
-    std::int64_t qb = live ? first_qb : q_blocks;
-    // The place of this key block in the order of the dQ updates of query block q (FusedDQ).
-    const std::int64_t last_kb = (p.Lk + rows - 1) / rows - 1;
-    auto dq_rank = [&](std::int64_t q) { return static_cast<unsigned>(min(q, last_kb) - std::int64_t{blockIdx.x}); };
-    if constexpr (FusedDQ) {
-        // A key block with no kept key adds nothing but still takes its turns.
-        if (!live)
-            for (std::int64_t q = first_qb; q < q_blocks; ++q) {
-                dq_wait_turn(dq_turn + t * q_blocks + q, dq_rank(q));
-                dq_pass_turn(dq_turn + t * q_blocks + q, dq_rank(q));
-            }
-    }
+    const std::int64_t q_blocks = (p.Lq + cols - 1) / cols;
+    std::int64_t qb = tile_has_key(p, kp, j0) ? (p.causal ? j0 / cols : 0) : q_blocks;
     if (qb < q_blocks) issue(qb, 0);
     cp_async_commit();
     const std::int64_t jw = j0 + warp * 16;
-    unsigned* held_turn = nullptr;  // FusedDQ: the turn of the last query block updated, not yet handed on
-    unsigned held_rank = 0;
     for (int buf = 0; qb < q_blocks; buf ^= 1, ++qb) {
         if (qb + 1 < q_blocks) issue(qb + 1, buf ^ 1);
         cp_async_commit();
@@ -1088,34 +1024,8 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
                     if (i < p.Lq && j < p.Lk) dS_scratch[(t * p.Lq + i) * p.Lk + j] = dpt[n][e];
                 }
         }
-        if constexpr (FusedDQ) {
-            // dS (not scaled) over the tile's buffer, like the bias gradient below.
-#pragma unroll
-            for (int c = 0; c < n_tiles / 2; ++c) {
-                std::uint32_t w[4];
-#pragma unroll
-                for (int m = 0; m < 4; ++m) {
-                    const int n = 2 * c + m / 2, h = m % 2;
-                    w[m] = pack<C>(dpt[n][2 * h], dpt[n][2 * h + 1]);
-                }
-                stmatrix_x4_trans(bias_rows + 16 * c * bias_ld, w);
-            }
-        }
         product_xb<C, HD>(dv, st, dO_tile, LD, lane);
         product_xb<C, HD>(dk, dpt, Q_tile, LD, lane);
-        if constexpr (FusedDQ) {
-            // dQ_accum[queries i0 + 16w ..+15] += dS·K (this warp's query rows, all 64 keys), in turn.
-            if (held_turn) dq_pass_turn(held_turn, held_rank);
-            held_turn = dq_turn + t * q_blocks + qb;
-            held_rank = dq_rank(qb);
-            dq_wait_turn(held_turn, held_rank);  // ends with a barrier: the whole dS tile is in place
-#pragma unroll
-            for (int half = 0; half < HD / 32; ++half) {
-                float dq[4][4] = {};
-                product_ab<C, 32>(dq, B_tile + warp * 16 * bias_ld, bias_ld, sK + 32 * half, LD, lane);
-                add_strip<32>(dQ_accum + t * p.Lq * p.d, i0 + warp * 16, p.Lq, p.d, 32 * half, dq, lane);
-            }
-        }
         if (dbias_full) {
             // The (64 queries × 64 keys) dS tile to the bias gradient, 16 bytes a thread at a time.
             __syncthreads();
@@ -1135,9 +1045,6 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
             }
         }
         __syncthreads();
-    }
-    if constexpr (FusedDQ) {
-        if (held_turn) dq_pass_turn(held_turn, held_rank);
     }
     cp_async_wait<0>();
     if (dK) store_strip<C, HD>(dK + t * p.Lk * p.d, jw, p.Lk, p.d, dk, p.scale, lane);
@@ -1295,11 +1202,10 @@ __global__ void bias_gradient_reduce_kernel(const float* dS, Dims4 score_dims, D
 }
 
 
-// out = factor·in, rounded to C.
 template <class C>
-__global__ void narrow_kernel(const float* in, C* out, std::int64_t n, float factor) {
+__global__ void narrow_kernel(const float* in, C* out, std::int64_t n) {
     for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x)
-        out[i] = from_float<C>(factor * in[i]);
+        out[i] = from_float<C>(in[i]);
 }
 
 template <class C>
@@ -1361,53 +1267,18 @@ cudaError_t mma_forward(const Problem& p, const C* Q, const C* K, const C* V, C*
     return cudaGetLastError();
 }
 
-template <class C, bool FusedDQ>
-auto mma_dkdv_kernel(int HD) {
-    return HD == 64 ? mma::dkdv_kernel<C, 64, FusedDQ> : mma::dkdv_kernel<C, 128, FusedDQ>;
-}
-
-// Whether dQ comes out of the dK/dV kernel (its FusedDQ mode): causal, no full-shape bias gradient,
-// and every key block of one leading index resident at once (a key block waits for the later ones).
-template <class C>
-cudaError_t fused_dq_applies(const Problem& p, bool full_bias, bool& applies) {
-    applies = false;
-    if (!p.causal || full_bias) return cudaSuccess;
-    const int HD = mma::head_dim_bucket(p.d, p.dv);
-    const auto kernel = mma_dkdv_kernel<C, true>(HD);
-    const std::size_t smem = mma::dkdv_smem<C>(HD);
-    if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
-    int device = 0, sms = 0, per_sm = 0;
-    if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-    if (const cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
-    if (const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, mma::threads, smem); e != cudaSuccess) return e;
-    applies = (p.Lk + mma::rows - 1) / mma::rows <= std::int64_t{sms} * per_sm;
-    return cudaSuccess;
-}
-
-// dK/dV (and dS) over key blocks, then dQ: with dq_accum (FusedDQ, see fused_dq_applies) from the
-// same kernel and narrowed; else over query blocks, read back from a full-shape bias gradient when
-// there is one (bias_scale ≠ 0, else dS cannot be recovered from it), recomputed otherwise.
+// dK/dV (and dS) over key blocks, then dQ over query blocks: read back from a full-shape bias gradient
+// when there is one (bias_scale ≠ 0, else dS cannot be recovered from it), recomputed otherwise.
 template <class C>
 cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, const C* dO, const float* lse, const float* D, C* dQ, C* dK,
-                         C* dV, C* dbias_full, float* dS_scratch, float* dq_accum) {
+                         C* dV, C* dbias_full, float* dS_scratch) {
     const int HD = mma::head_dim_bucket(p.d, p.dv);
-    const dim3 key_grid(static_cast<unsigned>((p.Lk + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
-    const std::size_t dkdv_smem = mma::dkdv_smem<C>(HD);
-    if (dQ && dq_accum) {
-        // The turn counters follow the accumulator (both zeroed by the caller).
-        auto* turns = reinterpret_cast<unsigned*>(dq_accum + p.items * p.Lq * p.d);
-        const auto kernel = mma_dkdv_kernel<C, true>(HD);
-        if (const cudaError_t e = allow_smem(kernel, dkdv_smem); e != cudaSuccess) return e;
-        kernel<<<key_grid, mma::threads, dkdv_smem>>>(p, Q, K, V, dO, lse, D, dK, dV, nullptr, dS_scratch, dq_accum, turns);
-        if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-        const std::int64_t n = p.items * p.Lq * p.d;
-        narrow_kernel<C><<<elementwise_grid(n), 256>>>(dq_accum, dQ, n, p.scale);
-        return cudaGetLastError();
-    }
     if (dK || dV || dbias_full || dS_scratch) {
-        const auto kernel = mma_dkdv_kernel<C, false>(HD);
-        if (const cudaError_t e = allow_smem(kernel, dkdv_smem); e != cudaSuccess) return e;
-        kernel<<<key_grid, mma::threads, dkdv_smem>>>(p, Q, K, V, dO, lse, D, dK, dV, dbias_full, dS_scratch, nullptr, nullptr);
+        const auto kernel = HD == 64 ? mma::dkdv_kernel<C, 64> : mma::dkdv_kernel<C, 128>;
+        const std::size_t smem = mma::dkdv_smem<C>(HD);
+        if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
+        const dim3 grid(static_cast<unsigned>((p.Lk + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
+        kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dK, dV, dbias_full, dS_scratch);
         if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     }
     if (dQ) {
@@ -1445,23 +1316,9 @@ cudaError_t launch_attention_forward(DeviceDType dtype, const AttentionProblem& 
     });
 }
 
-cudaError_t attention_dq_accumulator(DeviceDType dtype, const AttentionProblem& p, bool full_bias, std::int64_t& floats) {
-    floats = 0;
-    return dispatch(dtype, [&](auto* tag) {
-        using C = std::remove_pointer_t<decltype(tag)>;
-        if constexpr (!std::is_same_v<C, float>) {
-            bool applies = false;
-            if (const cudaError_t e = fused_dq_applies<C>(p, full_bias, applies); e != cudaSuccess) return e;
-            // (t, Lq, d) fp32, then one 32-bit turn counter per query block of 64.
-            if (applies) floats = p.items * p.Lq * p.d + p.items * ((p.Lq + mma::cols - 1) / mma::cols);
-        }
-        return cudaSuccess;
-    });
-}
-
 cudaError_t launch_attention_backward(DeviceDType dtype, const AttentionProblem& p, const void* Q, const void* K, const void* V,
                                       const void* dO, const void* O, const float* lse, float* D, void* dQ, void* dK, void* dV,
-                                      void* dbias_full, float* dS_scratch, float* dq_accum) {
+                                      void* dbias_full, float* dS_scratch) {
     return dispatch(dtype, [&](auto* tag) {
         using C = std::remove_pointer_t<decltype(tag)>;
         const auto* q = static_cast<const C*>(Q);
@@ -1473,7 +1330,7 @@ cudaError_t launch_attention_backward(DeviceDType dtype, const AttentionProblem&
         if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
         if constexpr (!std::is_same_v<C, float>) {
             return mma_backward<C>(p, q, k, v, dout, lse, D, static_cast<C*>(dQ), static_cast<C*>(dK), static_cast<C*>(dV),
-                                   static_cast<C*>(dbias_full), dS_scratch, dq_accum);
+                                   static_cast<C*>(dbias_full), dS_scratch);
         } else {
             if (dK || dV || dbias_full || dS_scratch) {
                 const std::size_t smem = dkdv_smem<C>(p.d, p.dv);
@@ -1508,7 +1365,7 @@ cudaError_t launch_bias_gradient_reduce(DeviceDType dtype, const float* dS, cons
 cudaError_t launch_narrow(DeviceDType dtype, const float* in, void* out, std::int64_t n) {
     return dispatch(dtype, [&](auto* tag) {
         using C = std::remove_pointer_t<decltype(tag)>;
-        narrow_kernel<C><<<elementwise_grid(n), 256>>>(in, static_cast<C*>(out), n, 1.0f);
+        narrow_kernel<C><<<elementwise_grid(n), 256>>>(in, static_cast<C*>(out), n);
         return cudaGetLastError();
     });
 }

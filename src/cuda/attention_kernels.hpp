@@ -35,18 +35,12 @@ inline constexpr int max_head_dim = 128;
 cudaError_t launch_attention_forward(DeviceDType dtype, const AttentionProblem& p, const void* Q, const void* K, const void* V, void* O,
                                      float* lse);
 
-// The fp32 scratch (floats, 0: none) through which the backward computes dQ inside its dK/dV kernel
-// (16-bit dtypes under a causal mask, without a full-shape bias gradient, when the GPU holds every key
-// block of one leading index at once); else dQ takes its own kernel.
-cudaError_t attention_dq_accumulator(DeviceDType dtype, const AttentionProblem& p, bool full_bias, std::int64_t& floats);
-
 // D (t, Lq) fp32 scratch; dQ, dK, dV, dbias_full (the full-shape bias gradient) and dS_scratch (fp32
 // (t, Lq, Lk), for a broadcast bias) may be null. Tiles skipped under a mask are not written: the
-// caller zeroes dbias_full / dS_scratch first when there is a mask. dq_accum: null, or the zeroed
-// scratch of attention_dq_accumulator's size.
+// caller zeroes dbias_full / dS_scratch first when there is a mask.
 cudaError_t launch_attention_backward(DeviceDType dtype, const AttentionProblem& p, const void* Q, const void* K, const void* V,
                                       const void* dO, const void* O, const float* lse, float* D, void* dQ, void* dK, void* dV,
-                                      void* dbias_full, float* dS_scratch, float* dq_accum);
+                                      void* dbias_full, float* dS_scratch);
 
 // dbias (bias dims, padded to rank 4) = bias_scale·Σ dS over the broadcast dimensions, each element
 // summed in a fixed order. dS: fp32 (scores dims).
