@@ -203,6 +203,23 @@ TEST_CASE("bf16: GPU matches the CPU in fp32 on the same bf16 inputs") {
     check_against_cpu<ad::fp16>({q, k, k, Shape{2, 4, 200, 260}, true}, bf16_tolerance);
 }
 
+TEST_CASE("bf16 causal without a full bias gradient: matches the CPU and is bitwise repeatable") {
+    // Many key blocks per leading index, Lq ≠ Lk both ways, key padding (a batch with no kept key),
+    // dropout, a broadcast bias, d = 128 with dv = 100, fp16 at d = 40; a larger problem twice.
+    const Shape q{2, 3, 700, 64}, k{2, 3, 700, 64};
+    check_against_cpu<ad::bf16>({q, k, k, Shape{}, true}, bf16_tolerance);
+    check_against_cpu<ad::bf16>({q, Shape{2, 3, 450, 64}, Shape{2, 3, 450, 64}, Shape{}, true, true}, bf16_tolerance);
+    check_against_cpu<ad::bf16>({Shape{2, 3, 330, 64}, k, k, Shape{1, 3, 330, 700}, true, false, 0.2}, bf16_tolerance);
+    check_against_cpu<ad::bf16>({Shape{1, 2, 300, 128}, Shape{1, 2, 300, 128}, Shape{1, 2, 300, 100}, Shape{}, true, true}, bf16_tolerance);
+    check_against_cpu<ad::fp16>({Shape{2, 2, 257, 40}, Shape{2, 2, 257, 40}, Shape{2, 2, 257, 40}, Shape{}, true}, bf16_tolerance);
+    const Case c{Shape{4, 8, 1024, 64}, Shape{4, 8, 1024, 64}, Shape{4, 8, 1024, 64}, Shape{}, true};
+    const auto first = run_both<ad::bf16>(c, 9).first;
+    const auto second = run_both<ad::bf16>(c, 9).first;
+    CHECK(bitwise_equal(first.dQ, second.dQ));
+    CHECK(bitwise_equal(first.dK, second.dK));
+    CHECK(bitwise_equal(first.dV, second.dV));
+}
+
 TEST_CASE("determinism: two runs give bitwise equal outputs and gradients, broadcast bias gradient included") {
     for (const Shape& bias : {Shape{2, 4, 130, 130}, Shape{1, 4, 130, 130}}) {
         INFO("bias ", bias.str());
