@@ -9,17 +9,11 @@
 #include "attention_kernels.hpp"
 #include "autodiff/kernels/attention.hpp"
 #include "cuda_check.hpp"
+#include "dtype.hpp"
 
 namespace autodiff {
 
 namespace {
-
-template <class T>
-constexpr detail::DeviceDType dtype_of() {
-    if constexpr (std::is_same_v<T, float>) return detail::DeviceDType::f32;
-    else if constexpr (std::is_same_v<T, bf16>) return detail::DeviceDType::bf16;
-    else return detail::DeviceDType::f16;
-}
 
 const char* defined_or_not(bool defined) { return defined ? "defined" : "undefined"; }
 
@@ -107,7 +101,7 @@ DeviceAttentionSaved<T> attention_forward(const DeviceTensor<T>& Q, const Device
     out[out.rank() - 1] = p.dv;
     DeviceAttentionSaved<T> saved{DeviceTensor<T>(out), DeviceTensor<float>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1))};
     if (out.numel() == 0) return saved;
-    detail::cuda_check(detail::launch_attention_forward(dtype_of<T>(), p, Q.data(), K.data(), V.data(), saved.O.data(), saved.lse.data()),
+    detail::cuda_check(detail::launch_attention_forward(detail::dtype_of<T>(), p, Q.data(), K.data(), V.data(), saved.O.data(), saved.lse.data()),
                        op, "the forward kernel's launch");
     return saved;
 }
@@ -146,7 +140,7 @@ void attention_backward(DeviceTensor<T>* dQ, DeviceTensor<T>* dK, DeviceTensor<T
         if (dS.defined()) dS.zero();
     }
     DeviceTensor<float> D(saved.lse.shape());
-    detail::cuda_check(detail::launch_attention_backward(dtype_of<T>(), p, Q.data(), K.data(), V.data(), dO.data(), saved.O.data(),
+    detail::cuda_check(detail::launch_attention_backward(detail::dtype_of<T>(), p, Q.data(), K.data(), V.data(), dO.data(), saved.O.data(),
                                                          saved.lse.data(), D.data(), data_or_null(dQ), data_or_null(dK), data_or_null(dV),
                                                          full_bias ? dbias->data() : nullptr, dS.defined() ? dS.data() : nullptr),
                        op, "the backward kernels' launch");
@@ -154,7 +148,7 @@ void attention_backward(DeviceTensor<T>* dQ, DeviceTensor<T>* dK, DeviceTensor<T
         const auto padded = bias.shape().padded();
         const std::int64_t scores[4] = {Q.shape().padded()[0], p.heads, p.Lq, p.Lk};
         const std::int64_t bias_dims[4] = {padded[0], padded[1], padded[2], padded[3]};
-        detail::cuda_check(detail::launch_bias_gradient_reduce(dtype_of<T>(), dS.data(), scores, bias_dims, p.bias_scale, dbias->data()), op,
+        detail::cuda_check(detail::launch_bias_gradient_reduce(detail::dtype_of<T>(), dS.data(), scores, bias_dims, p.bias_scale, dbias->data()), op,
                            "the bias gradient reduction's launch");
     }
 }

@@ -11,18 +11,12 @@
 #include <type_traits>
 
 #include "cuda_check.hpp"
+#include "dtype.hpp"
 #include "ops_kernels.hpp"
 
 namespace autodiff {
 
 namespace {
-
-template <class T>
-constexpr detail::DeviceDType dtype_of() {
-    if constexpr (std::is_same_v<T, float>) return detail::DeviceDType::f32;
-    else if constexpr (std::is_same_v<T, bf16>) return detail::DeviceDType::bf16;
-    else return detail::DeviceDType::f16;
-}
 
 template <class T>
 constexpr cudaDataType_t cublas_type() {
@@ -112,7 +106,7 @@ void strided_batched_gemm(float alpha, const DeviceTensor<T>& A, const DeviceTen
     if (m * n == 0) return;
     if (k == 0 || batch == 0) {  // an empty sum: C = beta·C, C not read when beta == 0
         if (beta == 0.f) C.zero();
-        else detail::cuda_check(detail::launch_unary(dtype_of<T>(), DeviceUnaryOp::scale, beta, C.data(), C.data(), C.numel()), op, "the scale kernel");
+        else detail::cuda_check(detail::launch_unary(detail::dtype_of<T>(), DeviceUnaryOp::scale, beta, C.data(), C.data(), C.numel()), op, "the scale kernel");
         return;
     }
     const auto [ra, ca] = std::pair{A.shape().dim_from_end(2), A.shape().dim_from_end(1)};
@@ -198,7 +192,7 @@ DeviceTensor<T> linear_forward(const DeviceTensor<T>& x, const DeviceTensor<T>& 
     DeviceTensor<T> y(linear_output_shape(op, x.shape(), W.shape(), b.defined() ? &b.shape() : nullptr));
     DeviceTensor<T> y2 = as_rows(y);
     if (b.defined())
-        detail::cuda_check(detail::launch_broadcast_rows(dtype_of<T>(), b.data(), y2.data(), y2.shape()[0], y2.shape()[1]), op,
+        detail::cuda_check(detail::launch_broadcast_rows(detail::dtype_of<T>(), b.data(), y2.data(), y2.shape()[0], y2.shape()[1]), op,
                            "the bias kernel");
     strided_batched_gemm<T>(1.f, as_rows(x), W, b.defined() ? 1.f : 0.f, y2, {false, true, false});
     return y;
@@ -221,7 +215,7 @@ void linear_backward(NoDeduce<DeviceTensor<T>>* dx, NoDeduce<DeviceTensor<T>>* d
     }
     if (dW) strided_batched_gemm<T>(1.f, dy2, as_rows(x), 1.f, *dW, {true, false, false});
     if (db)
-        detail::cuda_check(detail::launch_column_sums(dtype_of<T>(), dy2.data(), dy2.shape()[0], dy2.shape()[1], db->data(), true), op,
+        detail::cuda_check(detail::launch_column_sums(detail::dtype_of<T>(), dy2.data(), dy2.shape()[0], dy2.shape()[1], db->data(), true), op,
                            "the column-sum kernel");
 }
 

@@ -7,6 +7,7 @@
 
 #include "attention_kernels.hpp"
 #include "cuda_check.hpp"
+#include "dtype.hpp"
 
 namespace autodiff {
 
@@ -144,15 +145,6 @@ template void DeviceTensor<bf16>::zero();
 template void DeviceTensor<fp16>::zero();
 template void DeviceTensor<bool>::zero();
 
-namespace {
-
-template <class T>
-constexpr detail::DeviceDType dtype_of() {
-    return std::is_same_v<T, bf16> ? detail::DeviceDType::bf16 : detail::DeviceDType::f16;
-}
-
-}  // namespace
-
 template <class T>
 DeviceTensor<T> to(const Tensor<float>& x, CudaDevice) {
     if (!x.defined()) fail("to(cuda)", "the host tensor is undefined");
@@ -165,7 +157,7 @@ DeviceTensor<T> to(const Tensor<float>& x, CudaDevice) {
     } else {
         DeviceTensor<float> staging(x.shape());
         detail::cuda_check(cudaMemcpy(staging.data(), x.data(), bytes, cudaMemcpyHostToDevice), "to(cuda)", "cudaMemcpy");
-        detail::cuda_check(detail::launch_narrow(dtype_of<T>(), staging.data(), out.data(), n), "to(cuda)", "the conversion kernel");
+        detail::cuda_check(detail::launch_narrow(detail::dtype_of<T>(), staging.data(), out.data(), n), "to(cuda)", "the conversion kernel");
     }
     return out;
 }
@@ -192,7 +184,7 @@ Tensor<float> to(const DeviceTensor<T>& x, CpuDevice) {
         detail::cuda_check(cudaMemcpy(out.data(), x.data(), bytes, cudaMemcpyDeviceToHost), "to(cpu)", "cudaMemcpy");
     } else {
         DeviceTensor<float> staging(x.shape());
-        detail::cuda_check(detail::launch_widen(dtype_of<T>(), x.data(), staging.data(), n), "to(cpu)", "the conversion kernel");
+        detail::cuda_check(detail::launch_widen(detail::dtype_of<T>(), x.data(), staging.data(), n), "to(cpu)", "the conversion kernel");
         detail::cuda_check(cudaMemcpy(out.data(), staging.data(), bytes, cudaMemcpyDeviceToHost), "to(cpu)", "cudaMemcpy");
     }
     return out;

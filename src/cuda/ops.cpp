@@ -6,18 +6,12 @@
 #include <type_traits>
 
 #include "cuda_check.hpp"
+#include "dtype.hpp"
 #include "ops_kernels.hpp"
 
 namespace autodiff {
 
 namespace {
-
-template <class T>
-constexpr detail::DeviceDType dtype_of() {
-    if constexpr (std::is_same_v<T, float>) return detail::DeviceDType::f32;
-    else if constexpr (std::is_same_v<T, bf16>) return detail::DeviceDType::bf16;
-    else return detail::DeviceDType::f16;
-}
 
 const char* unary_name(DeviceUnaryOp op) {
     switch (op) {
@@ -77,7 +71,7 @@ DeviceTensor<T> unary_forward(DeviceUnaryOp op, const DeviceTensor<T>& x, float 
     const std::string name = op_name(op, unary_name(op), false);
     expect_defined(name, "x", x);
     DeviceTensor<T> y(x.shape());
-    detail::cuda_check(detail::launch_unary(dtype_of<T>(), op, alpha, x.data(), y.data(), x.numel()), name, "the elementwise kernel");
+    detail::cuda_check(detail::launch_unary(detail::dtype_of<T>(), op, alpha, x.data(), y.data(), x.numel()), name, "the elementwise kernel");
     return y;
 }
 
@@ -87,7 +81,7 @@ DeviceTensor<T> unary_backward(DeviceUnaryOp op, const DeviceTensor<T>& dy, cons
     expect_defined(name, "x", x);
     expect_like(name, "x", x, "dy", dy);
     DeviceTensor<T> dx(x.shape());
-    detail::cuda_check(detail::launch_unary_backward(dtype_of<T>(), op, alpha, x.data(), dy.data(), dx.data(), x.numel()), name,
+    detail::cuda_check(detail::launch_unary_backward(detail::dtype_of<T>(), op, alpha, x.data(), dy.data(), dx.data(), x.numel()), name,
                        "the elementwise gradient kernel");
     return dx;
 }
@@ -98,7 +92,7 @@ DeviceTensor<T> binary_forward(DeviceBinaryOp op, const DeviceTensor<T>& a, cons
     expect_defined(name, "a", a);
     expect_like(name, "a", a, "b", b);
     DeviceTensor<T> out(a.shape());
-    detail::cuda_check(detail::launch_binary(dtype_of<T>(), op, a.data(), b.data(), out.data(), a.numel()), name, "the elementwise kernel");
+    detail::cuda_check(detail::launch_binary(detail::dtype_of<T>(), op, a.data(), b.data(), out.data(), a.numel()), name, "the elementwise kernel");
     return out;
 }
 
@@ -111,7 +105,7 @@ void binary_backward(DeviceBinaryOp op, NoDeduce<DeviceTensor<T>>* da, NoDeduce<
     expect_like(name, "a", a, "dy", dy);
     if (da) *da = DeviceTensor<T>(a.shape());
     if (db) *db = DeviceTensor<T>(b.shape());
-    detail::cuda_check(detail::launch_binary_backward(dtype_of<T>(), op, a.data(), b.data(), dy.data(), da ? da->data() : nullptr,
+    detail::cuda_check(detail::launch_binary_backward(detail::dtype_of<T>(), op, a.data(), b.data(), dy.data(), da ? da->data() : nullptr,
                                                       db ? db->data() : nullptr, a.numel()),
                        name, "the elementwise gradient kernel");
 }
@@ -123,7 +117,7 @@ float sum_forward(const DeviceTensor<T>& x) {
     constexpr std::string_view op = "sum (cuda)";
     expect_defined(op, "x", x);
     DeviceTensor<float> scratch(Shape{detail::sum_partials + 1});
-    detail::cuda_check(detail::launch_sum(dtype_of<T>(), x.data(), x.numel(), scratch.data(), scratch.data() + detail::sum_partials), op,
+    detail::cuda_check(detail::launch_sum(detail::dtype_of<T>(), x.data(), x.numel(), scratch.data(), scratch.data() + detail::sum_partials), op,
                        "the sum kernels");
     float s = 0;
     detail::cuda_check(cudaMemcpy(&s, scratch.data() + detail::sum_partials, sizeof(float), cudaMemcpyDeviceToHost), op, "cudaMemcpy");
@@ -139,7 +133,7 @@ DeviceTensor<T> sum_rows_forward(const DeviceTensor<T>& x) {
     std::int64_t rows = 1;
     for (int i = 0; i + 1 < x.rank(); ++i) rows *= x.shape()[i];
     DeviceTensor<T> s(Shape{n});
-    detail::cuda_check(detail::launch_column_sums(dtype_of<T>(), x.data(), rows, n, s.data(), false), op, "the column-sum kernel");
+    detail::cuda_check(detail::launch_column_sums(detail::dtype_of<T>(), x.data(), rows, n, s.data(), false), op, "the column-sum kernel");
     return s;
 }
 
@@ -150,7 +144,7 @@ float mse_loss_forward(const DeviceTensor<T>& a, const DeviceTensor<T>& b) {
     expect_like(op, "a", a, "b", b);
     if (a.numel() == 0) fail(op, "inputs are empty {}", a.shape());
     DeviceTensor<T> squares(a.shape());  // (a − b)², rounded to T as the CPU rounds to its T
-    detail::cuda_check(detail::launch_difference(dtype_of<T>(), true, 0.f, a.data(), b.data(), squares.data(), a.numel()), op,
+    detail::cuda_check(detail::launch_difference(detail::dtype_of<T>(), true, 0.f, a.data(), b.data(), squares.data(), a.numel()), op,
                        "the elementwise kernel");
     return sum_forward(squares) / static_cast<float>(a.numel());
 }
@@ -163,7 +157,7 @@ void mse_loss_backward(NoDeduce<DeviceTensor<T>>* da, NoDeduce<DeviceTensor<T>>*
     expect_like(op, "a", a, "b", b);
     const float k = dloss * 2.f / static_cast<float>(a.numel());
     DeviceTensor<T> g(a.shape());
-    detail::cuda_check(detail::launch_difference(dtype_of<T>(), false, k, a.data(), b.data(), g.data(), a.numel()), op,
+    detail::cuda_check(detail::launch_difference(detail::dtype_of<T>(), false, k, a.data(), b.data(), g.data(), a.numel()), op,
                        "the elementwise kernel");
     if (db) *db = unary_forward(DeviceUnaryOp::neg, g);
     if (da) *da = std::move(g);
@@ -205,7 +199,7 @@ DeviceTensor<T> permute_forward(const DeviceTensor<T>& x, const Permutation& per
     for (int k = 0; k < x.rank(); ++k) read[static_cast<std::size_t>(k)] = xs[static_cast<std::size_t>(perm[static_cast<std::size_t>(k)])];
     std::int64_t shape4[4], strides4[4];
     pad4(x.rank(), y.shape(), read, shape4, strides4);
-    detail::cuda_check(detail::launch_strided_copy(dtype_of<T>(), x.data(), y.data(), shape4, strides4, 0, false), op, "the copy kernel");
+    detail::cuda_check(detail::launch_strided_copy(detail::dtype_of<T>(), x.data(), y.data(), shape4, strides4, 0, false), op, "the copy kernel");
     return y;
 }
 
@@ -217,7 +211,7 @@ DeviceTensor<T> narrow_forward(const DeviceTensor<T>& x, int dim, std::int64_t s
     const auto xs = strides_of(x.shape());
     std::int64_t shape4[4], strides4[4];
     pad4(x.rank(), y.shape(), xs, shape4, strides4);
-    detail::cuda_check(detail::launch_strided_copy(dtype_of<T>(), x.data(), y.data(), shape4, strides4, start * xs[static_cast<std::size_t>(dim)], false),
+    detail::cuda_check(detail::launch_strided_copy(detail::dtype_of<T>(), x.data(), y.data(), shape4, strides4, start * xs[static_cast<std::size_t>(dim)], false),
                        op, "the copy kernel");
     return y;
 }
@@ -233,7 +227,7 @@ DeviceTensor<T> narrow_backward(const DeviceTensor<T>& dy, const Shape& x_shape,
     const auto xs = strides_of(x_shape);
     std::int64_t shape4[4], strides4[4];
     pad4(x_shape.rank(), dy.shape(), xs, shape4, strides4);
-    detail::cuda_check(detail::launch_strided_copy(dtype_of<T>(), dy.data(), dx.data(), shape4, strides4, start * xs[static_cast<std::size_t>(dim)], true),
+    detail::cuda_check(detail::launch_strided_copy(detail::dtype_of<T>(), dy.data(), dx.data(), shape4, strides4, start * xs[static_cast<std::size_t>(dim)], true),
                        op, "the copy kernel");
     return dx;
 }
@@ -280,7 +274,7 @@ DeviceTensor<T> softmax_forward(const DeviceTensor<T>& x, const DeviceMask& mask
         const auto s = additive.shape().broadcast_strides();
         for (std::size_t k = 0; k < 4; ++k) p.additive_s[k] = s[k];
     }
-    detail::cuda_check(detail::launch_softmax_forward(dtype_of<T>(), p, x.data(), y.data()), op, "the softmax kernel");
+    detail::cuda_check(detail::launch_softmax_forward(detail::dtype_of<T>(), p, x.data(), y.data()), op, "the softmax kernel");
     return y;
 }
 
@@ -292,7 +286,7 @@ DeviceTensor<T> softmax_backward(const DeviceTensor<T>& dy, const DeviceTensor<T
     if (y.rank() < 1) fail(op, "y must have rank >= 1, got {}", y.shape());
     DeviceTensor<T> dx(y.shape());
     const std::int64_t Lk = y.shape().dim_from_end(1);
-    detail::cuda_check(detail::launch_softmax_backward(dtype_of<T>(), Lk ? y.numel() / Lk : 0, Lk, dy.data(), y.data(), dx.data()), op,
+    detail::cuda_check(detail::launch_softmax_backward(detail::dtype_of<T>(), Lk ? y.numel() / Lk : 0, Lk, dy.data(), y.data(), dx.data()), op,
                        "the softmax gradient kernel");
     return dx;
 }
@@ -310,7 +304,7 @@ DeviceTensor<T> apply_dropout_mask(std::string_view op, const DropoutDescriptor&
     DeviceTensor<T> out(in.shape());
     const std::uint64_t threshold = dropout_threshold(d.rate);
     const bool drop_all = threshold > 0xFFFFFFFFu;  // a rate within 2^-33 of 1 drops everything
-    detail::cuda_check(detail::launch_dropout(dtype_of<T>(), d.seed, d.offset, drop_all ? 0u : static_cast<std::uint32_t>(threshold), drop_all,
+    detail::cuda_check(detail::launch_dropout(detail::dtype_of<T>(), d.seed, d.offset, drop_all ? 0u : static_cast<std::uint32_t>(threshold), drop_all,
                                               static_cast<float>(1.0 / (1.0 - d.rate)), in.data(), out.data(), in.numel()),
                        op, "the dropout kernel");
     return out;

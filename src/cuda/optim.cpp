@@ -6,20 +6,10 @@
 #include <type_traits>
 
 #include "cuda_check.hpp"
+#include "dtype.hpp"
 #include "ops_kernels.hpp"
 
 namespace autodiff {
-
-namespace {
-
-template <class T>
-constexpr detail::DeviceDType dtype_of() {
-    if constexpr (std::is_same_v<T, float>) return detail::DeviceDType::f32;
-    else if constexpr (std::is_same_v<T, bf16>) return detail::DeviceDType::bf16;
-    else return detail::DeviceDType::f16;
-}
-
-}  // namespace
 
 void check_adam_options(std::string_view op, const nn::AdamOptions& opt) {
     const std::string name(op);  // nn::detail's checks take a C string
@@ -58,7 +48,7 @@ void adam_step(DeviceTensor<T>& w, const DeviceTensor<T>& g, DeviceAdamState& st
     s.decoupled = opt.decoupled_weight_decay;
     s.step_size = static_cast<float>(opt.lr / c1);
     s.root_c2 = static_cast<float>(std::sqrt(c2));
-    detail::cuda_check(detail::launch_adam(dtype_of<T>(), s, w.data(), g.data(), state.exp_avg.data(), state.exp_avg_sq.data(), w.numel()), op,
+    detail::cuda_check(detail::launch_adam(detail::dtype_of<T>(), s, w.data(), g.data(), state.exp_avg.data(), state.exp_avg_sq.data(), w.numel()), op,
                        "the Adam kernel");
 }
 
