@@ -531,6 +531,20 @@ __device__ inline void product_abt(float (&acc)[n_tiles][4], const C* a_rows16, 
     }
 }
 
+// Same with A held in registers (a[k]: the A fragment of k-step k, loaded once by load_a).
+template <class C, int HD>
+__device__ inline void product_rbt(float (&acc)[n_tiles][4], const std::uint32_t (&a)[HD / 16][4], const C* b, int ld, int lane) {
+#pragma unroll
+    for (int k = 0; k < HD / 16; ++k)
+#pragma unroll
+        for (int n = 0; n < n_tiles / 2; ++n) {
+            std::uint32_t bf[4];
+            ldmatrix_x4(bf, b + (16 * n + lane % 8 + lane / 16 * 8) * ld + 16 * k + lane / 8 % 2 * 8);
+            mma16816<C>(acc[2 * n], a[k], bf[0], bf[1]);
+            mma16816<C>(acc[2 * n + 1], a[k], bf[2], bf[3]);
+        }
+}
+
 // acc (16 × HD) += X (16 × cols, accumulators repacked as A) · B, B (cols × HD) a row-major staged tile:
 // O += P·V, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K. ldmatrix.trans of B's rows 16k..16k+15 gives, per
 // 16 columns, the (b0, b1) of two n-tiles: rows 0-7 | 8-15 at column 16n, then the same at 16n + 8.
@@ -945,6 +959,20 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     stage_async<rows, HD>(sK, LD, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d);
     stage_async<rows, HD>(sV, LD, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv);
     cp_async_commit();
+    // Plain at HD = 64 with two blocks an SM (room for 32 more registers): the warp's K and V rows stay
+    // in registers as A fragments (read from shared memory once instead of once a query block; the
+    // products Sᵀ and dPᵀ then load only B).
+    constexpr bool hold = Plain && HD == 64 && AUTODIFF_MMA_PLAIN_DKDV_BLOCKS <= 2;
+    std::uint32_t kf[hold ? HD / 16 : 1][4], vf[hold ? HD / 16 : 1][4];
+    if constexpr (hold) {
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < HD / 16; ++k) {
+            load_a(kf[k], sK + warp * 16 * LD, LD, k, lane);
+            load_a(vf[k], sV + warp * 16 * LD, LD, k, lane);
+        }
+    }
 
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
@@ -989,8 +1017,13 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
         for (int n = 0; n < n_tiles; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
-        product_abt<C, HD>(st, sK + warp * 16 * LD, Q_tile, LD, lane);
-        product_abt<C, HD>(dpt, sV + warp * 16 * LD, dO_tile, LD, lane);
+        if constexpr (hold) {
+            product_rbt<C, HD>(st, kf, Q_tile, LD, lane);
+            product_rbt<C, HD>(dpt, vf, dO_tile, LD, lane);
+        } else {
+            product_abt<C, HD>(st, sK + warp * 16 * LD, Q_tile, LD, lane);
+            product_abt<C, HD>(dpt, sV + warp * 16 * LD, dO_tile, LD, lane);
+        }
 
         // Element (n, e): key j = jw + frag_row, query i = i0 + frag_col. st <- Pᵀ·dropout, dpt <- dSᵀ.
         const float sc = p.scale * log2e, bsc = p.bias_scale * log2e;
