@@ -747,13 +747,13 @@ __device__ inline Problem specialised(const Problem& given) {
 // 65536 registers / (128 threads · blocks) caps the registers a thread). Macros so that a tuning run can
 // build variants (-DAUTODIFF_MMA_PLAIN_FWD_BLOCKS=3 ...).
 #ifndef AUTODIFF_MMA_PLAIN_FWD_BLOCKS
-#define AUTODIFF_MMA_PLAIN_FWD_BLOCKS 4
+#define AUTODIFF_MMA_PLAIN_FWD_BLOCKS 3
 #endif
 #ifndef AUTODIFF_MMA_PLAIN_DKDV_BLOCKS
-#define AUTODIFF_MMA_PLAIN_DKDV_BLOCKS 3
+#define AUTODIFF_MMA_PLAIN_DKDV_BLOCKS 2
 #endif
 #ifndef AUTODIFF_MMA_PLAIN_DQ_BLOCKS
-#define AUTODIFF_MMA_PLAIN_DQ_BLOCKS 4
+#define AUTODIFF_MMA_PLAIN_DQ_BLOCKS 3
 #endif
 // Whether a problem takes the Plain instantiations.
 inline bool plain_problem(const Problem& p) { return !p.bias && !p.key_padding && !p.dropout; }
@@ -765,7 +765,7 @@ inline bool plain_problem(const Problem& p) { return !p.bias && !p.key_padding &
 // Online softmax in base 2: x = (scale·s + bias_scale·b)·log2(e), m = running max of x, l = running
 // Σ 2^(x − m) (per thread over its columns; the quad's partial sums are added at the end), O += 2^(x − m)
 // ·dropout·V, rescaled by 2^(m_old − m_new) when the max moves.
-// For HD = 64 three blocks an SM (at most 170 registers), AUTODIFF_MMA_PLAIN_FWD_BLOCKS when Plain; two for HD = 128.
+// Three blocks an SM for HD = 64 (at most 170 registers; AUTODIFF_MMA_PLAIN_FWD_BLOCKS when Plain), two for 128.
 template <class C, int HD, bool Plain>
 __global__ void __launch_bounds__(threads, HD == 64 ? (Plain ? AUTODIFF_MMA_PLAIN_FWD_BLOCKS : 3) : 2)
     forward_kernel(Problem given, const C* Q, const C* K, const C* V, C* O, float* lse) {
@@ -1148,6 +1148,18 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
         stage_async<rows, HD>(sdO, LD, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv);
     }
     cp_async_commit();
+    // Plain at HD = 64 with two blocks an SM: the warp's Q and dO rows stay in registers as A fragments.
+    constexpr bool hold = Plain && HD == 64 && AUTODIFF_MMA_PLAIN_DQ_BLOCKS <= 2;
+    std::uint32_t qf[hold ? HD / 16 : 1][4], of[hold ? HD / 16 : 1][4];
+    if constexpr (hold) {
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < HD / 16; ++k) {
+            load_a(qf[k], sQ + warp * 16 * LD, LD, k, lane);
+            load_a(of[k], sdO + warp * 16 * LD, LD, k, lane);
+        }
+    }
     const std::int64_t iw = i0 + warp * 16;
     float lse2[2], Di[2];
     for (int h = 0; h < 2; ++h) {
@@ -1197,8 +1209,13 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
             for (int n = 0; n < n_tiles; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
-            product_abt<C, HD>(s, sQ + warp * 16 * LD, K_tile, LD, lane);
-            product_abt<C, HD>(dp, sdO + warp * 16 * LD, sV + buf * cols * LD, LD, lane);
+            if constexpr (hold) {
+                product_rbt<C, HD>(s, qf, K_tile, LD, lane);
+                product_rbt<C, HD>(dp, of, sV + buf * cols * LD, LD, lane);
+            } else {
+                product_abt<C, HD>(s, sQ + warp * 16 * LD, K_tile, LD, lane);
+                product_abt<C, HD>(dp, sdO + warp * 16 * LD, sV + buf * cols * LD, LD, lane);
+            }
             // x in base 2 (−inf where masked), P = 2^(x − lse·log2 e) (0 for rows with nothing visible).
             scores_to_base2(s, p, bias, kp, B_tile, iw, j0, lane);
 #pragma unroll
