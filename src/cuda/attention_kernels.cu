@@ -744,8 +744,10 @@ __device__ inline Problem specialised(const Problem& given) {
     return p;
 }
 // Blocks an SM that the Plain instantiations for HD = 64 are compiled for (__launch_bounds__'s minimum;
-// 65536 registers / (128 threads · blocks) caps the registers a thread). Macros so that a tuning run can
-// build variants (-DAUTODIFF_MMA_PLAIN_FWD_BLOCKS=3 ...).
+// 65536 registers / (128 threads · blocks) caps the registers a thread). 3/2/3 keeps every kernel free of
+// spills (168/253/168 registers); on the H200 (2026-12-04, causal L = 4096, bf16) it beat 4/3/4 (which
+// spill 68/56/80 bytes) by 13 % fwd+bwd, and dQ at two blocks holding Q and dO fragments in registers
+// was 2 % slower. Macros so that a tuning run can build variants (-DAUTODIFF_MMA_PLAIN_FWD_BLOCKS=4 ...).
 #ifndef AUTODIFF_MMA_PLAIN_FWD_BLOCKS
 #define AUTODIFF_MMA_PLAIN_FWD_BLOCKS 3
 #endif
@@ -1148,18 +1150,6 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
         stage_async<rows, HD>(sdO, LD, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv);
     }
     cp_async_commit();
-    // Plain at HD = 64 with two blocks an SM: the warp's Q and dO rows stay in registers as A fragments.
-    constexpr bool hold = Plain && HD == 64 && AUTODIFF_MMA_PLAIN_DQ_BLOCKS <= 2;
-    std::uint32_t qf[hold ? HD / 16 : 1][4], of[hold ? HD / 16 : 1][4];
-    if constexpr (hold) {
-        cp_async_wait<0>();
-        __syncthreads();
-#pragma unroll
-        for (int k = 0; k < HD / 16; ++k) {
-            load_a(qf[k], sQ + warp * 16 * LD, LD, k, lane);
-            load_a(of[k], sdO + warp * 16 * LD, LD, k, lane);
-        }
-    }
     const std::int64_t iw = i0 + warp * 16;
     float lse2[2], Di[2];
     for (int h = 0; h < 2; ++h) {
@@ -1209,13 +1199,8 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
             for (int n = 0; n < n_tiles; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
-            if constexpr (hold) {
-                product_rbt<C, HD>(s, qf, K_tile, LD, lane);
-                product_rbt<C, HD>(dp, of, sV + buf * cols * LD, LD, lane);
-            } else {
-                product_abt<C, HD>(s, sQ + warp * 16 * LD, K_tile, LD, lane);
-                product_abt<C, HD>(dp, sdO + warp * 16 * LD, sV + buf * cols * LD, LD, lane);
-            }
+            product_abt<C, HD>(s, sQ + warp * 16 * LD, K_tile, LD, lane);
+            product_abt<C, HD>(dp, sdO + warp * 16 * LD, sV + buf * cols * LD, LD, lane);
             // x in base 2 (−inf where masked), P = 2^(x − lse·log2 e) (0 for rows with nothing visible).
             scores_to_base2(s, p, bias, kp, B_tile, iw, j0, lane);
 #pragma unroll
