@@ -1,7 +1,8 @@
 // The GPU fused attention's timings (issue 12): bf16, n=2, h=8, d=64 and d=128, L = 1024 ... 8192, with a
 // full trainable bias (forward, and forward + backward with dQ, dK, dV and dbias) and without bias under
 // a causal mask. Median of CUDA-event timings after warm-up; inputs random (never zeros). Prints one CSV
-// line per configuration (bench/cuda/run.sh joins them with PyTorch's in one table):
+// line per configuration (bench/cuda/run.sh joins them with PyTorch's in one table; BENCH_DIMS and BENCH_CASES
+// narrow a run, see main):
 //   ours,<case>,<d>,<L>,<forward ms>,<forward+backward ms>,<peak device bytes>,<Q+K+V+dO+bias+dbias bytes>
 #include <cuda_runtime.h>
 
@@ -10,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "autodiff/cuda/attention.hpp"
@@ -94,9 +96,19 @@ int main(int argc, char** argv) {
     std::vector<std::int64_t> lengths;
     for (int i = 1; i < argc; ++i) lengths.push_back(std::atoll(argv[i]));
     if (lengths.empty()) lengths = {1024, 2048, 4096, 8192};
+    // BENCH_DIMS (e.g. "64") and BENCH_CASES ("bias", "causal" or both, comma-separated) narrow a run.
+    auto listed = [](const char* var, const char* item) {
+        const char* v = std::getenv(var);
+        if (!v || !*v) return true;
+        const std::string list = std::string(",") + v + ",";
+        return list.find(std::string(",") + item + ",") != std::string::npos;
+    };
     for (const std::int64_t d : {64, 128}) {
-        for (std::int64_t L : lengths) run(L, d, true, false);
-        for (std::int64_t L : lengths) run(L, d, false, true);
+        if (!listed("BENCH_DIMS", d == 64 ? "64" : "128")) continue;
+        if (listed("BENCH_CASES", "bias"))
+            for (std::int64_t L : lengths) run(L, d, true, false);
+        if (listed("BENCH_CASES", "causal"))
+            for (std::int64_t L : lengths) run(L, d, false, true);
     }
     return 0;
 }

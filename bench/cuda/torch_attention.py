@@ -8,6 +8,7 @@ and without bias, causal: sdpa_flash = scaled_dot_product_attention(is_causal=Tr
 Median of CUDA-event timings (triton.testing.do_bench) on random inputs. One CSV line per case:
   torch,<impl>,<case>,<d>,<L>,<forward ms>,<forward+backward ms>,<peak bytes of the fwd+bwd step>
 """
+import os
 import sys
 
 import torch
@@ -78,9 +79,12 @@ def measure(name, case, f, L, d, with_bias):
 if __name__ == "__main__":
     lengths = [int(x) for x in sys.argv[1:]] or [1024, 2048, 4096, 8192]
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    for d in (64, 128):
+    # BENCH_DIMS ("64,128") and BENCH_IMPLS ("eager,sdpa,flex,sdpa_flash") narrow a run; default: all.
+    dims = [int(x) for x in os.environ.get("BENCH_DIMS", "64,128").split(",") if x]
+    impls = set(os.environ.get("BENCH_IMPLS", "eager,sdpa,flex,sdpa_flash").split(","))
+    for d in dims:
         for L in lengths:
-            measure("eager", "bias", eager, L, d, True)
-            measure("sdpa", "bias", sdpa, L, d, True)
-            measure("flex", "bias", flex_bias, L, d, True)
-            measure("sdpa_flash", "causal", sdpa_flash_causal, L, d, False)
+            for name, case, f, bias in (("eager", "bias", eager, True), ("sdpa", "bias", sdpa, True), ("flex", "bias", flex_bias, True),
+                                        ("sdpa_flash", "causal", sdpa_flash_causal, False)):
+                if name in impls:
+                    measure(name, case, f, L, d, bias)

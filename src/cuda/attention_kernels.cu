@@ -531,6 +531,20 @@ __device__ inline void product_abt(float (&acc)[n_tiles][4], const C* a_rows16, 
     }
 }
 
+// Same with A held in registers (a[k]: the A fragment of k-step k, loaded once by load_a).
+template <class C, int HD>
+__device__ inline void product_rbt(float (&acc)[n_tiles][4], const std::uint32_t (&a)[HD / 16][4], const C* b, int ld, int lane) {
+#pragma unroll
+    for (int k = 0; k < HD / 16; ++k)
+#pragma unroll
+        for (int n = 0; n < n_tiles / 2; ++n) {
+            std::uint32_t bf[4];
+            ldmatrix_x4(bf, b + (16 * n + lane % 8 + lane / 16 * 8) * ld + 16 * k + lane / 8 % 2 * 8);
+            mma16816<C>(acc[2 * n], a[k], bf[0], bf[1]);
+            mma16816<C>(acc[2 * n + 1], a[k], bf[2], bf[3]);
+        }
+}
+
 // acc (16 × HD) += X (16 × cols, accumulators repacked as A) · B, B (cols × HD) a row-major staged tile:
 // O += P·V, dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K. ldmatrix.trans of B's rows 16k..16k+15 gives, per
 // 16 columns, the (b0, b1) of two n-tiles: rows 0-7 | 8-15 at column 16n, then the same at 16n + 8.
@@ -714,6 +728,38 @@ __device__ inline void scores_to_base2(float (&s)[n_tiles][4], const Problem& p,
         }
 }
 
+// The problem as a kernel instantiation sees it. The Plain instantiations (picked by the launchers only
+// for problems without bias, key padding or dropout: plain and causal attention) see those fields as
+// constants, so their state, index arithmetic and the out-of-line dropout call vanish from the code,
+// the kernels need fewer registers and more blocks fit an SM. Their shared memory has no bias tiles.
+template <bool Plain>
+__device__ inline Problem specialised(const Problem& given) {
+    Problem p = given;
+    if constexpr (Plain) {
+        p.bias = nullptr;
+        p.key_padding = nullptr;
+        p.dropout = false;
+        p.drop_all = false;
+    }
+    return p;
+}
+// Blocks an SM that the Plain instantiations for HD = 64 are compiled for (__launch_bounds__'s minimum;
+// 65536 registers / (128 threads · blocks) caps the registers a thread). 3/2/3 keeps every kernel free of
+// spills (168/253/168 registers); on the H200 (2026-12-04, causal L = 4096, bf16) it beat 4/3/4 (which
+// spill 68/56/80 bytes) by 13 % fwd+bwd, and dQ at two blocks holding Q and dO fragments in registers
+// was 2 % slower. Macros so that a tuning run can build variants (-DAUTODIFF_MMA_PLAIN_FWD_BLOCKS=4 ...).
+#ifndef AUTODIFF_MMA_PLAIN_FWD_BLOCKS
+#define AUTODIFF_MMA_PLAIN_FWD_BLOCKS 3
+#endif
+#ifndef AUTODIFF_MMA_PLAIN_DKDV_BLOCKS
+#define AUTODIFF_MMA_PLAIN_DKDV_BLOCKS 2
+#endif
+#ifndef AUTODIFF_MMA_PLAIN_DQ_BLOCKS
+#define AUTODIFF_MMA_PLAIN_DQ_BLOCKS 3
+#endif
+// Whether a problem takes the Plain instantiations.
+inline bool plain_problem(const Problem& p) { return !p.bias && !p.key_padding && !p.dropout; }
+
 // ---- forward (16-bit) ----
 // Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq). Grid: (query blocks of 64, t).
 // Warp w owns queries i0 + 16w ..+15: its Q fragments stay in registers, S (16 × 64) and O (16 × HD)
@@ -721,10 +767,12 @@ __device__ inline void scores_to_base2(float (&s)[n_tiles][4], const Problem& p,
 // Online softmax in base 2: x = (scale·s + bias_scale·b)·log2(e), m = running max of x, l = running
 // Σ 2^(x − m) (per thread over its columns; the quad's partial sums are added at the end), O += 2^(x − m)
 // ·dropout·V, rescaled by 2^(m_old − m_new) when the max moves.
-// Three blocks an SM for HD = 64 (at most 170 registers), two for 128.
-template <class C, int HD>
-__global__ void __launch_bounds__(threads, HD == 64 ? 3 : 2) forward_kernel(Problem p, const C* Q, const C* K, const C* V, C* O, float* lse) {
+// Three blocks an SM for HD = 64 (at most 170 registers; AUTODIFF_MMA_PLAIN_FWD_BLOCKS when Plain), two for 128.
+template <class C, int HD, bool Plain>
+__global__ void __launch_bounds__(threads, HD == 64 ? (Plain ? AUTODIFF_MMA_PLAIN_FWD_BLOCKS : 3) : 2)
+    forward_kernel(Problem given, const C* Q, const C* K, const C* V, C* O, float* lse) {
     constexpr int LD = HD + 8;
+    const Problem p = specialised<Plain>(given);
     // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
     // first keeps the tail of the grid short.
     const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
@@ -890,10 +938,13 @@ __device__ inline void store_strip(C* out, std::int64_t r0, std::int64_t len, in
 // double-buffered by cp.async. dS of a full-shape bias gradient goes through the bias tile's buffer
 // (each thread overwrites the elements it read) and out in coalesced 16-byte rows; a broadcast bias's
 // dS goes to the fp32 scratch. Tiles skipped under a mask are not written (the caller zeroes them).
-template <class C, int HD>
-__global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, const C* K, const C* V, const C* dO, const float* lse,
-                                                       const float* D, C* dK, C* dV, C* dbias_full, float* dS_scratch) {
+template <class C, int HD, bool Plain>
+__global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAIN_DKDV_BLOCKS : 1)
+    dkdv_kernel(Problem given, const C* Q, const C* K, const C* V, const C* dO, const float* lse, const float* D, C* dK, C* dV,
+                C* dbias_full, float* dS_scratch) {
     constexpr int LD = HD + 8;
+    const Problem p = specialised<Plain>(given);
+    if constexpr (Plain) dbias_full = nullptr, dS_scratch = nullptr;
     const std::int64_t t = blockIdx.y, j0 = std::int64_t{blockIdx.x} * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -901,8 +952,8 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
     C* sV = sK + rows * LD;              // (rows, LD)
     C* sQ = sV + rows * LD;              // 2 × (cols, LD)
     C* sdO = sQ + 2 * cols * LD;         // 2 × (cols, LD)
-    C* sB = sdO + 2 * cols * LD;         // 2 × (cols queries, bias_ld): bias tile, then dS
-    float* s_lse = reinterpret_cast<float*>(sB + 2 * cols * bias_ld);  // 2 × cols, times log2(e)
+    C* sB = sdO + 2 * cols * LD;         // 2 × (cols queries, bias_ld): bias tile, then dS (none when Plain)
+    float* s_lse = reinterpret_cast<float*>(sB + (Plain ? 0 : 2 * cols * bias_ld));  // 2 × cols, times log2(e)
     float* s_D = s_lse + 2 * cols;                                     // 2 × cols
 
     const BiasTiles<C> bias(p, t);
@@ -910,6 +961,20 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
     stage_async<rows, HD>(sK, LD, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d);
     stage_async<rows, HD>(sV, LD, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv);
     cp_async_commit();
+    // Plain at HD = 64 with two blocks an SM (room for 32 more registers): the warp's K and V rows stay
+    // in registers as A fragments (read from shared memory once instead of once a query block; the
+    // products Sᵀ and dPᵀ then load only B).
+    constexpr bool hold = Plain && HD == 64 && AUTODIFF_MMA_PLAIN_DKDV_BLOCKS <= 2;
+    std::uint32_t kf[hold ? HD / 16 : 1][4], vf[hold ? HD / 16 : 1][4];
+    if constexpr (hold) {
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < HD / 16; ++k) {
+            load_a(kf[k], sK + warp * 16 * LD, LD, k, lane);
+            load_a(vf[k], sV + warp * 16 * LD, LD, k, lane);
+        }
+    }
 
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
@@ -954,8 +1019,13 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
         for (int n = 0; n < n_tiles; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
-        product_abt<C, HD>(st, sK + warp * 16 * LD, Q_tile, LD, lane);
-        product_abt<C, HD>(dpt, sV + warp * 16 * LD, dO_tile, LD, lane);
+        if constexpr (hold) {
+            product_rbt<C, HD>(st, kf, Q_tile, LD, lane);
+            product_rbt<C, HD>(dpt, vf, dO_tile, LD, lane);
+        } else {
+            product_abt<C, HD>(st, sK + warp * 16 * LD, Q_tile, LD, lane);
+            product_abt<C, HD>(dpt, sV + warp * 16 * LD, dO_tile, LD, lane);
+        }
 
         // Element (n, e): key j = jw + frag_row, query i = i0 + frag_col. st <- Pᵀ·dropout, dpt <- dSᵀ.
         const float sc = p.scale * log2e, bsc = p.bias_scale * log2e;
@@ -1056,10 +1126,12 @@ __global__ void __launch_bounds__(threads) dkdv_kernel(Problem p, const C* Q, co
 // P = 2^(x − lse·log2 e), dS = P ⊙ (dP·dropout − D), dQ += dS·K with dS repacked as A. Reading
 // (FromBiasGradient true, a full-shape bias gradient already written by dkdv_kernel with bias_scale ≠
 // 0): dS = dbias / bias_scale comes staged from it, and dQ = scale / bias_scale · dbias·K.
-template <class C, int HD, bool FromBiasGradient>
-__global__ void __launch_bounds__(threads) dq_kernel(Problem p, const C* Q, const C* K, const C* V, const C* dO, const float* lse,
-                                                     const float* D, const C* dbias_full, C* dQ) {
+template <class C, int HD, bool FromBiasGradient, bool Plain>
+__global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAIN_DQ_BLOCKS : 1)
+    dq_kernel(Problem given, const C* Q, const C* K, const C* V, const C* dO, const float* lse, const float* D, const C* dbias_full, C* dQ) {
+    static_assert(!(Plain && FromBiasGradient));
     constexpr int LD = HD + 8;
+    const Problem p = specialised<Plain>(given);
     // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
     // first keeps the tail of the grid short.
     const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
@@ -1158,16 +1230,16 @@ __global__ void __launch_bounds__(threads) dq_kernel(Problem p, const C* Q, cons
 
 // Dynamic shared memory of each kernel, matching the carving at the top of each.
 template <class C>
-std::size_t forward_smem(int HD) {
-    return sizeof(C) * ((rows + 4 * cols) * (HD + 8) + 2 * rows * bias_ld);
+std::size_t forward_smem(int HD, bool plain) {
+    return sizeof(C) * ((rows + 4 * cols) * (HD + 8) + (plain ? 0 : 2 * rows * bias_ld));
 }
 template <class C>
-std::size_t dkdv_smem(int HD) {
-    return sizeof(C) * ((2 * rows + 4 * cols) * (HD + 8) + 2 * cols * bias_ld) + sizeof(float) * 4 * cols;
+std::size_t dkdv_smem(int HD, bool plain) {
+    return sizeof(C) * ((2 * rows + 4 * cols) * (HD + 8) + (plain ? 0 : 2 * cols * bias_ld)) + sizeof(float) * 4 * cols;
 }
 template <class C>
-std::size_t dq_smem(int HD) {
-    return sizeof(C) * ((2 * rows + 4 * cols) * (HD + 8) + 2 * rows * bias_ld);
+std::size_t dq_smem(int HD, bool plain) {
+    return sizeof(C) * ((2 * rows + 4 * cols) * (HD + 8) + (plain ? 0 : 2 * rows * bias_ld));
 }
 
 }  // namespace mma
@@ -1259,8 +1331,10 @@ unsigned elementwise_grid(std::int64_t n) { return static_cast<unsigned>(n < 256
 template <class C>
 cudaError_t mma_forward(const Problem& p, const C* Q, const C* K, const C* V, C* O, float* lse) {
     const int HD = mma::head_dim_bucket(p.d, p.dv);
-    const auto kernel = HD == 64 ? mma::forward_kernel<C, 64> : mma::forward_kernel<C, 128>;
-    const std::size_t smem = mma::forward_smem<C>(HD);
+    const bool plain = mma::plain_problem(p);
+    const auto kernel = plain ? (HD == 64 ? mma::forward_kernel<C, 64, true> : mma::forward_kernel<C, 128, true>)
+                              : (HD == 64 ? mma::forward_kernel<C, 64, false> : mma::forward_kernel<C, 128, false>);
+    const std::size_t smem = mma::forward_smem<C>(HD, plain);
     if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
     const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
     kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, O, lse);
@@ -1273,9 +1347,11 @@ template <class C>
 cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, const C* dO, const float* lse, const float* D, C* dQ, C* dK,
                          C* dV, C* dbias_full, float* dS_scratch) {
     const int HD = mma::head_dim_bucket(p.d, p.dv);
+    const bool plain = mma::plain_problem(p) && !dbias_full && !dS_scratch;
     if (dK || dV || dbias_full || dS_scratch) {
-        const auto kernel = HD == 64 ? mma::dkdv_kernel<C, 64> : mma::dkdv_kernel<C, 128>;
-        const std::size_t smem = mma::dkdv_smem<C>(HD);
+        const auto kernel = plain ? (HD == 64 ? mma::dkdv_kernel<C, 64, true> : mma::dkdv_kernel<C, 128, true>)
+                                  : (HD == 64 ? mma::dkdv_kernel<C, 64, false> : mma::dkdv_kernel<C, 128, false>);
+        const std::size_t smem = mma::dkdv_smem<C>(HD, plain);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
         const dim3 grid(static_cast<unsigned>((p.Lk + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
         kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dK, dV, dbias_full, dS_scratch);
@@ -1283,9 +1359,10 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
     }
     if (dQ) {
         const bool read_back = dbias_full && p.bias_scale != 0.0f;
-        const auto kernel = read_back ? (HD == 64 ? mma::dq_kernel<C, 64, true> : mma::dq_kernel<C, 128, true>)
-                                      : (HD == 64 ? mma::dq_kernel<C, 64, false> : mma::dq_kernel<C, 128, false>);
-        const std::size_t smem = mma::dq_smem<C>(HD);
+        const auto kernel = read_back ? (HD == 64 ? mma::dq_kernel<C, 64, true, false> : mma::dq_kernel<C, 128, true, false>)
+                            : plain   ? (HD == 64 ? mma::dq_kernel<C, 64, false, true> : mma::dq_kernel<C, 128, false, true>)
+                                      : (HD == 64 ? mma::dq_kernel<C, 64, false, false> : mma::dq_kernel<C, 128, false, false>);
+        const std::size_t smem = mma::dq_smem<C>(HD, plain && !read_back);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
         const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
         kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);

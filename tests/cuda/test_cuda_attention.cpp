@@ -212,6 +212,11 @@ TEST_CASE("bf16 causal without a full bias gradient: matches the CPU and is bitw
     check_against_cpu<ad::bf16>({Shape{2, 3, 330, 64}, k, k, Shape{1, 3, 330, 700}, true, false, 0.2}, bf16_tolerance);
     check_against_cpu<ad::bf16>({Shape{1, 2, 300, 128}, Shape{1, 2, 300, 128}, Shape{1, 2, 300, 100}, Shape{}, true, true}, bf16_tolerance);
     check_against_cpu<ad::fp16>({Shape{2, 2, 257, 40}, Shape{2, 2, 257, 40}, Shape{2, 2, 257, 40}, Shape{}, true}, bf16_tolerance);
+    // The Plain kernels (no bias, key padding or dropout) at d = 128 (dv = 100), and without the causal
+    // mask with Lq ≠ Lk (partial tiles on both sides).
+    check_against_cpu<ad::bf16>({Shape{1, 2, 300, 128}, Shape{1, 2, 300, 128}, Shape{1, 2, 300, 100}, Shape{}, true}, bf16_tolerance);
+    check_against_cpu<ad::bf16>({Shape{2, 2, 200, 64}, Shape{2, 2, 260, 64}, Shape{2, 2, 260, 64}, Shape{}}, bf16_tolerance);
+    check_against_cpu<ad::fp16>({Shape{1, 2, 150, 96}, Shape{1, 2, 190, 96}, Shape{1, 2, 190, 96}, Shape{}}, bf16_tolerance);
     const Case c{Shape{4, 8, 1024, 64}, Shape{4, 8, 1024, 64}, Shape{4, 8, 1024, 64}, Shape{}, true};
     const auto first = run_both<ad::bf16>(c, 9).first;
     const auto second = run_both<ad::bf16>(c, 9).first;
