@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 build=${AUTODIFF_BUILD_DIR:-build-cuda}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" -DAUTODIFF_WERROR=ON -DAUTODIFF_CUDA=ON \
   -DAUTODIFF_BUILD_EXAMPLES=OFF -DAUTODIFF_BUILD_BENCHMARKS=OFF -DAUTODIFF_PACKAGE_TESTS=OFF "$@"
-cmake --build "$build" -j"$(nproc)" --target test_cuda_attention test_cuda_ops test_cuda_mha bench_cuda_attention
+cmake --build "$build" -j"$(nproc)" --target test_cuda_attention test_cuda_ops test_cuda_mha test_cuda_fp64 bench_cuda_attention
 # A skipped test (no device) fails this script: it exists to run them.
 status=0
 log=$(ctest --test-dir "$build" --output-on-failure -L cuda 2>&1) || status=$?

@@ -6,6 +6,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "attention_fp64.hpp"
 #include "attention_kernels.hpp"
 #include "autodiff/kernels/attention.hpp"
 #include "cuda_check.hpp"
@@ -86,8 +87,17 @@ void expect_shape(std::string_view op, const char* name, const DeviceTensor<T>& 
 }
 
 template <class T>
-void* data_or_null(DeviceTensor<T>* x) {
+T* data_or_null(DeviceTensor<T>* x) {
     return x ? x->data() : nullptr;
+}
+
+// The problem's scalars in double, for the fp64 kernels (make_problem keeps float copies).
+detail::AttentionScales64 scales64(const DeviceAttentionOptions& opt) {
+    detail::AttentionScales64 s;
+    s.scale = opt.scale;
+    s.bias_scale = opt.bias_scale;
+    if (opt.dropout.training && opt.dropout.rate > 0.0) s.drop_scale = 1.0 / (1.0 - opt.dropout.rate);
+    return s;
 }
 
 }  // namespace
@@ -99,10 +109,17 @@ DeviceAttentionSaved<T> attention_forward(const DeviceTensor<T>& Q, const Device
     const detail::AttentionProblem p = make_problem(op, Q, K, V, bias, opt);
     Shape out = Q.shape();
     out[out.rank() - 1] = p.dv;
-    DeviceAttentionSaved<T> saved{DeviceTensor<T>(out), DeviceTensor<float>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1))};
+    DeviceAttentionSaved<T> saved{DeviceTensor<T>(out),
+                                  DeviceTensor<device_accum_t<T>>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1))};
     if (out.numel() == 0) return saved;
-    detail::cuda_check(detail::launch_attention_forward(detail::dtype_of<T>(), p, Q.data(), K.data(), V.data(), saved.O.data(), saved.lse.data()),
-                       op, "the forward kernel's launch");
+    if constexpr (std::is_same_v<T, double>) {
+        detail::cuda_check(detail::launch_attention_forward_f64(p, scales64(opt), Q.data(), K.data(), V.data(), saved.O.data(), saved.lse.data()),
+                           op, "the fp64 forward kernel's launch");
+    } else {
+        detail::cuda_check(detail::launch_attention_forward(detail::dtype_of<T>(), p, Q.data(), K.data(), V.data(), saved.O.data(),
+                                                            saved.lse.data()),
+                           op, "the forward kernel's launch");
+    }
     return saved;
 }
 
@@ -128,28 +145,43 @@ void attention_backward(DeviceTensor<T>* dQ, DeviceTensor<T>* dK, DeviceTensor<T
             if (g) g->zero();
         return;
     }
-    // A full-shape bias gradient is written in place by the dK/dV kernel; a broadcast one is reduced
-    // from an fp32 dS buffer (deterministically, no atomics).
-    const std::int64_t score_count = p.items * p.Lq * p.Lk;
-    const bool full_bias = dbias && bias.shape().numel() == score_count;
-    DeviceTensor<float> dS;
-    if (dbias && !full_bias) dS = DeviceTensor<float>(Shape{score_count});
-    // Tiles the kernels skip under a mask must read as zero gradient.
-    if (opt.causal || opt.key_padding.defined()) {
-        if (full_bias) dbias->zero();
-        if (dS.defined()) dS.zero();
-    }
-    DeviceTensor<float> D(saved.lse.shape());
-    detail::cuda_check(detail::launch_attention_backward(detail::dtype_of<T>(), p, Q.data(), K.data(), V.data(), dO.data(), saved.O.data(),
-                                                         saved.lse.data(), D.data(), data_or_null(dQ), data_or_null(dK), data_or_null(dV),
-                                                         full_bias ? dbias->data() : nullptr, dS.defined() ? dS.data() : nullptr),
-                       op, "the backward kernels' launch");
-    if (dS.defined()) {
-        const auto padded = bias.shape().padded();
-        const std::int64_t scores[4] = {Q.shape().padded()[0], p.heads, p.Lq, p.Lk};
-        const std::int64_t bias_dims[4] = {padded[0], padded[1], padded[2], padded[3]};
-        detail::cuda_check(detail::launch_bias_gradient_reduce(detail::dtype_of<T>(), dS.data(), scores, bias_dims, p.bias_scale, dbias->data()), op,
-                           "the bias gradient reduction's launch");
+    if constexpr (std::is_same_v<T, double>) {
+        // fp64: dS always goes through a double scratch (written everywhere, 0 where masked), reduced to the
+        // bias's shape (a copy times bias_scale for a full-shape bias) by a fixed-order kernel.
+        DeviceTensor<double> D(saved.lse.shape()), dS(Shape{p.items * p.Lq * p.Lk});
+        std::int64_t bias_dims[4] = {1, 1, 1, 1};
+        if (dbias) {
+            const auto padded = bias.shape().padded();
+            for (std::size_t k = 0; k < 4; ++k) bias_dims[k] = padded[k];
+        }
+        detail::cuda_check(detail::launch_attention_backward_f64(p, scales64(opt), Q.data(), K.data(), V.data(), dO.data(), saved.O.data(),
+                                                                 saved.lse.data(), D.data(), dS.data(), data_or_null(dQ), data_or_null(dK),
+                                                                 data_or_null(dV), data_or_null(dbias), bias_dims),
+                           op, "the fp64 backward kernels' launch");
+    } else {
+        // A full-shape bias gradient is written in place by the dK/dV kernel; a broadcast one is reduced
+        // from an fp32 dS buffer (deterministically, no atomics).
+        const std::int64_t score_count = p.items * p.Lq * p.Lk;
+        const bool full_bias = dbias && bias.shape().numel() == score_count;
+        DeviceTensor<float> dS;
+        if (dbias && !full_bias) dS = DeviceTensor<float>(Shape{score_count});
+        // Tiles the kernels skip under a mask must read as zero gradient.
+        if (opt.causal || opt.key_padding.defined()) {
+            if (full_bias) dbias->zero();
+            if (dS.defined()) dS.zero();
+        }
+        DeviceTensor<float> D(saved.lse.shape());
+        detail::cuda_check(detail::launch_attention_backward(detail::dtype_of<T>(), p, Q.data(), K.data(), V.data(), dO.data(), saved.O.data(),
+                                                             saved.lse.data(), D.data(), data_or_null(dQ), data_or_null(dK), data_or_null(dV),
+                                                             full_bias ? dbias->data() : nullptr, dS.defined() ? dS.data() : nullptr),
+                           op, "the backward kernels' launch");
+        if (dS.defined()) {
+            const auto padded = bias.shape().padded();
+            const std::int64_t scores[4] = {Q.shape().padded()[0], p.heads, p.Lq, p.Lk};
+            const std::int64_t bias_dims[4] = {padded[0], padded[1], padded[2], padded[3]};
+            detail::cuda_check(detail::launch_bias_gradient_reduce(detail::dtype_of<T>(), dS.data(), scores, bias_dims, p.bias_scale, dbias->data()), op,
+                               "the bias gradient reduction's launch");
+        }
     }
 }
 
@@ -162,6 +194,7 @@ void attention_backward(DeviceTensor<T>* dQ, DeviceTensor<T>* dK, DeviceTensor<T
 AUTODIFF_INSTANTIATE(float)
 AUTODIFF_INSTANTIATE(bf16)
 AUTODIFF_INSTANTIATE(fp16)
+AUTODIFF_INSTANTIATE(double)
 #undef AUTODIFF_INSTANTIATE
 
 }  // namespace autodiff

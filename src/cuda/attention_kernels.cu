@@ -1321,6 +1321,7 @@ cudaError_t dispatch(detail::DeviceDType dtype, F&& f) {
         case detail::DeviceDType::f32: return f(static_cast<float*>(nullptr));
         case detail::DeviceDType::bf16: return f(static_cast<__nv_bfloat16*>(nullptr));
         case detail::DeviceDType::f16: return f(static_cast<__half*>(nullptr));
+        case detail::DeviceDType::f64: break;  // double attention: attention_fp64.cu
     }
     return cudaErrorInvalidValue;
 }

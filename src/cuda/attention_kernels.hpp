@@ -9,7 +9,10 @@
 
 namespace autodiff::detail {
 
-enum class DeviceDType : std::uint8_t { f32, bf16, f16 };
+// f64: the device functional layer's double (cuda/ops.hpp, blas.hpp) and the fp64 attention kernels of
+// attention_fp64.cu (launch_attention_*_f64 in attention_fp64.hpp); the launchers of
+// attention_kernels.cu refuse it (cudaErrorInvalidValue).
+enum class DeviceDType : std::uint8_t { f32, bf16, f16, f64 };
 
 // Everything a kernel needs to know about the problem, by value. Scores: padded rank 4 (B, H, Lq, Lk),
 // leading index t = b·H + h.

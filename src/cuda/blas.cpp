@@ -21,6 +21,7 @@ namespace {
 template <class T>
 constexpr cudaDataType_t cublas_type() {
     if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+    else if constexpr (std::is_same_v<T, double>) return CUDA_R_64F;
     else if constexpr (std::is_same_v<T, bf16>) return CUDA_R_16BF;
     else return CUDA_R_16F;
 }
@@ -68,11 +69,17 @@ void gemm_rows(std::string_view op, std::int64_t m, std::int64_t n, std::int64_t
                float beta, void* C, std::int64_t c_stride, std::int64_t batch) {
     for (std::int64_t v : {m, n, k, X.ld, Y.ld, batch})
         if (v > INT_MAX) fail(op, "a dimension of {} exceeds cuBLAS's limit of {}", v, INT_MAX);
+    // double: fp64 operands, products and accumulation (CUBLAS_COMPUTE_64F, whose alpha and beta are
+    // doubles); the others: fp32 accumulation (CUBLAS_COMPUTE_32F, float alpha and beta).
+    constexpr bool fp64 = std::is_same_v<T, double>;
+    using Scalar = std::conditional_t<fp64, double, float>;
+    const Scalar a = alpha, b = beta;
     cublas_check(cublasGemmStridedBatchedEx(handle(op), Y.trans ? CUBLAS_OP_T : CUBLAS_OP_N, X.trans ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                            static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha, Y.data,
+                                            static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &a, Y.data,
                                             cublas_type<T>(), static_cast<int>(Y.ld), Y.stride, X.data, cublas_type<T>(),
-                                            static_cast<int>(X.ld), X.stride, &beta, C, cublas_type<T>(), static_cast<int>(n),
-                                            c_stride, static_cast<int>(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                            static_cast<int>(X.ld), X.stride, &b, C, cublas_type<T>(), static_cast<int>(n),
+                                            c_stride, static_cast<int>(batch), fp64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F,
+                                            CUBLAS_GEMM_DEFAULT),
                  op, "cublasGemmStridedBatchedEx");
 }
 
@@ -232,6 +239,7 @@ void linear_backward(NoDeduce<DeviceTensor<T>>* dx, NoDeduce<DeviceTensor<T>>* d
 AUTODIFF_INSTANTIATE(float)
 AUTODIFF_INSTANTIATE(bf16)
 AUTODIFF_INSTANTIATE(fp16)
+AUTODIFF_INSTANTIATE(double)
 #undef AUTODIFF_INSTANTIATE
 
 }  // namespace autodiff

@@ -143,6 +143,7 @@ void DeviceTensor<T>::zero() {
 template void DeviceTensor<float>::zero();
 template void DeviceTensor<bf16>::zero();
 template void DeviceTensor<fp16>::zero();
+template void DeviceTensor<double>::zero();
 template void DeviceTensor<bool>::zero();
 
 template <class T>
@@ -164,6 +165,15 @@ DeviceTensor<T> to(const Tensor<float>& x, CudaDevice) {
 template DeviceTensor<float> to<float>(const Tensor<float>&, CudaDevice);
 template DeviceTensor<bf16> to<bf16>(const Tensor<float>&, CudaDevice);
 template DeviceTensor<fp16> to<fp16>(const Tensor<float>&, CudaDevice);
+
+DeviceTensor<double> to(const Tensor<double>& x, CudaDevice) {
+    if (!x.defined()) fail("to(cuda)", "the host tensor (float64) is undefined");
+    DeviceTensor<double> out(x.shape());
+    if (x.numel())
+        detail::cuda_check(cudaMemcpy(out.data(), x.data(), static_cast<std::size_t>(x.numel()) * sizeof(double), cudaMemcpyHostToDevice),
+                           "to(cuda)", "cudaMemcpy");
+    return out;
+}
 
 DeviceTensor<bool> to(const Tensor<bool>& x, CudaDevice) {
     if (!x.defined()) fail("to(cuda)", "the host mask is undefined");
@@ -192,6 +202,15 @@ Tensor<float> to(const DeviceTensor<T>& x, CpuDevice) {
 template Tensor<float> to<float>(const DeviceTensor<float>&, CpuDevice);
 template Tensor<float> to<bf16>(const DeviceTensor<bf16>&, CpuDevice);
 template Tensor<float> to<fp16>(const DeviceTensor<fp16>&, CpuDevice);
+
+Tensor<double> to(const DeviceTensor<double>& x, CpuDevice) {
+    if (!x.defined()) fail("to(cpu)", "the device tensor (float64) is undefined");
+    Tensor<double> out(x.shape());
+    if (x.numel())
+        detail::cuda_check(cudaMemcpy(out.data(), x.data(), static_cast<std::size_t>(x.numel()) * sizeof(double), cudaMemcpyDeviceToHost),
+                           "to(cpu)", "cudaMemcpy");
+    return out;
+}
 
 Tensor<bool> to(const DeviceTensor<bool>& x, CpuDevice) {
     if (!x.defined()) fail("to(cpu)", "the device mask is undefined");

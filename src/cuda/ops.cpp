@@ -113,14 +113,15 @@ void binary_backward(DeviceBinaryOp op, NoDeduce<DeviceTensor<T>>* da, NoDeduce<
 // ---- reductions -------------------------------------------------------------------------------
 
 template <class T>
-float sum_forward(const DeviceTensor<T>& x) {
+device_accum_t<T> sum_forward(const DeviceTensor<T>& x) {
+    using A = device_accum_t<T>;
     constexpr std::string_view op = "sum (cuda)";
     expect_defined(op, "x", x);
-    DeviceTensor<float> scratch(Shape{detail::sum_partials + 1});
+    DeviceTensor<A> scratch(Shape{detail::sum_partials + 1});
     detail::cuda_check(detail::launch_sum(detail::dtype_of<T>(), x.data(), x.numel(), scratch.data(), scratch.data() + detail::sum_partials), op,
                        "the sum kernels");
-    float s = 0;
-    detail::cuda_check(cudaMemcpy(&s, scratch.data() + detail::sum_partials, sizeof(float), cudaMemcpyDeviceToHost), op, "cudaMemcpy");
+    A s = 0;
+    detail::cuda_check(cudaMemcpy(&s, scratch.data() + detail::sum_partials, sizeof(A), cudaMemcpyDeviceToHost), op, "cudaMemcpy");
     return s;
 }
 
@@ -138,7 +139,7 @@ DeviceTensor<T> sum_rows_forward(const DeviceTensor<T>& x) {
 }
 
 template <class T>
-float mse_loss_forward(const DeviceTensor<T>& a, const DeviceTensor<T>& b) {
+device_accum_t<T> mse_loss_forward(const DeviceTensor<T>& a, const DeviceTensor<T>& b) {
     constexpr std::string_view op = "mse_loss (cuda)";
     expect_defined(op, "a", a);
     expect_like(op, "a", a, "b", b);
@@ -146,16 +147,17 @@ float mse_loss_forward(const DeviceTensor<T>& a, const DeviceTensor<T>& b) {
     DeviceTensor<T> squares(a.shape());  // (a − b)², rounded to T as the CPU rounds to its T
     detail::cuda_check(detail::launch_difference(detail::dtype_of<T>(), true, 0.f, a.data(), b.data(), squares.data(), a.numel()), op,
                        "the elementwise kernel");
-    return sum_forward(squares) / static_cast<float>(a.numel());
+    return sum_forward(squares) / static_cast<device_accum_t<T>>(a.numel());
 }
 
 template <class T>
-void mse_loss_backward(NoDeduce<DeviceTensor<T>>* da, NoDeduce<DeviceTensor<T>>* db, float dloss, const DeviceTensor<T>& a,
+void mse_loss_backward(NoDeduce<DeviceTensor<T>>* da, NoDeduce<DeviceTensor<T>>* db, device_accum_t<T> dloss, const DeviceTensor<T>& a,
                        const DeviceTensor<T>& b) {
     constexpr std::string_view op = "mse_loss_backward (cuda)";
     expect_defined(op, "a", a);
     expect_like(op, "a", a, "b", b);
-    const float k = dloss * 2.f / static_cast<float>(a.numel());
+    using A = device_accum_t<T>;
+    const A k = dloss * A(2) / static_cast<A>(a.numel());  // in float for float, bf16, fp16 (as before), in double for double
     DeviceTensor<T> g(a.shape());
     detail::cuda_check(detail::launch_difference(detail::dtype_of<T>(), false, k, a.data(), b.data(), g.data(), a.numel()), op,
                        "the elementwise kernel");
@@ -305,7 +307,7 @@ DeviceTensor<T> apply_dropout_mask(std::string_view op, const DropoutDescriptor&
     const std::uint64_t threshold = dropout_threshold(d.rate);
     const bool drop_all = threshold > 0xFFFFFFFFu;  // a rate within 2^-33 of 1 drops everything
     detail::cuda_check(detail::launch_dropout(detail::dtype_of<T>(), d.seed, d.offset, drop_all ? 0u : static_cast<std::uint32_t>(threshold), drop_all,
-                                              static_cast<float>(1.0 / (1.0 - d.rate)), in.data(), out.data(), in.numel()),
+                                              static_cast<device_accum_t<T>>(1.0 / (1.0 - d.rate)), in.data(), out.data(), in.numel()),
                        op, "the dropout kernel");
     return out;
 }
@@ -328,10 +330,10 @@ DeviceTensor<T> dropout_backward(const DropoutDescriptor& d, const DeviceTensor<
     template DeviceTensor<T> binary_forward<T>(DeviceBinaryOp, const DeviceTensor<T>&, const DeviceTensor<T>&);                           \
     template void binary_backward<T>(DeviceBinaryOp, DeviceTensor<T>*, DeviceTensor<T>*, const DeviceTensor<T>&, const DeviceTensor<T>&, \
                                      const DeviceTensor<T>&);                                                                             \
-    template float sum_forward<T>(const DeviceTensor<T>&);                                                                                \
+    template device_accum_t<T> sum_forward<T>(const DeviceTensor<T>&);                                                                    \
     template DeviceTensor<T> sum_rows_forward<T>(const DeviceTensor<T>&);                                                                 \
-    template float mse_loss_forward<T>(const DeviceTensor<T>&, const DeviceTensor<T>&);                                                   \
-    template void mse_loss_backward<T>(DeviceTensor<T>*, DeviceTensor<T>*, float, const DeviceTensor<T>&, const DeviceTensor<T>&);        \
+    template device_accum_t<T> mse_loss_forward<T>(const DeviceTensor<T>&, const DeviceTensor<T>&);                                       \
+    template void mse_loss_backward<T>(DeviceTensor<T>*, DeviceTensor<T>*, device_accum_t<T>, const DeviceTensor<T>&, const DeviceTensor<T>&); \
     template DeviceTensor<T> permute_forward<T>(const DeviceTensor<T>&, const Permutation&);                                              \
     template DeviceTensor<T> narrow_forward<T>(const DeviceTensor<T>&, int, std::int64_t, std::int64_t);                                  \
     template DeviceTensor<T> narrow_backward<T>(const DeviceTensor<T>&, const Shape&, int, std::int64_t);                                 \
@@ -342,6 +344,7 @@ DeviceTensor<T> dropout_backward(const DropoutDescriptor& d, const DeviceTensor<
 AUTODIFF_INSTANTIATE(float)
 AUTODIFF_INSTANTIATE(bf16)
 AUTODIFF_INSTANTIATE(fp16)
+AUTODIFF_INSTANTIATE(double)
 #undef AUTODIFF_INSTANTIATE
 
 }  // namespace autodiff

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "autodiff/cuda/expr.cuh"
 #include "autodiff/random.hpp"
@@ -28,11 +29,16 @@ constexpr int threads = 256;
 template <class S>
 using Inputs2 = ex::Inputs<S, 2>;
 
-// Calls f with a null pointer of the storage type of dtype (float, __nv_bfloat16, __half).
+// The compute type of storage type S: double for double, float otherwise.
+template <class S>
+using acc_t = ex::acc_t<S>;
+
+// Calls f with a null pointer of the storage type of dtype (float, __nv_bfloat16, __half, double).
 template <class F>
 cudaError_t with_storage(DeviceDType dtype, F&& f) {
     switch (dtype) {
         case DeviceDType::f32: return f(static_cast<float*>(nullptr));
+        case DeviceDType::f64: return f(static_cast<double*>(nullptr));
         case DeviceDType::bf16: return f(static_cast<__nv_bfloat16*>(nullptr));
         case DeviceDType::f16: return f(static_cast<__half*>(nullptr));
     }
@@ -108,24 +114,26 @@ __global__ void broadcast_rows_kernel(const S* b, S* y, std::int64_t rows, std::
         y[i] = b[i % n];
 }
 
-// One thread per column, rows in order: each column's sum is the same sequence of fp32 additions on
-// every run; neighbouring threads read neighbouring columns (coalesced).
+// One thread per column, rows in order: each column's sum is the same sequence of fp32 (fp64 for
+// double) additions on every run; neighbouring threads read neighbouring columns (coalesced).
 template <class S>
 __global__ void column_sums_kernel(const S* x, std::int64_t rows, std::int64_t n, S* out, bool accumulate) {
     const std::int64_t j = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x;
     if (j >= n) return;
-    float s = 0.f;
+    acc_t<S> s = 0;
     for (std::int64_t r = 0; r < rows; ++r) s += load(x[r * n + j]);
     out[j] = store<S>(accumulate ? load(out[j]) + s : s);
 }
 
-// Block reduction of one float per thread (threads = 256); the result in thread 0, fixed tree order.
-__device__ float block_sum(float v) {
-    __shared__ float shared[threads / 32];
+// Block reduction of one value (float or double) per thread (threads = 256); the result in thread 0,
+// fixed tree order.
+template <class V>
+__device__ V block_sum(V v) {
+    __shared__ V shared[threads / 32];
     for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
     if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
     __syncthreads();
-    v = threadIdx.x < threads / 32 ? shared[threadIdx.x] : 0.f;
+    v = threadIdx.x < threads / 32 ? shared[threadIdx.x] : V(0);
     if (threadIdx.x < 32)
         for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
     return v;
@@ -133,16 +141,18 @@ __device__ float block_sum(float v) {
 
 // Pass 1: sum_partials blocks, block k sums the elements k·256 + t + s·(256·sum_partials) in a fixed
 // order. Pass 2: one block adds the partials. The grid never depends on anything but n.
+// The partials and the result are acc_t<S> (fp32, or fp64 for double).
 template <class S>
-__global__ void partial_sums_kernel(const S* x, std::int64_t n, float* partials) {
-    float s = 0.f;
+__global__ void partial_sums_kernel(const S* x, std::int64_t n, acc_t<S>* partials) {
+    acc_t<S> s = 0;
     for (std::int64_t i = blockIdx.x * std::int64_t{threads} + threadIdx.x; i < n; i += std::int64_t{threads} * sum_partials)
         s += load(x[i]);
     s = block_sum(s);
     if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
-__global__ void final_sum_kernel(const float* partials, float* out) {
-    float s = 0.f;
+template <class V>
+__global__ void final_sum_kernel(const V* partials, V* out) {
+    V s = 0;
     for (int i = threadIdx.x; i < sum_partials; i += threads) s += partials[i];
     s = block_sum(s);
     if (threadIdx.x == 0) *out = s;
@@ -150,23 +160,25 @@ __global__ void final_sum_kernel(const float* partials, float* out) {
 
 // ---- softmax: one warp a row ----------------------------------------------------------------------
 
-__device__ float warp_max(float v) {
-    for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+template <class V>
+__device__ V warp_max(V v) {
+    for (int o = 16; o > 0; o /= 2) v = ex::math::max(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-__device__ float warp_sum(float v) {
+template <class V>
+__device__ V warp_sum(V v) {
     for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
 // Logit (r, j) with the masks applied: −inf where masked.
 template <class S>
-__device__ float masked_logit(const SoftmaxProblem& p, const S* x, std::int64_t r, std::int64_t t, std::int64_t i, std::int64_t j) {
+__device__ acc_t<S> masked_logit(const SoftmaxProblem& p, const S* x, std::int64_t r, std::int64_t t, std::int64_t i, std::int64_t j) {
     const std::int64_t b = t / p.heads, h = t % p.heads;
     if (p.causal && j > i) return -INFINITY;
     if (p.keep && !p.keep[b * p.keep_s[0] + h * p.keep_s[1] + i * p.keep_s[2] + j * p.keep_s[3]]) return -INFINITY;
     if (p.key_padding && !p.key_padding[(t / p.kp_div) * p.Lk + j]) return -INFINITY;
-    float v = load(x[r * p.Lk + j]);
+    acc_t<S> v = load(x[r * p.Lk + j]);
     if (p.additive)
         v += load(static_cast<const S*>(p.additive)[b * p.additive_s[0] + h * p.additive_s[1] + i * p.additive_s[2] + j * p.additive_s[3]]);
     return v;
@@ -178,19 +190,20 @@ template <class S>
 __global__ void softmax_forward_kernel(SoftmaxProblem p, const S* x, S* y) {
     const int lane = threadIdx.x % 32;
     for (std::int64_t r = blockIdx.x * std::int64_t{threads / 32} + threadIdx.x / 32; r < p.rows; r += std::int64_t{gridDim.x} * (threads / 32)) {
+        using V = acc_t<S>;
         const std::int64_t t = r / p.Lq, i = r % p.Lq;
-        float m = -INFINITY;
-        for (std::int64_t j = lane; j < p.Lk; j += 32) m = fmaxf(m, masked_logit(p, x, r, t, i, j));
+        V m = -INFINITY;
+        for (std::int64_t j = lane; j < p.Lk; j += 32) m = ex::math::max(m, masked_logit(p, x, r, t, i, j));
         m = warp_max(m);
         S* row = y + r * p.Lk;
         if (m == -INFINITY) {
-            for (std::int64_t j = lane; j < p.Lk; j += 32) row[j] = store<S>(0.f);
+            for (std::int64_t j = lane; j < p.Lk; j += 32) row[j] = store<S>(V(0));
             continue;
         }
-        float l = 0.f;
-        for (std::int64_t j = lane; j < p.Lk; j += 32) l += expf(masked_logit(p, x, r, t, i, j) - m);
-        const float inv = 1.f / warp_sum(l);
-        for (std::int64_t j = lane; j < p.Lk; j += 32) row[j] = store<S>(expf(masked_logit(p, x, r, t, i, j) - m) * inv);
+        V l = 0;
+        for (std::int64_t j = lane; j < p.Lk; j += 32) l += ex::math::exp(masked_logit(p, x, r, t, i, j) - m);
+        const V inv = V(1) / warp_sum(l);
+        for (std::int64_t j = lane; j < p.Lk; j += 32) row[j] = store<S>(ex::math::exp(masked_logit(p, x, r, t, i, j) - m) * inv);
     }
 }
 
@@ -200,7 +213,7 @@ __global__ void softmax_backward_kernel(std::int64_t rows, std::int64_t Lk, cons
     const int lane = threadIdx.x % 32;
     for (std::int64_t r = blockIdx.x * std::int64_t{threads / 32} + threadIdx.x / 32; r < rows; r += std::int64_t{gridDim.x} * (threads / 32)) {
         const std::int64_t base = r * Lk;
-        float d = 0.f;
+        acc_t<S> d = 0;
         for (std::int64_t j = lane; j < Lk; j += 32) d += load(dy[base + j]) * load(y[base + j]);
         d = warp_sum(d);
         for (std::int64_t j = lane; j < Lk; j += 32) dx[base + j] = store<S>(load(y[base + j]) * (load(dy[base + j]) - d));
@@ -210,7 +223,7 @@ __global__ void softmax_backward_kernel(std::int64_t rows, std::int64_t Lk, cons
 // ---- dropout: one thread per Philox block of 4 elements -------------------------------------------
 
 template <class S>
-__global__ void dropout_kernel(std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold, bool drop_all, float scale, const S* in,
+__global__ void dropout_kernel(std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold, bool drop_all, acc_t<S> scale, const S* in,
                                S* out, std::int64_t n) {
     const std::int64_t blocks = (n + 3) / 4;
     const Philox4x32::Key key{static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)};
@@ -224,7 +237,7 @@ __global__ void dropout_kernel(std::uint64_t seed, std::uint64_t offset, std::ui
             const std::int64_t i = 4 * q + l;
             if (i >= n) break;
             const bool keep = !drop_all && bits[static_cast<std::size_t>(l)] >= threshold;
-            out[i] = store<S>(load(in[i]) * (keep ? scale : 0.f));  // x·0 as the CPU: −0 and NaN kept
+            out[i] = store<S>(load(in[i]) * (keep ? scale : acc_t<S>(0)));  // x·0 as the CPU: −0 and NaN kept
         }
     }
 }
@@ -279,7 +292,7 @@ cudaError_t launch_binary_backward(DeviceDType dtype, DeviceBinaryOp op, const v
     });
 }
 
-cudaError_t launch_difference(DeviceDType dtype, bool square, float scale, const void* a, const void* b, void* out, std::int64_t n) {
+cudaError_t launch_difference(DeviceDType dtype, bool square, double scale, const void* a, const void* b, void* out, std::int64_t n) {
     return with_storage(dtype, [&]<class S>(S*) {
         const Inputs2<S> in{{static_cast<const S*>(a), static_cast<const S*>(b)}};
         constexpr auto x = ex::arg<0>();
@@ -324,10 +337,11 @@ cudaError_t launch_column_sums(DeviceDType dtype, const void* x, std::int64_t ro
     });
 }
 
-cudaError_t launch_sum(DeviceDType dtype, const void* x, std::int64_t n, float* partials, float* out) {
+cudaError_t launch_sum(DeviceDType dtype, const void* x, std::int64_t n, void* partials, void* out) {
     return with_storage(dtype, [&]<class S>(S*) {
-        partial_sums_kernel<S><<<sum_partials, threads>>>(static_cast<const S*>(x), n, partials);
-        final_sum_kernel<<<1, threads>>>(partials, out);
+        using V = acc_t<S>;
+        partial_sums_kernel<S><<<sum_partials, threads>>>(static_cast<const S*>(x), n, static_cast<V*>(partials));
+        final_sum_kernel<V><<<1, threads>>>(static_cast<const V*>(partials), static_cast<V*>(out));
         return cudaGetLastError();
     });
 }
@@ -349,11 +363,12 @@ cudaError_t launch_softmax_backward(DeviceDType dtype, std::int64_t rows, std::i
     });
 }
 
-cudaError_t launch_dropout(DeviceDType dtype, std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold, bool drop_all, float scale,
+cudaError_t launch_dropout(DeviceDType dtype, std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold, bool drop_all, double scale,
                            const void* in, void* out, std::int64_t n) {
     if (n == 0) return cudaSuccess;
     return with_storage(dtype, [&]<class S>(S*) {
-        dropout_kernel<S><<<blocks_for((n + 3) / 4, threads), threads>>>(seed, offset, threshold, drop_all, scale, static_cast<const S*>(in),
+        dropout_kernel<S><<<blocks_for((n + 3) / 4, threads), threads>>>(seed, offset, threshold, drop_all, static_cast<acc_t<S>>(scale),
+                                                                        static_cast<const S*>(in),
                                                                         static_cast<S*>(out), n);
         return cudaGetLastError();
     });
@@ -362,8 +377,12 @@ cudaError_t launch_dropout(DeviceDType dtype, std::uint64_t seed, std::uint64_t 
 cudaError_t launch_adam(DeviceDType dtype, const AdamStep& s, void* w, const void* g, float* m, float* v, std::int64_t n) {
     if (n == 0) return cudaSuccess;
     return with_storage(dtype, [&]<class S>(S*) {
-        adam_kernel<S><<<blocks_for(n, threads), threads>>>(s, static_cast<S*>(w), static_cast<const S*>(g), m, v, n);
-        return cudaGetLastError();
+        if constexpr (std::is_same_v<S, double>) {
+            return cudaErrorInvalidValue;  // cuda/optim.hpp: float, bf16, fp16 (fp32 moments)
+        } else {
+            adam_kernel<S><<<blocks_for(n, threads), threads>>>(s, static_cast<S*>(w), static_cast<const S*>(g), m, v, n);
+            return cudaGetLastError();
+        }
     });
 }
 

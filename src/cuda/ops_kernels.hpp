@@ -24,8 +24,9 @@ cudaError_t launch_binary(DeviceDType dtype, DeviceBinaryOp op, const void* a, c
 cudaError_t launch_binary_backward(DeviceDType dtype, DeviceBinaryOp op, const void* a, const void* b, const void* dy, void* da, void* db,
                                    std::int64_t n);
 
-// out = scale·(a − b); with square: out = (a − b)² (scale ignored). mse_loss's two expressions.
-cudaError_t launch_difference(DeviceDType dtype, bool square, float scale, const void* a, const void* b, void* out, std::int64_t n);
+// out = scale·(a − b); with square: out = (a − b)² (scale ignored). mse_loss's two expressions. scale is
+// rounded to the compute type (float, or double for f64).
+cudaError_t launch_difference(DeviceDType dtype, bool square, double scale, const void* a, const void* b, void* out, std::int64_t n);
 
 // ---- layout: permute and narrow as one strided copy ------------------------------------------------
 // The output (or, with scatter, the input) is dense of padded rank-4 shape `shape`; the other side is
@@ -37,11 +38,13 @@ cudaError_t launch_strided_copy(DeviceDType dtype, const void* in, void* out, co
 // ---- rows and reductions ------------------------------------------------------------------------
 // y (rows, n) = b (n) repeated on every row.
 cudaError_t launch_broadcast_rows(DeviceDType dtype, const void* b, void* y, std::int64_t rows, std::int64_t n);
-// out (n) = (accumulate ? out : 0) + Σ_r x[r, :], x (rows, n); each column summed in row order, in fp32.
+// out (n) = (accumulate ? out : 0) + Σ_r x[r, :], x (rows, n); each column summed in row order, in fp32
+// (fp64 for f64).
 cudaError_t launch_column_sums(DeviceDType dtype, const void* x, std::int64_t rows, std::int64_t n, void* out, bool accumulate);
-// out (1, fp32) = Σ x over n elements: fixed partial sums (partials: sum_partials floats) added in order.
+// out (1 value) = Σ x over n elements: fixed partial sums (partials: sum_partials values) added in order.
+// partials and out hold the compute type: float, or double for f64.
 inline constexpr int sum_partials = 512;
-cudaError_t launch_sum(DeviceDType dtype, const void* x, std::int64_t n, float* partials, float* out);
+cudaError_t launch_sum(DeviceDType dtype, const void* x, std::int64_t n, void* partials, void* out);
 
 // ---- softmax over the last dimension --------------------------------------------------------------
 // Rows of the padded rank-4 logits (B, H, Lq, Lk), leading index t = b·H + h, row r = t·Lq + i.
@@ -55,14 +58,14 @@ struct SoftmaxProblem {
     const void* additive = nullptr;  // dtype, broadcast through additive_s
     std::int64_t additive_s[4] = {0, 0, 0, 0};
 };
-// y = softmax(x + additive, masked); fully masked rows give 0.
+// y = softmax(x + additive, masked); fully masked rows give 0. Computed in fp32 (fp64 for f64).
 cudaError_t launch_softmax_forward(DeviceDType dtype, const SoftmaxProblem& p, const void* x, void* y);
 // dx = y ⊙ (dy − rowsum(dy ⊙ y)), rows of Lk.
 cudaError_t launch_softmax_backward(DeviceDType dtype, std::int64_t rows, std::int64_t Lk, const void* dy, const void* y, void* dx);
 
 // ---- dropout (the CPU's Philox decisions: kernels/dropout.hpp) ------------------------------------
 // out[i] = in[i]·keep(i)·scale, keep(i) = Philox4x32::bits(seed, offset, i) >= threshold (drop_all: never).
-cudaError_t launch_dropout(DeviceDType dtype, std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold, bool drop_all, float scale,
+cudaError_t launch_dropout(DeviceDType dtype, std::uint64_t seed, std::uint64_t offset, std::uint32_t threshold, bool drop_all, double scale,
                            const void* in, void* out, std::int64_t n);
 
 // ---- Adam / AdamW (nn::Adam's update in fp32; the moments are fp32) ------------------------------------
@@ -72,6 +75,7 @@ struct AdamStep {
     float step_size = 0;  // lr / (1 − β1ᵗ)
     float root_c2 = 0;    // √(1 − β2ᵗ)
 };
+// f64 is refused (cudaErrorInvalidValue): the optimizer takes float, bf16 and fp16.
 cudaError_t launch_adam(DeviceDType dtype, const AdamStep& s, void* w, const void* g, float* m, float* v, std::int64_t n);
 
 }  // namespace autodiff::detail

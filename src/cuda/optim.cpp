@@ -23,6 +23,8 @@ void check_adam_options(std::string_view op, const nn::AdamOptions& opt) {
 template <class T>
 void adam_step(DeviceTensor<T>& w, const DeviceTensor<T>& g, DeviceAdamState& state, const nn::AdamOptions& opt) {
     constexpr std::string_view op = "adam_step (cuda)";
+    if constexpr (std::is_same_v<T, double>)
+        fail(op, "element type {} is not supported (float32, bfloat16 or float16; the moments are fp32)", dtype_name<T>());
     check_adam_options(op, opt);
     if (!w.defined() || !g.defined()) fail(op, "the parameter and its gradient must be defined device tensors");
     if (g.shape() != w.shape()) fail(op, "the gradient has shape {} but the parameter has shape {}", g.shape(), w.shape());
@@ -54,6 +56,8 @@ void adam_step(DeviceTensor<T>& w, const DeviceTensor<T>& g, DeviceAdamState& st
 
 template <class T>
 DeviceAdam<T>::DeviceAdam(std::vector<DeviceTensor<T>> params, nn::AdamOptions opt) : params_(std::move(params)), opt_(opt) {
+    if constexpr (std::is_same_v<T, double>)
+        fail("DeviceAdam", "element type {} is not supported (float32, bfloat16 or float16; the moments are fp32)", dtype_name<T>());
     if (params_.empty()) fail("DeviceAdam", "no parameters to optimise");
     for (std::size_t i = 0; i < params_.size(); ++i)
         if (!params_[i].defined()) fail("DeviceAdam", "parameter {} is not a defined device tensor", i);
@@ -75,6 +79,7 @@ void DeviceAdam<T>::step(std::span<const DeviceTensor<T>> grads) {
 AUTODIFF_INSTANTIATE(float)
 AUTODIFF_INSTANTIATE(bf16)
 AUTODIFF_INSTANTIATE(fp16)
+AUTODIFF_INSTANTIATE(double)  // throws autodiff::Error naming the op and float64
 #undef AUTODIFF_INSTANTIATE
 
 }  // namespace autodiff

@@ -39,11 +39,13 @@ struct DeviceAttentionOptions {
 
 template <class T>
 struct DeviceAttentionSaved {
-    DeviceTensor<T> O;        // (..., Lq, dv)
-    DeviceTensor<float> lse;  // (..., Lq): log Σ_j exp(S_ij) over kept keys, −inf for fully masked rows
+    DeviceTensor<T> O;                     // (..., Lq, dv)
+    DeviceTensor<device_accum_t<T>> lse;  // (..., Lq): log Σ_j exp(S_ij) over kept keys, −inf for fully masked rows
 };
 
-// bias may be undefined (absent). T: float, bf16 or fp16.
+// bias may be undefined (absent). T: float, bf16, fp16 or double. double runs the fp64 kernels of
+// src/cuda/attention_fp64.cu (every step in double, one thread a row: for gradient checks on small
+// problems, not for speed), with the same shapes, masks, dropout decisions and determinism.
 template <class T>
 DeviceAttentionSaved<T> attention_forward(const DeviceTensor<T>& Q, const DeviceTensor<T>& K, const DeviceTensor<T>& V,
                                           const DeviceTensor<T>& bias, const DeviceAttentionOptions& opt);

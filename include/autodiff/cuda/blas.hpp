@@ -6,7 +6,8 @@
 //   linear:                y = x·Wᵀ + b
 //
 // Element types: float (fp32 products, no TF32: CUBLAS_COMPUTE_32F), bf16 and fp16 (16-bit operands,
-// fp32 accumulation, CUBLAS_COMPUTE_32F). alpha and beta are float for every T.
+// fp32 accumulation, CUBLAS_COMPUTE_32F), double (fp64 throughout, CUBLAS_COMPUTE_64F). alpha and beta
+// are float for every T (widened exactly to double for double).
 // Batches as on the CPU: a rank-2 operand is broadcast over the other's batch (stride 0); a rank-2 C
 // with batched operands receives the sum over the batch, one product per batch index added in order.
 // Determinism: cuBLAS gives bit-identical results run to run for one configuration (toolkit, GPU

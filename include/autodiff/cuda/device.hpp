@@ -12,7 +12,9 @@
 // links autodiff::attention_cuda.
 //
 // Element types on the device: float, bf16 and fp16 (storage only on the host; the kernels compute in
-// fp32), and bool for masks.
+// fp32), double (the kernels compute and accumulate in fp64: gradient checks on the device; cuBLAS
+// in CUBLAS_COMPUTE_64F), and bool for masks. Where an op has no double kernel it throws
+// autodiff::Error naming the op and "float64".
 
 #include <atomic>
 #include <cstddef>
@@ -37,11 +39,17 @@ struct fp16 {
 
 template <class T>
 inline constexpr bool is_device_value_type_v =
-    std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+    std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16> || std::is_same_v<T, double>;
+
+// The type device kernels compute and accumulate in for element type T, and in which scalars (sums,
+// losses, the attention's log-sum-exp) come back: double for double, float for the others.
+template <class T>
+using device_accum_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <class T>
 constexpr const char* dtype_name() {
     if constexpr (std::is_same_v<T, float>) return "float32";
+    else if constexpr (std::is_same_v<T, double>) return "float64";
     else if constexpr (std::is_same_v<T, bf16>) return "bfloat16";
     else if constexpr (std::is_same_v<T, fp16>) return "float16";
     else return "bool";
@@ -95,7 +103,7 @@ void cuda_synchronize(std::string_view op);
 template <class T>
 class DeviceTensor {
     static_assert(is_device_value_type_v<T> || std::is_same_v<T, bool>,
-                  "autodiff::DeviceTensor<T>: T must be float, bf16, fp16 (or bool for masks)");
+                  "autodiff::DeviceTensor<T>: T must be float, bf16, fp16, double (or bool for masks)");
 
 public:
     using value_type = T;
@@ -156,9 +164,13 @@ private:
 template <class T = float>
 DeviceTensor<T> to(const Tensor<float>& x, CudaDevice);
 DeviceTensor<bool> to(const Tensor<bool>& x, CudaDevice);
+// Host double -> device double (a plain copy, no rounding).
+DeviceTensor<double> to(const Tensor<double>& x, CudaDevice);
 // Device -> host: a float copy (bf16 and fp16 widen exactly). Waits for the device.
 template <class T>
 Tensor<float> to(const DeviceTensor<T>& x, CpuDevice);
 Tensor<bool> to(const DeviceTensor<bool>& x, CpuDevice);
+// Device double -> host double (exact). Waits for the device.
+Tensor<double> to(const DeviceTensor<double>& x, CpuDevice);
 
 }  // namespace autodiff

@@ -18,7 +18,8 @@
 //    the formulas of kernels/elementwise.hpp (docs/GRADIENTS.md);
 //  - the one evaluator computes the value (value()) or the value with the N tangents of the inputs
 //    (dual(), forward mode, Dual<N>), so a fused expression's backward needs no code of its own.
-// Storage types: float, __nv_bfloat16, __half; every evaluation is in fp32.
+// Storage types: float, __nv_bfloat16, __half (every evaluation in fp32) and double (every evaluation in
+// fp64: acc_t<S>, the value type of the nodes below, is double for double storage and float otherwise).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,22 +30,47 @@
 
 namespace autodiff::device_expr {
 
-// ---- storage <-> fp32 ---------------------------------------------------------------------------
+// ---- storage <-> the compute type (fp32; fp64 for double storage) ---------------------------------
+template <class S>
+using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 __device__ inline float load(float x) { return x; }
+__device__ inline double load(double x) { return x; }
 __device__ inline float load(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ inline float load(__half x) { return __half2float(x); }
 template <class S>
-__device__ inline S store(float x) {
-    if constexpr (std::is_same_v<S, float>) return x;
+__device__ inline S store(acc_t<S> x) {
+    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) return x;
     else if constexpr (std::is_same_v<S, __nv_bfloat16>) return __float2bfloat16_rn(x);
     else return __float2half_rn(x);
 }
 
-// A value with its derivatives with respect to the N inputs of the expression.
-template <int N>
+// The math functions in the compute type: the fp32 intrinsics for float, the fp64 ones for double.
+namespace math {
+__device__ inline float exp(float x) { return expf(x); }
+__device__ inline double exp(double x) { return ::exp(x); }
+__device__ inline float log(float x) { return logf(x); }
+__device__ inline double log(double x) { return ::log(x); }
+__device__ inline float tanh(float x) { return tanhf(x); }
+__device__ inline double tanh(double x) { return ::tanh(x); }
+__device__ inline float sqrt(float x) { return sqrtf(x); }
+__device__ inline double sqrt(double x) { return ::sqrt(x); }
+__device__ inline float erf(float x) { return erff(x); }
+__device__ inline double erf(double x) { return ::erf(x); }
+__device__ inline float max(float a, float b) { return fmaxf(a, b); }
+__device__ inline double max(double a, double b) { return ::fmax(a, b); }
+// A constant in the compute type: its float spelling for float, its double one for double.
+template <class V>
+__device__ constexpr V pick(float f, double d) {
+    if constexpr (std::is_same_v<V, double>) return d;
+    else return f;
+}
+}  // namespace math
+
+// A value with its derivatives with respect to the N inputs of the expression (V: the compute type).
+template <int N, class V = float>
 struct Dual {
-    float v;
-    float d[N];
+    V v;
+    V d[N];
 };
 
 // ---- nodes --------------------------------------------------------------------------------------
@@ -55,17 +81,17 @@ inline constexpr bool is_expr_v = std::is_base_of_v<ExprBase, E>;
 // Input I of the evaluation (the I-th buffer).
 template <int I>
 struct Arg : ExprBase {
-    template <int N>
-    __device__ float value(const float (&x)[N]) const {
+    template <int N, class V>
+    __device__ V value(const V (&x)[N]) const {
         return x[I];
     }
-    template <int N>
-    __device__ Dual<N> dual(const float (&x)[N]) const {
+    template <int N, class V>
+    __device__ Dual<N, V> dual(const V (&x)[N]) const {
         static_assert(I < N, "autodiff::device_expr: Arg<I> needs at least I+1 inputs");
-        Dual<N> r;
+        Dual<N, V> r;
         r.v = x[I];
 #pragma unroll
-        for (int k = 0; k < N; ++k) r.d[k] = k == I ? 1.f : 0.f;
+        for (int k = 0; k < N; ++k) r.d[k] = k == I ? V(1) : V(0);
         return r;
     }
 };
@@ -76,16 +102,16 @@ constexpr Arg<I> arg() {
 
 struct Constant : ExprBase {
     float c;
-    template <int N>
-    __device__ float value(const float (&)[N]) const {
+    template <int N, class V>
+    __device__ V value(const V (&)[N]) const {
         return c;
     }
-    template <int N>
-    __device__ Dual<N> dual(const float (&)[N]) const {
-        Dual<N> r;
+    template <int N, class V>
+    __device__ Dual<N, V> dual(const V (&)[N]) const {
+        Dual<N, V> r;
         r.v = c;
 #pragma unroll
-        for (int k = 0; k < N; ++k) r.d[k] = 0.f;
+        for (int k = 0; k < N; ++k) r.d[k] = V(0);
         return r;
     }
 };
@@ -95,16 +121,16 @@ template <class Op, class E>
 struct Unary : ExprBase {
     Op op;
     E e;
-    template <int N>
-    __device__ float value(const float (&x)[N]) const {
+    template <int N, class V>
+    __device__ V value(const V (&x)[N]) const {
         return op.value(e.value(x));
     }
-    template <int N>
-    __device__ Dual<N> dual(const float (&x)[N]) const {
-        const Dual<N> a = e.dual(x);
-        Dual<N> r;
+    template <int N, class V>
+    __device__ Dual<N, V> dual(const V (&x)[N]) const {
+        const Dual<N, V> a = e.dual(x);
+        Dual<N, V> r;
         r.v = op.value(a.v);
-        const float f = op.derivative(a.v, r.v);
+        const V f = op.derivative(a.v, r.v);
 #pragma unroll
         for (int k = 0; k < N; ++k) r.d[k] = f * a.d[k];
         return r;
@@ -116,16 +142,16 @@ template <class Op, class A, class B>
 struct Binary : ExprBase {
     A a;
     B b;
-    template <int N>
-    __device__ float value(const float (&x)[N]) const {
+    template <int N, class V>
+    __device__ V value(const V (&x)[N]) const {
         return Op::value(a.value(x), b.value(x));
     }
-    template <int N>
-    __device__ Dual<N> dual(const float (&x)[N]) const {
-        const Dual<N> l = a.dual(x), r = b.dual(x);
-        Dual<N> out;
+    template <int N, class V>
+    __device__ Dual<N, V> dual(const V (&x)[N]) const {
+        const Dual<N, V> l = a.dual(x), r = b.dual(x);
+        Dual<N, V> out;
         out.v = Op::value(l.v, r.v);
-        const float fa = Op::da(l.v, r.v, out.v), fb = Op::db(l.v, r.v, out.v);
+        const V fa = Op::da(l.v, r.v, out.v), fb = Op::db(l.v, r.v, out.v);
 #pragma unroll
         for (int k = 0; k < N; ++k) out.d[k] = fa * l.d[k] + fb * r.d[k];
         return out;
@@ -133,82 +159,87 @@ struct Binary : ExprBase {
 };
 
 // ---- ops: value and local derivative side by side (kernels/elementwise.hpp's formulas) ------------
+// Each is written once over the compute type V (float, or double for double storage); the literals are
+// exact in both (1, 0.5, 2), so the float path computes what it always did.
 struct Neg {
-    __device__ float value(float x) const { return -x; }
-    __device__ float derivative(float, float) const { return -1.f; }
+    template <class V> __device__ V value(V x) const { return -x; }
+    template <class V> __device__ V derivative(V, V) const { return V(-1); }
 };
-struct Scale {  // alpha·x
-    float alpha;
-    __device__ float value(float x) const { return alpha * x; }
-    __device__ float derivative(float, float) const { return alpha; }
+struct Scale {  // alpha·x; alpha is held in double (exact for a float factor: the float path is unchanged)
+    double alpha;
+    template <class V> __device__ V value(V x) const { return static_cast<V>(alpha) * x; }
+    template <class V> __device__ V derivative(V, V) const { return static_cast<V>(alpha); }
 };
 struct Exp {  // e^−∞ = 0 exactly, as the CPU's exact_exp
-    __device__ float value(float x) const { return expf(x); }
-    __device__ float derivative(float, float y) const { return y; }
+    template <class V> __device__ V value(V x) const { return math::exp(x); }
+    template <class V> __device__ V derivative(V, V y) const { return y; }
 };
 struct Log {
-    __device__ float value(float x) const { return logf(x); }
-    __device__ float derivative(float x, float) const { return 1.f / x; }
+    template <class V> __device__ V value(V x) const { return math::log(x); }
+    template <class V> __device__ V derivative(V x, V) const { return V(1) / x; }
 };
 struct Tanh {
-    __device__ float value(float x) const { return tanhf(x); }
-    __device__ float derivative(float, float y) const { return 1.f - y * y; }
+    template <class V> __device__ V value(V x) const { return math::tanh(x); }
+    template <class V> __device__ V derivative(V, V y) const { return V(1) - y * y; }
 };
 struct Sigmoid {
-    __device__ float value(float x) const { return 1.f / (1.f + expf(-x)); }
-    __device__ float derivative(float, float y) const { return y * (1.f - y); }
+    template <class V> __device__ V value(V x) const { return V(1) / (V(1) + math::exp(-x)); }
+    template <class V> __device__ V derivative(V, V y) const { return y * (V(1) - y); }
 };
 struct Relu {  // NaN propagates forward; at a NaN input the gradient passes through (as the CPU's)
-    __device__ float value(float x) const { return x < 0.f ? 0.f : x; }
-    __device__ float derivative(float x, float) const { return x <= 0.f ? 0.f : 1.f; }
+    template <class V> __device__ V value(V x) const { return x < V(0) ? V(0) : x; }
+    template <class V> __device__ V derivative(V x, V) const { return x <= V(0) ? V(0) : V(1); }
 };
 struct Square {
-    __device__ float value(float x) const { return x * x; }
-    __device__ float derivative(float x, float) const { return 2.f * x; }
+    template <class V> __device__ V value(V x) const { return x * x; }
+    template <class V> __device__ V derivative(V x, V) const { return V(2) * x; }
 };
 struct Sqrt {
-    __device__ float value(float x) const { return sqrtf(x); }
-    __device__ float derivative(float, float y) const { return 0.5f / y; }
+    template <class V> __device__ V value(V x) const { return math::sqrt(x); }
+    template <class V> __device__ V derivative(V, V y) const { return V(0.5) / y; }
 };
 // GELU as torch.nn.functional.gelu: exact x·Φ(x), or the tanh approximation (Gelu in
-// kernels/elementwise.hpp). erff/tanhf here; the CPU's float path uses a rational erf within 4e-7.
+// kernels/elementwise.hpp). erf/tanh here (erff/tanhf in fp32); the CPU's float path uses a rational
+// erf within 4e-7.
 struct Gelu {
-    static constexpr float beta = 0.7978845608028654f;  // √(2/π)
-    static constexpr float kappa = 0.044715f;
-    static constexpr float inv_sqrt2 = 0.7071067811865476f;
-    static constexpr float inv_sqrt_2pi = 0.3989422804014327f;
-    __device__ float value(float x) const { return 0.5f * x * (1.f + erff(x * inv_sqrt2)); }
-    __device__ float derivative(float x, float) const {
-        return 0.5f * (1.f + erff(x * inv_sqrt2)) + x * expf(-0.5f * x * x) * inv_sqrt_2pi;
+    template <class V> __device__ static V beta() { return math::pick<V>(0.7978845608028654f, 0.7978845608028654); }  // √(2/π)
+    template <class V> __device__ static V kappa() { return math::pick<V>(0.044715f, 0.044715); }
+    template <class V> __device__ static V inv_sqrt2() { return math::pick<V>(0.7071067811865476f, 0.7071067811865476); }
+    template <class V> __device__ static V inv_sqrt_2pi() { return math::pick<V>(0.3989422804014327f, 0.3989422804014327); }
+    template <class V> __device__ V value(V x) const { return V(0.5) * x * (V(1) + math::erf(x * inv_sqrt2<V>())); }
+    template <class V> __device__ V derivative(V x, V) const {
+        return V(0.5) * (V(1) + math::erf(x * inv_sqrt2<V>())) + x * math::exp(V(-0.5) * x * x) * inv_sqrt_2pi<V>();
     }
 };
 struct GeluTanh {
-    __device__ float value(float x) const { return 0.5f * x * (1.f + tanhf(Gelu::beta * (x + Gelu::kappa * x * x * x))); }
-    __device__ float derivative(float x, float) const {
-        const float t = tanhf(Gelu::beta * (x + Gelu::kappa * x * x * x));
-        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * Gelu::beta * (1.f + 3.f * Gelu::kappa * x * x);
+    template <class V> __device__ V value(V x) const {
+        return V(0.5) * x * (V(1) + math::tanh(Gelu::beta<V>() * (x + Gelu::kappa<V>() * x * x * x)));
+    }
+    template <class V> __device__ V derivative(V x, V) const {
+        const V t = math::tanh(Gelu::beta<V>() * (x + Gelu::kappa<V>() * x * x * x));
+        return V(0.5) * (V(1) + t) + V(0.5) * x * (V(1) - t * t) * Gelu::beta<V>() * (V(1) + V(3) * Gelu::kappa<V>() * x * x);
     }
 };
 
 struct Add {
-    __device__ static float value(float a, float b) { return a + b; }
-    __device__ static float da(float, float, float) { return 1.f; }
-    __device__ static float db(float, float, float) { return 1.f; }
+    template <class V> __device__ static V value(V a, V b) { return a + b; }
+    template <class V> __device__ static V da(V, V, V) { return V(1); }
+    template <class V> __device__ static V db(V, V, V) { return V(1); }
 };
 struct Sub {
-    __device__ static float value(float a, float b) { return a - b; }
-    __device__ static float da(float, float, float) { return 1.f; }
-    __device__ static float db(float, float, float) { return -1.f; }
+    template <class V> __device__ static V value(V a, V b) { return a - b; }
+    template <class V> __device__ static V da(V, V, V) { return V(1); }
+    template <class V> __device__ static V db(V, V, V) { return V(-1); }
 };
 struct Mul {
-    __device__ static float value(float a, float b) { return a * b; }
-    __device__ static float da(float, float b, float) { return b; }
-    __device__ static float db(float a, float, float) { return a; }
+    template <class V> __device__ static V value(V a, V b) { return a * b; }
+    template <class V> __device__ static V da(V, V b, V) { return b; }
+    template <class V> __device__ static V db(V a, V, V) { return a; }
 };
 struct Div {
-    __device__ static float value(float a, float b) { return a / b; }
-    __device__ static float da(float, float b, float) { return 1.f / b; }
-    __device__ static float db(float, float b, float y) { return -y / b; }
+    template <class V> __device__ static V value(V a, V b) { return a / b; }
+    template <class V> __device__ static V da(V, V b, V) { return V(1) / b; }
+    template <class V> __device__ static V db(V, V b, V y) { return -y / b; }
 };
 
 // ---- building expressions -----------------------------------------------------------------------
@@ -243,7 +274,7 @@ constexpr Unary<Op, E> apply(E e, Op op = {}) {
 template <class E> requires is_expr_v<E>
 constexpr auto operator-(E e) { return apply<Neg>(e); }
 template <class E> requires is_expr_v<E>
-constexpr auto scale(E e, float alpha) { return apply(e, Scale{alpha}); }
+constexpr auto scale(E e, double alpha) { return apply(e, Scale{alpha}); }
 template <class E> requires is_expr_v<E>
 constexpr auto exp(E e) { return apply<Exp>(e); }
 template <class E> requires is_expr_v<E>
@@ -285,7 +316,7 @@ inline int grid_for(std::int64_t n, int threads) {
 template <class S, int N, class E>
 __global__ void evaluate_kernel(E e, Inputs<S, N> in, S* out, std::int64_t n) {
     for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x) {
-        float x[N];
+        acc_t<S> x[N];
 #pragma unroll
         for (int k = 0; k < N; ++k) x[k] = load(in.p[k][i]);
         out[i] = store<S>(e.value(x));
@@ -296,14 +327,15 @@ __global__ void evaluate_kernel(E e, Inputs<S, N> in, S* out, std::int64_t n) {
 template <class S, int N, class E>
 __global__ void gradient_kernel(E e, Inputs<S, N> in, const S* dy, Outputs<S, N> grad, bool accumulate, std::int64_t n) {
     for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x) {
-        float x[N];
+        using V = acc_t<S>;
+        V x[N];
 #pragma unroll
         for (int k = 0; k < N; ++k) x[k] = load(in.p[k][i]);
-        const Dual<N> r = e.dual(x);
-        const float g = load(dy[i]);
+        const Dual<N, V> r = e.dual(x);
+        const V g = load(dy[i]);
 #pragma unroll
         for (int k = 0; k < N; ++k)
-            if (grad.p[k]) grad.p[k][i] = store<S>((accumulate ? load(grad.p[k][i]) : 0.f) + g * r.d[k]);
+            if (grad.p[k]) grad.p[k][i] = store<S>((accumulate ? load(grad.p[k][i]) : V(0)) + g * r.d[k]);
     }
 }
 

@@ -6,7 +6,9 @@
 // Elementwise ops are expressions of the device expression layer (cuda/expr.cuh), all run by its one
 // templated kernel; each backward is that expression's forward-mode derivative, not code of its own.
 // A .cu file can build a fused expression of its own there (tanh(a·b + 0.5f)) with the same evaluator.
-// Element types: float, bf16, fp16; every computation in fp32, results rounded to T once.
+// Element types: float, bf16, fp16 (every computation in fp32, results rounded to T once) and double
+// (every computation and accumulation in fp64; gradient checks on the device, tests/cuda/test_cuda_fp64.cpp).
+// alpha (DeviceUnaryOp::scale) is a float for every T.
 
 #include "autodiff/cuda/device.hpp"
 #include "autodiff/cuda/op_kinds.hpp"
@@ -33,19 +35,20 @@ void binary_backward(DeviceBinaryOp op, NoDeduce<DeviceTensor<T>>* da, NoDeduce<
                      const DeviceTensor<T>& a, const DeviceTensor<T>& b);
 
 // ---- reductions -------------------------------------------------------------------------------
-// s = Σ x, summed in fp32 in a fixed order (bit-identical run to run). Waits for the device.
+// s = Σ x, summed in fp32 (fp64 for double: device_accum_t<T>) in a fixed order (bit-identical run to
+// run). Waits for the device.
 template <class T>
-float sum_forward(const DeviceTensor<T>& x);
+device_accum_t<T> sum_forward(const DeviceTensor<T>& x);
 // s = Σ over every leading index of x (..., n) -> (n): the bias gradient's reduction, in row order.
 template <class T>
 DeviceTensor<T> sum_rows_forward(const DeviceTensor<T>& x);
 
 // loss = mean((a − b)²)          a, b (same shape) -> scalar (to the host; waits for the device)
 template <class T>
-float mse_loss_forward(const DeviceTensor<T>& a, const DeviceTensor<T>& b);
+device_accum_t<T> mse_loss_forward(const DeviceTensor<T>& a, const DeviceTensor<T>& b);
 // Backward of loss = mean((a − b)²):   da = dloss·2(a − b)/N,  db = −da (allocated; nullptr: not wanted).
 template <class T>
-void mse_loss_backward(NoDeduce<DeviceTensor<T>>* da, NoDeduce<DeviceTensor<T>>* db, float dloss, const DeviceTensor<T>& a,
+void mse_loss_backward(NoDeduce<DeviceTensor<T>>* da, NoDeduce<DeviceTensor<T>>* db, device_accum_t<T> dloss, const DeviceTensor<T>& a,
                        const DeviceTensor<T>& b);
 
 // ---- layout (kernels/layout.hpp): one strided-copy kernel ---------------------------------------------

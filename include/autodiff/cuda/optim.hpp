@@ -1,7 +1,8 @@
 #pragma once
 // Adam and AdamW on device tensors (issue 12): nn::Adam's update (nn/optim.hpp: torch.optim's rules,
 // bias correction, AdamW's decoupled decay) run by one kernel per parameter, in fp32 with fp32
-// moments whatever the parameter's type (float, bf16, fp16).
+// moments whatever the parameter's type (float, bf16, fp16). double throws autodiff::Error (adam_step,
+// DeviceAdam: "element type float64 is not supported").
 //
 //   m = β1·m + (1−β1)·g ; v = β2·v + (1−β2)·g² ; w −= lr/(1−β1ᵗ)·m/(√v/√(1−β2ᵗ) + eps)
 //   weight decay: g += wd·w (Adam) or w ·= 1 − lr·wd first (AdamW, decoupled_weight_decay)
