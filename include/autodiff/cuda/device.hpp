@@ -172,5 +172,11 @@ Tensor<float> to(const DeviceTensor<T>& x, CpuDevice);
 Tensor<bool> to(const DeviceTensor<bool>& x, CpuDevice);
 // Device double -> host double (exact). Waits for the device.
 Tensor<double> to(const DeviceTensor<double>& x, CpuDevice);
+// Double stays double both ways: a float host tensor is not rounded up to a device double, nor a device
+// double down to a host float (a compile error here rather than a missing symbol at link time).
+template <>
+DeviceTensor<double> to<double>(const Tensor<float>& x, CudaDevice) = delete;
+template <>
+Tensor<float> to<double>(const DeviceTensor<double>& x, CpuDevice) = delete;
 
 }  // namespace autodiff
