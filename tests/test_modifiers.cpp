@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -241,6 +242,7 @@ TEST_CASE("gradcheck in double through the fused kernels with modifiers") {
     check([&] { return ad::matmul(ad::softmax(s() + ad::at(table, ad::h_idx, ad::clamp(ad::q_idx - ad::k_idx + R, 0, 2 * R)) + b), v); },
           {q, k, v, table, b});
     check([&] { return ad::matmul(ad::softmax(s() * ad::sigmoid(ad::at(gate, ad::h_idx)), ad::sliding_window(3)), v); }, {q, k, v, gate});
+    check([&] { return ad::matmul(ad::softmax(s() * ad::sigmoid(ad::at(gate, ad::h_idx)) + b, ad::causal), v); }, {q, k, v, gate, b});
     // Several bands of 16 rows, each over part of a key block.
     P q2 = param({1, 1, 40, 3}, 8, "q2"), k2 = param({1, 1, 37, 3}, 9, "k2"), v2 = param({1, 1, 37, 2}, 10, "v2"), b2 = param({40, 37}, 11, "b2");
     check([&] { return ad::matmul(ad::softmax(ad::matmul(q2, ad::transpose(k2)) * 0.5 + b2, ad::causal_window(10)), v2); }, {q2, k2, v2, b2});
@@ -323,6 +325,108 @@ TEST_CASE("f's derivatives without the score (a relative table, ALiBi): the kept
     const auto one = run(1), two = run(2);
     ad::set_num_threads(2);
     for (std::size_t i = 0; i < one.size(); ++i) CHECK(ad::max_abs_diff(one[i], two[i]) == 0.0);
+}
+
+TEST_CASE("a gate fixed along a row (score times a(b, h, q)): its gradient from the rows of dQ, the kept buffer holds S") {
+    namespace m = ad::modifier;
+    Inputs in;
+    auto gate = [&] { return ad::sigmoid(ad::at(in.gate, ad::h_idx)); };
+    static_assert(m::RowScaled<decltype(ad::score * gate())>::value);
+    static_assert(m::RowScaled<decltype(gate() * ad::score)>::value);
+    static_assert(m::RowScaled<decltype(ad::score * ad::exp(ad::at(in.gate, ad::h_idx) * ad::q_idx))>::value);
+    static_assert(!m::RowScaled<decltype(ad::score * 0.5)>::value);                          // no gradient: forward mode
+    static_assert(!m::RowScaled<decltype(ad::score * ad::at(in.table, ad::h_idx, ad::k_idx))>::value);  // varies along the row
+    static_assert(!m::RowScaled<decltype(ad::tanh(ad::score) * gate())>::value);
+    static_assert(!m::RowScaled<decltype(ad::score * ad::score)>::value);
+    P qrow = param({Inputs::n, Inputs::Lq}, 12, "qrow");  // a per-(b, q) factor
+    const ad::Tensor<double> qc = in.q.value().clone();   // Q without a gradient: dQ's rows go to scratch
+    const ad::DropoutDescriptor drop{0.2, 7, 3};
+    auto s = [&] { return in.scores(); };
+    std::vector<P> all{in.q, in.k, in.v, in.bias, in.gate, qrow};
+    auto outside = [&] { return ad::matmul(ad::softmax(s() * gate() + in.bias), in.v); };
+    auto flipped = [&] { return ad::matmul(ad::softmax(ad::score_mod(s(), gate() * ad::score) + in.bias, ad::causal), in.v); };
+    auto per_row = [&] { return ad::matmul(ad::softmax(ad::score_mod(s(), ad::score * ad::sigmoid(ad::at(qrow, ad::b_idx, ad::q_idx)))), in.v); };
+    auto no_dq = [&] { return ad::matmul(ad::softmax(ad::matmul(qc, ad::transpose(in.k)) * 0.2 * gate() + in.bias), in.v); };
+    auto masked = [&] { return ad::matmul(ad::dropout(ad::softmax(s() * gate(), ad::sliding_window(9), ad::causal), drop), in.v); };
+    auto inside = [&] { return ad::matmul(ad::softmax((s() + in.bias) * gate()), in.v); };  // x has a bias: x kept, reverse mode
+    static_assert(ad::is_fused_v<decltype(outside())> && ad::is_fused_v<decltype(flipped())> && ad::is_fused_v<decltype(per_row())> &&
+                  ad::is_fused_v<decltype(no_dq())> && ad::is_fused_v<decltype(masked())> && ad::is_fused_v<decltype(inside())>);
+    for (auto f : std::vector<std::function<ad::Var<double>()>>{outside, flipped, per_row, no_dq, masked, inside}) {
+        CHECK(fused_vs_generic<double>(f, all) < 1e-13);
+        CHECK(in.gate.grad().array().abs().maxCoeff() + qrow.grad().array().abs().maxCoeff() > 0);
+    }
+    // The first backward reads S from the bias gradient's buffer; a retain_graph second one recomputes it.
+    for (auto f : std::vector<std::function<ad::Var<double>()>>{outside, no_dq}) {
+        for (P& p : all) p.zero_grad();
+        ad::Var<double> O = f();
+        const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 9);
+        O.backward(seed, true);
+        std::vector<ad::Tensor<double>> first;
+        for (P& p : all) first.push_back(p.grad().clone());
+        for (P& p : all) p.zero_grad();
+        O.backward(seed);
+        for (std::size_t i = 0; i < all.size(); ++i) CHECK(ad::max_abs_diff(all[i].grad(), first[i]) == 0.0);
+    }
+    // Bitwise the same on 1 and 2 threads (130 rows: three query blocks).
+    const std::int64_t n = 2, h = 4, L = 130, d = 16;
+    ad::Param<float> q(ad::randn<float>({n, h, L, d}, 1)), k(ad::randn<float>({n, h, L, d}, 2)), v(ad::randn<float>({n, h, L, d}, 3));
+    ad::Param<float> g(ad::randn<float>({h}, 4)), b(ad::randn<float>({n, h, L, L}, 5));
+    auto run = [&](int threads) {
+        ad::set_num_threads(threads);
+        ad::zero_grad(q, k, v, g, b);
+        ad::Var<float> O = ad::matmul(ad::softmax(ad::matmul(q, ad::transpose(k)) * 0.25f * ad::sigmoid(ad::at(g, ad::h_idx)) + b, ad::causal_window(70)), v);
+        O.backward(ad::ones<float>(O.shape()));
+        return std::vector{O.value().clone(), q.grad().clone(), k.grad().clone(), v.grad().clone(), g.grad().clone(), b.grad().clone()};
+    };
+    const auto one = run(1), two = run(2);
+    ad::set_num_threads(2);
+    for (std::size_t i = 0; i < one.size(); ++i) CHECK(ad::max_abs_diff(one[i], two[i]) == 0.0f);
+}
+
+TEST_CASE("soft-capping and other curves of the score: dS's factor from f's value, the kept buffer holds S") {
+    namespace m = ad::modifier;
+    Inputs in;
+    static_assert(m::FromValue<decltype(ad::soft_cap(5.0))>::value);
+    static_assert(m::FromValue<decltype(ad::tanh(ad::score) * 5.0)>::value);
+    static_assert(m::FromValue<decltype(3.0 - ad::sigmoid(-(ad::score * 2.0 + 1.0)) / 0.5)>::value);
+    static_assert(m::FromValue<decltype(ad::exp(ad::score * 0.1) + 2.0)>::value);
+    static_assert(m::FromValue<decltype(ad::score * 0.5)>::value);
+    static_assert(!m::FromValue<decltype(ad::tanh(ad::tanh(ad::score)))>::value);  // two curves: the inner value is not known
+    static_assert(!m::FromValue<decltype(ad::relu(ad::score))>::value);
+    static_assert(!m::FromValue<decltype(ad::score * ad::at(in.gate, ad::h_idx))>::value);
+    static_assert(!m::FromValue<decltype(ad::tanh(ad::score) + ad::alibi(in.slopes))>::value);
+    auto s = [&] { return in.scores(); };
+    // An additive mask with −∞ entries (S − additive is NaN there), a mask function, causal, dropout.
+    ad::Tensor<double> add = ad::randn<double>({1, Inputs::h, 1, Inputs::Lk}, 8);
+    for (std::int64_t j = 0; j < Inputs::Lk; j += 5) add(0, 1, 0, j) = -std::numeric_limits<double>::infinity();
+    const ad::DropoutDescriptor drop{0.2, 7, 3};
+    std::vector<P> all{in.q, in.k, in.v, in.bias};
+    auto outside = [&] { return ad::matmul(ad::softmax(ad::tanh(s() / 3.0) * 3.0 + in.bias, ad::sliding_window(9), ad::causal, add), in.v); };
+    auto inside = [&] { return ad::matmul(ad::dropout(ad::softmax(ad::tanh((s() + in.bias) / 3.0) * 3.0, ad::causal_window(20)), drop), in.v); };
+    auto curve = [&] { return ad::matmul(ad::softmax(ad::score_mod(s(), 3.0 - ad::sigmoid(-(ad::score * 2.0 + 1.0)) / 0.5) + in.bias), in.v); };
+    auto exp_fn = [&] { return ad::matmul(ad::softmax(ad::score_mod(s() + in.bias, ad::exp(ad::score * 0.1) + 2.0), {}, add), in.v); };
+    auto no_bias = [&] { return ad::matmul(ad::softmax(ad::tanh(s() / 3.0) * 3.0, ad::causal), in.v); };  // nothing kept: recomputed
+    static_assert(ad::is_fused_v<decltype(outside())> && ad::is_fused_v<decltype(inside())> && ad::is_fused_v<decltype(curve())> &&
+                  ad::is_fused_v<decltype(exp_fn())> && ad::is_fused_v<decltype(no_bias())>);
+    for (auto f : std::vector<std::function<ad::Var<double>()>>{outside, inside, curve, exp_fn, no_bias}) {
+        const double err = fused_vs_generic<double>(f, all);
+        CHECK(err < 1e-13);
+        CHECK(std::isfinite(in.q.grad().array().abs().maxCoeff()));
+        CHECK(in.q.grad().array().abs().maxCoeff() > 0);
+    }
+    // The first backward reads S from the bias gradient's buffer; a retain_graph second one recomputes
+    // S and takes ∂f/∂x from it the same way: the same bits.
+    for (auto f : std::vector<std::function<ad::Var<double>()>>{outside, inside, curve}) {
+        for (P& p : all) p.zero_grad();
+        ad::Var<double> O = f();
+        const ad::Tensor<double> seed = ad::randn<double>(O.shape(), 9);
+        O.backward(seed, true);
+        std::vector<ad::Tensor<double>> first;
+        for (P& p : all) first.push_back(p.grad().clone());
+        for (P& p : all) p.zero_grad();
+        O.backward(seed);
+        for (std::size_t i = 0; i < all.size(); ++i) CHECK(ad::max_abs_diff(all[i].grad(), first[i]) == 0.0);
+    }
 }
 
 TEST_CASE("float fused modifiers agree with the double generic path") {

@@ -105,7 +105,7 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
 template <class T>
 struct Scratch {
-    AlignedVector<T> S, X, Dfx, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D;
+    AlignedVector<T> S, X, Dfx, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D, A, Rs, dQr;
 
     static Scratch& get() {
         thread_local Scratch s;
@@ -133,6 +133,14 @@ struct Problem {
     // The modifier (attention.hpp), if any: a score function f, a mask, and where the bias goes.
     const AttentionModifier<T>* mod;
     bool score_fn, mask_fn, bias_inside;
+    // f = x·a(b, h, q) with a trainable a fixed along a row (a gate) and x = scale·Q·Kᵀ (no bias inside
+    // f): the backward takes the gradient of a from Σ_k dS·x = q_i·(scale·Σ_k dS·K_k), the row of dQ
+    // before the scaling by a (AttentionModifier::row_scaled), so it needs S, not x.
+    bool row_scaled;
+    // No captured gradients and ∂f/∂x a function of f's value (soft-capping): the backward takes it from
+    // f = S − outside bias − additive, so it needs S, not x, and evaluates no f
+    // (AttentionModifier::derivative_from_value).
+    bool from_value;
     // Whether keep_scores keeps x (f's derivatives read it) rather than S.
     bool keeps_x;
 
@@ -140,7 +148,9 @@ struct Problem {
             const AttentionOptions& opt, const AttentionModifier<T>* m)
         : bias(b), additive(add), keep(opt.mask.keep), causal(opt.mask.causal), drop(opt.dropout), mod(m),
           score_fn(m && m->modifies_scores()), mask_fn(m && m->masks()), bias_inside(!score_fn || m->bias_inside()),
-          keeps_x(score_fn && (!m->needs_reverse() || m->backward_reads_scores())) {
+          row_scaled(score_fn && m->needs_reverse() && m->row_scaled() && !(bias_inside && b.defined())),
+          from_value(score_fn && !m->needs_reverse() && m->derivative_from_value()),
+          keeps_x(score_fn && (m->needs_reverse() ? m->backward_reads_scores() && !row_scaled : !from_value)) {
         const Shape& qs = Q.shape();
         Lq = qs.dim_from_end(2);
         Lk = K.shape().dim_from_end(2);
@@ -602,6 +612,21 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                     s.D[static_cast<std::size_t>(i)] = (ConstRowMap<T>(dO_t + i * p.dv, p.dv) * ConstRowMap<T>(O_t + i * p.dv, p.dv)).sum();
             }
             const T* lse = std::as_const(saved.lse).data() + t * p.Lq;
+            // row_scaled: dQr_t's rows [qa, qb) sum scale·dS·K_j (dS before the row's factor a); dQ's
+            // own rows when dQ is wanted (scaled by a at the end), else scratch.
+            T* dQr_t = nullptr;
+            if (p.row_scaled && qa < qb) {
+                AUTODIFF_PHASE(score_fn_backward);
+                ensure(s.A, p.Lq);
+                mod->row_factors(p.tile(t, qa, qb - qa, 0, p.Lk), s.A.data() + qa);
+                if (dQ) {
+                    dQr_t = dQ->data() + t * p.Lq * p.d;
+                } else {
+                    ensure(s.dQr, p.Lq * p.d);
+                    dQr_t = s.dQr.data();
+                    std::fill(dQr_t + qa * p.d, dQr_t + qb * p.d, T(0));
+                }
+            }
             for (std::int64_t j0 = 0; j0 < p.Lk; j0 += block_k) {
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
                 std::fill_n(s.dK.begin(), cols * p.d, T(0));
@@ -624,7 +649,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         AUTODIFF_PHASE(bwd_scores);
                         if (next_i < qb) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
                         // x is kept without a bias outside f: S = f(x) + bias reads the bias again
-                        if (next_i < qb && !p.bias_inside) p.prefetch_tile(t, next_i, next_rows, j0, cols);
+                        if (next_i < qb && !p.bias_inside && (p.keeps_x || p.from_value)) p.prefetch_tile(t, next_i, next_rows, j0, cols);
                     } else if (next_i < qb) {
                         p.prefetch_tile(t, next_i, next_rows, j0, cols);
                     }
@@ -670,12 +695,20 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                             {
                                 AUTODIFF_PHASE(score_fn);
                                 const ScoreTile tile = p.tile(t, u.i0, u.rows, u.j0, u.cols);
-                                if (dual) mod->modify_with_derivative(tile, X, ldx, P, block_k, s.Dfx.data(), block_k);
+                                if (dual && !p.from_value) mod->modify_with_derivative(tile, X, ldx, P, block_k, s.Dfx.data(), block_k);
                                 else mod->modify(tile, X, ldx, P, block_k);
                             }
                             p.outer_terms(t, u.i0, u.rows, u.j0, u.cols, P, u.kind);
                         } else if (!kept) {
                             p.scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), P, u.kind);
+                        }
+                        if (p.from_value) {  // ∂f/∂x from f = S − outside bias − additive, kept or recomputed (before exp or dB overwrite S)
+                            AUTODIFF_PHASE(score_fn_backward);
+                            T* fd = s.Dfx.data();
+                            for (std::int64_t r = 0; r < u.rows; ++r) std::copy_n(S + r * lds, u.cols, fd + r * block_k);
+                            if (!p.bias_inside) p.add_operand(p.bias, -p.bias_scale, t, u.i0, u.rows, u.j0, u.cols, fd);
+                            p.add_operand(p.additive, T(-1), t, u.i0, u.rows, u.j0, u.cols, fd);
+                            mod->derivative_at_value(p.tile(t, u.i0, u.rows, u.j0, u.cols), fd, block_k);
                         }
                         {
                             AUTODIFF_PHASE(bwd_exp);
@@ -724,7 +757,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                             }
                         };
                         if (dbias && !p.bias_inside) store_dbias();
-                        if (p.score_fn) {  // dS -> dx = dS ⊙ ∂f/∂x, captured tensors' gradients
+                        if (p.score_fn && !p.row_scaled) {  // dS -> dx = dS ⊙ ∂f/∂x, captured tensors' gradients
                             AUTODIFF_PHASE(score_fn_backward);
                             if (dual)
                                 for (std::int64_t r = 0; r < u.rows; ++r)
@@ -732,7 +765,15 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                             else mod->modify_backward(p.tile(t, u.i0, u.rows, u.j0, u.cols), X, ldx, dS, block_k, grads_w);
                         }
                         if (dbias && p.bias_inside) store_dbias();
-                        if (dQ) {  // dQ_i += scale·dS·K_j
+                        if (p.row_scaled) {  // dQr_i += scale·dS·K_j, then dS -> dx = a·dS
+                            {
+                                AUTODIFF_PHASE(dq_product);
+                                detail::tile_gemm<T>(u.rows, p.d, u.cols, p.scale, dS, block_k, 1, p.k + (t * p.Lk + u.j0) * p.d, p.d, T(1),
+                                                     dQr_t + u.i0 * p.d, p.d);
+                            }
+                            AUTODIFF_PHASE(score_fn_backward);
+                            for (std::int64_t r = 0; r < u.rows; ++r) RowMap<T>(dS + r * block_k, u.cols) *= s.A[static_cast<std::size_t>(u.i0 + r)];
+                        } else if (dQ) {  // dQ_i += scale·dS·K_j
                             AUTODIFF_PHASE(dq_product);
                             detail::tile_gemm<T>(u.rows, p.d, u.cols, p.scale, dS, block_k, 1, p.k + (t * p.Lk + u.j0) * p.d, p.d, T(1),
                                                  dQ->data() + (t * p.Lq + u.i0) * p.d, p.d);
@@ -745,6 +786,16 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                 }
                 if (dK) std::copy_n(s.dK.begin(), cols * p.d, dK_out + (t * p.Lk + j0) * p.d);
                 if (dV) std::copy_n(s.dV.begin(), cols * p.dv, dV_out + (t * p.Lk + j0) * p.dv);
+            }
+            if (dQr_t) {  // Σ_k dS·x = q_i·dQr_i -> the gradient of a; dQ_i = a_i·dQr_i
+                AUTODIFF_PHASE(score_fn_backward);
+                ensure(s.Rs, p.Lq);
+                for (std::int64_t i = qa; i < qb; ++i) {
+                    RowMap<T> row(dQr_t + i * p.d, p.d);
+                    s.Rs[static_cast<std::size_t>(i)] = (ConstRowMap<T>(p.q + (t * p.Lq + i) * p.d, p.d) * row).sum();
+                    if (dQ) row *= s.A[static_cast<std::size_t>(i)];
+                }
+                mod->row_factor_backward(p.tile(t, qa, qb - qa, 0, p.Lk), s.Rs.data() + qa, grads_w);
             }
         }
     });

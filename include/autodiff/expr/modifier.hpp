@@ -791,6 +791,116 @@ struct DividesByRowConstant : std::false_type {};
 template <class A, class B>
 struct DividesByRowConstant<Binary<DivOp, A, B>> : std::bool_constant<row_constant_v<B> && !B::may_require_grad && !row_constant_v<A>> {};
 
+// ∂f/∂score from f's value alone: f a chain of steps by numbers (· ÷ + −, neg) around at most one of
+// tanh (1 − t²), sigmoid (y(1 − y)) and exp (y). The affine steps are inverted on the way in (y / c for
+// y = c·u). AttentionModifier::derivative_from_value.
+template <class E>
+struct FromValue {
+    static constexpr bool value = false, affine = false;
+};
+template <>
+struct FromValue<Score> {
+    static constexpr bool value = true, affine = true;
+    template <class V>
+    static V d(const Score&, V) {
+        return vm::splat<V>(1);
+    }
+};
+template <class X>
+struct FromValue<Unary<NegOp, X>> {
+    static constexpr bool value = FromValue<X>::value, affine = FromValue<X>::affine;
+    template <class V>
+    static V d(const Unary<NegOp, X>& e, V y) {
+        return -FromValue<X>::d(e.x, -y);
+    }
+};
+// y = u·c, c·u, u / c, u + c, c + u, u − c, c − u
+template <class Op, class X, bool ConstantFirst>
+struct FromValueAffine {
+    static constexpr bool value = FromValue<X>::value, affine = FromValue<X>::affine;
+    template <class V, class E>
+    static V d(const E& e, V y) {
+        using T = lane_t<V>;
+        const double c = [&] {
+            if constexpr (ConstantFirst) return e.a.c;
+            else return e.b.c;
+        }();
+        const X& x = [&]() -> const X& {
+            if constexpr (ConstantFirst) return e.b;
+            else return e.a;
+        }();
+        if constexpr (std::is_same_v<Op, MulOp>) {
+            if (c == 0) return V{};
+            return static_cast<T>(c) * FromValue<X>::d(x, y * static_cast<T>(1.0 / c));
+        } else if constexpr (std::is_same_v<Op, DivOp>) {
+            return static_cast<T>(1.0 / c) * FromValue<X>::d(x, y * static_cast<T>(c));
+        } else if constexpr (std::is_same_v<Op, AddOp>) {
+            return FromValue<X>::d(x, y - static_cast<T>(c));
+        } else if constexpr (ConstantFirst) {  // c − u
+            return -FromValue<X>::d(x, static_cast<T>(c) - y);
+        } else {  // u − c
+            return FromValue<X>::d(x, y + static_cast<T>(c));
+        }
+    }
+};
+template <class X>
+struct FromValue<Binary<MulOp, X, Constant>> : FromValueAffine<MulOp, X, false> {};
+template <class X>
+struct FromValue<Binary<MulOp, Constant, X>> : FromValueAffine<MulOp, X, true> {};
+template <class X>
+struct FromValue<Binary<DivOp, X, Constant>> : FromValueAffine<DivOp, X, false> {};
+template <class X>
+struct FromValue<Binary<AddOp, X, Constant>> : FromValueAffine<AddOp, X, false> {};
+template <class X>
+struct FromValue<Binary<AddOp, Constant, X>> : FromValueAffine<AddOp, X, true> {};
+template <class X>
+struct FromValue<Binary<SubOp, X, Constant>> : FromValueAffine<SubOp, X, false> {};
+template <class X>
+struct FromValue<Binary<SubOp, Constant, X>> : FromValueAffine<SubOp, X, true> {};
+template <>
+struct FromValue<Binary<MulOp, Constant, Constant>> : FromValue<void> {};
+template <>
+struct FromValue<Binary<DivOp, Constant, Constant>> : FromValue<void> {};
+template <>
+struct FromValue<Binary<AddOp, Constant, Constant>> : FromValue<void> {};
+template <>
+struct FromValue<Binary<SubOp, Constant, Constant>> : FromValue<void> {};
+// y = g(u), u affine in the score: g'(u) from y.
+template <class Op, class X>
+struct FromValueCurve {
+    static constexpr bool value = FromValue<X>::affine, affine = false;
+    template <class V>
+    static V d(const Unary<Op, X>& e, V y) {
+        using T = lane_t<V>;
+        V local;
+        if constexpr (std::is_same_v<Op, TanhOp>) local = T(1) - y * y;
+        else if constexpr (std::is_same_v<Op, SigmoidOp>) local = y * (T(1) - y);
+        else local = y;  // exp
+        return local * FromValue<X>::d(e.x, V{});
+    }
+};
+template <class X>
+struct FromValue<Unary<TanhOp, X>> : FromValueCurve<TanhOp, X> {};
+template <class X>
+struct FromValue<Unary<SigmoidOp, X>> : FromValueCurve<SigmoidOp, X> {};
+template <class X>
+struct FromValue<Unary<ExpOp, X>> : FromValueCurve<ExpOp, X> {};
+
+// f = score·a or a·score with a fixed along a row (no score, no k) and needing a gradient (a gate):
+// AttentionModifier::row_scaled. factor(f) is a.
+template <class F>
+struct RowScaled : std::false_type {};
+template <class A>
+struct RowScaled<Binary<MulOp, Score, A>> : std::bool_constant<row_constant_v<A> && A::may_require_grad> {
+    static const A& factor(const Binary<MulOp, Score, A>& f) { return f.b; }
+};
+template <class A>
+struct RowScaled<Binary<MulOp, A, Score>> : std::bool_constant<row_constant_v<A> && A::may_require_grad> {
+    static const A& factor(const Binary<MulOp, A, Score>& f) { return f.a; }
+};
+template <>
+struct RowScaled<Binary<MulOp, Score, Score>> : std::false_type {};
+
 template <class V, class E>
 auto hoist(const E& e, const Point<V>& p) {
     if constexpr (row_constant_v<E>) {
@@ -983,6 +1093,35 @@ public:
         if constexpr (has_fn) return BackpropReadsScore<F>::value;
         else return false;
     }
+    [[nodiscard]] bool derivative_from_value() const override {
+        if constexpr (has_fn) return FromValue<F>::value;
+        else return false;
+    }
+    void derivative_at_value(const ScoreTile& tile, T* fd, std::int64_t ld) const override {
+        if constexpr (has_fn && FromValue<F>::value)
+            for (std::int64_t r = 0; r < tile.rows; ++r)
+                for (std::int64_t c = 0; c < tile.cols; c += W) {
+                    T* at = fd + r * ld + c;
+                    const int count = static_cast<int>(std::min<std::int64_t>(W, tile.cols - c));
+                    const V y = count == W ? detail::load<V>(at) : detail::load_first(at, count, T(0));
+                    // f = −∞ (masked) or NaN (S = −∞ less an additive −∞): dS is 0 there
+                    put(at, vm::pick((y == -std::numeric_limits<T>::infinity()) | (y != y), V{}, FromValue<F>::d(f_, y)), count);
+                }
+    }
+    [[nodiscard]] bool row_scaled() const override {
+        if constexpr (has_fn) return RowScaled<F>::value;
+        else return false;
+    }
+    void row_factors(const ScoreTile& tile, T* a) const override {
+        if constexpr (has_fn && RowScaled<F>::value)
+            for (std::int64_t r = 0; r < tile.rows; ++r) a[r] = RowScaled<F>::factor(f_).eval(row_only(tile, r))[0];
+    }
+    void row_factor_backward(const ScoreTile& tile, const T* rsum, T* const* grads) const override {
+        if constexpr (has_fn && RowScaled<F>::value) {
+            Sink<T> sink{grads};
+            for (std::int64_t r = 0; r < tile.rows; ++r) (void)RowScaled<F>::factor(f_).backprop(row_only(tile, r), V{} + rsum[r], sink);
+        }
+    }
     // Throws if a captured tensor was written into since the modifier was built (a backward reads them).
     void check_saved(const char* op) const {
         for (const Saved<T>& v : values_) (void)v.get(op, "captured tensor");
@@ -1150,6 +1289,12 @@ private:
         p.b = V{} + static_cast<T>(tile.b);
         p.h = V{} + static_cast<T>(tile.h);
         p.q = V{} + static_cast<T>(tile.i0 + r);
+        return p;
+    }
+    // Row r of the tile as a point of one lane (key and score 0: an expression fixed along the row).
+    [[nodiscard]] Point<V> row_only(const ScoreTile& tile, std::int64_t r) const {
+        Point<V> p = row_point(tile, r);
+        p.count = 1;
         return p;
     }
     // Lanes [c, c + W) of a row: keys, and scores from `row` (if any); lanes past the tile's columns

@@ -83,6 +83,21 @@ public:
     // captured tensor c that needs a gradient to grads[i] (in the shape gradient_shapes()[i]).
     virtual void modify_backward(const ScoreTile& tile, const T* x, std::int64_t ldx, T* g, std::int64_t ldg,
                                  T* const* grads) const = 0;
+    // Whether f(x) = x·a(b, h, q) with a fixed along a row and needing a gradient (a gate per head):
+    // then ∂f/∂x = a and Σ_k g·∂f/∂c = (∂a/∂c)·Σ_k g·x over a row, where Σ_k g·x = q_i·(scale·Σ_k g·K_k)
+    // when x = scale·Q·Kᵀ (no bias inside f): the kernels keep S rather than x, scale g by a per row
+    // (row_factors) and call row_factor_backward with each row's Σ_k g·x, not modify_backward.
+    [[nodiscard]] virtual bool row_scaled() const { return false; }
+    // a[r] = a at the rows of the tile (its keys are not read).
+    virtual void row_factors(const ScoreTile& /*tile*/, T* /*a*/) const {}
+    // Adds r[i]·∂a/∂c at the tile's rows to grads[i] for each captured tensor c (as modify_backward).
+    virtual void row_factor_backward(const ScoreTile& /*tile*/, const T* /*r*/, T* const* /*grads*/) const {}
+    // Whether ∂f/∂x follows from f's value alone (c·tanh(x/c): c − f²/c; sigmoid, exp, affine steps):
+    // then, without captured gradients (needs_reverse() false), the kernels keep S rather than x and
+    // the backward gets ∂f/∂x from f = S − (bias outside f) − additive, with no evaluation of f.
+    [[nodiscard]] virtual bool derivative_from_value() const { return false; }
+    // fd (rows × cols, ld): f -> ∂f/∂x in place; 0 where f is −∞ or NaN (a masked element).
+    virtual void derivative_at_value(const ScoreTile& /*tile*/, T* /*fd*/, std::int64_t /*ld*/) const {}
     // The shapes of the captured tensors whose gradients modify_backward adds, in order.
     [[nodiscard]] virtual const std::vector<Shape>& gradient_shapes() const = 0;
     [[nodiscard]] virtual TileKind classify(const ScoreTile& tile) const = 0;
@@ -133,7 +148,8 @@ struct AttentionSaved {
 
 // bias and additive may be undefined (absent).
 // mod may be null (no modifier). With a score function and keep_scores, saved.scores holds x (before f),
-// unless the backward runs in reverse mode and f's derivatives do not read x: then S.
+// unless the backward does not need x: then S (reverse mode with derivatives that do not read x, or
+// row_scaled(); forward mode with derivative_from_value()).
 template <class T>
 AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& bias,
                                     const Tensor<T>& additive, const AttentionOptions& opt,
