@@ -12,6 +12,8 @@
 // the dropout kernel both apply masks that way.
 
 #include <cstdint>
+#include <limits>
+#include <utility>
 
 #include "autodiff/detail/simd.hpp"
 #include "autodiff/random.hpp"
@@ -94,6 +96,79 @@ inline void multiply_by_keep(const T* src, T* dst, std::int64_t n, std::uint64_t
     if (c < n) store_first(dst + c, load_first(src + c, n - c, T(0)) * factor(keep), n - c);
 #else
     for (std::int64_t c = 0; c < n; ++c) dst[c] = src[c] * ((keep >> c) & 1 ? scale : T(0));
+#endif
+}
+
+// The fused attention kernel's two dropout passes, each folded into a pass it makes anyway (the separate
+// multiply_by_keep sweeps over the tile were a third of what dropout cost the fused step). Same
+// products, in the same order, as the unfused sequences they replace, so results are bitwise those.
+//
+// dst[c] = e^(src[c] − shift)·(bit c of keep ? scale : 0) for c < n <= 64 (dst may be src); returns
+// Σ e^(src[c] − shift) of the undropped values: exp_shifted_sum followed by multiply_by_keep.
+template <class T>
+inline T exp_shifted_sum_keep(const T* src, T* dst, std::int64_t n, T shift, std::uint64_t keep, T scale) {
+#if defined(__AVX512F__)
+    using V = typename Simd<T, simd_bytes>::type;
+    constexpr int W = Simd<T, simd_bytes>::lanes;
+    auto factor = [&](std::uint64_t bits) {
+        if constexpr (sizeof(T) == 4) return bit_cast<V>(_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), _mm512_set1_ps(scale)));
+        else return bit_cast<V>(_mm512_maskz_mov_pd(static_cast<__mmask8>(bits), _mm512_set1_pd(scale)));
+    };
+    V acc = V{};
+    std::int64_t c = 0;
+    for (; c + W <= n; c += W, keep >>= W) {
+        const V e = vexp<T, simd_bytes>(load<V>(src + c) - shift);
+        store(dst + c, e * factor(keep));
+        acc += e;
+    }
+    if (c < n) {  // the tail: lanes past n hold e^−∞ = 0
+        const V e = vexp<T, simd_bytes>(load_first(src + c, n - c, -std::numeric_limits<T>::infinity()) - shift);
+        acc += e;
+        store_first(dst + c, e * factor(keep), n - c);
+    }
+    return reduce<T, simd_bytes>(acc, [](auto a, auto b) { return a + b; });
+#else
+    const T sum = exp_shifted_sum(src, dst, n, shift);
+    multiply_by_keep(dst, dst, n, keep, scale);
+    return sum;
+#endif
+}
+
+// The backward's dS with dropout, for c < n <= 64, with f_c = (bit c of keep ? scale : 0):
+//   ds[c] = p[c]·(ds[c]·f_c − D)   (dS = P ⊙ (mask ⊙ dP − D), ds holding dP = dO·Vᵀ on entry)
+//   p[c]  = p[c]·f_c               (dropout(P), for dV = dropout(P)ᵀ·dO)
+// in one pass: multiply_by_keep of ds and of p followed by ds = p·(ds − D). The product ds·f_c is
+// kept out of a fused multiply-add (it was rounded through memory before), so results are bitwise
+// those of the separate passes.
+template <class T>
+inline void dropout_ds(T* p, T* ds, std::int64_t n, std::uint64_t keep, T scale, T D) {
+#if defined(__AVX512F__)
+    using V = typename Simd<T, simd_bytes>::type;
+    constexpr int W = Simd<T, simd_bytes>::lanes;
+    auto factor = [&](std::uint64_t bits) {
+        if constexpr (sizeof(T) == 4) return bit_cast<V>(_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), _mm512_set1_ps(scale)));
+        else return bit_cast<V>(_mm512_maskz_mov_pd(static_cast<__mmask8>(bits), _mm512_set1_pd(scale)));
+    };
+    auto step = [&](V pv, V dp, V f) {
+        V masked = dp * f;
+        asm("" : "+v"(masked));  // no FMA contraction of the product into the subtraction
+        return std::pair<V, V>{pv * (masked - D), pv * f};
+    };
+    std::int64_t c = 0;
+    for (; c + W <= n; c += W, keep >>= W) {
+        const auto [d_new, p_new] = step(load<V>(p + c), load<V>(ds + c), factor(keep));
+        store(ds + c, d_new);
+        store(p + c, p_new);
+    }
+    if (c < n) {
+        const auto [d_new, p_new] = step(load_first(p + c, n - c, T(0)), load_first(ds + c, n - c, T(0)), factor(keep));
+        store_first(ds + c, d_new, n - c);
+        store_first(p + c, p_new, n - c);
+    }
+#else
+    multiply_by_keep(ds, ds, n, keep, scale);
+    for (std::int64_t c = 0; c < n; ++c) ds[c] = p[c] * (ds[c] - D);
+    multiply_by_keep(p, p, n, keep, scale);
 #endif
 }
 
