@@ -128,6 +128,7 @@ struct Problem {
     bool causal;
     T scale, bias_scale;
     DropoutDescriptor drop;
+    detail::DropoutKeepBits drop_bits;  // dropout_keep_bits of drop
     bool dropout;
     T drop_scale;
     // The modifier (attention.hpp), if any: a score function f, a mask, and where the bias goes.
@@ -138,7 +139,7 @@ struct Problem {
 
     Problem(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& b, const Tensor<T>& add,
             const AttentionOptions& opt, const AttentionModifier<T>* m)
-        : bias(b), additive(add), keep(opt.mask.keep), causal(opt.mask.causal), drop(opt.dropout), mod(m),
+        : bias(b), additive(add), keep(opt.mask.keep), causal(opt.mask.causal), drop(opt.dropout), drop_bits(opt.dropout), mod(m),
           score_fn(m && m->modifies_scores()), mask_fn(m && m->masks()), bias_inside(!score_fn || m->bias_inside()),
           keeps_x(score_fn && (!m->needs_reverse() || m->backward_reads_scores())) {
         const Shape& qs = Q.shape();
@@ -333,7 +334,7 @@ struct Problem {
             for (std::int64_t r = 0; r < rows; ++r) keep[r] = stored[at + r * words] >> shift;
             return;
         }
-        for (std::int64_t r = 0; r < rows; ++r) keep[r] = dropout_keep_bits(drop, static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols);
+        for (std::int64_t r = 0; r < rows; ++r) keep[r] = drop_bits(static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols);
         if (store)  // each row of a tile is in one part: its word holds that part's keys, the others are masked
             for (std::int64_t r = 0; r < rows; ++r) store[at + r * words] = keep[r] << shift;
     }
