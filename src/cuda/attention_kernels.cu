@@ -804,7 +804,7 @@ __global__ void __launch_bounds__(threads, HD == 64 ? (Plain ? AUTODIFF_MMA_PLAI
     C* sB = sV + 2 * cols * LD;          // 2 × (rows, bias_ld)
 
     const BiasTiles<C> bias(p, t);
-    const KeyMasks kp = key_masks(p, t);
+    const KeyMasks kp = Plain ? KeyMasks{} : key_masks(p, t);  // Plain: no mask state (its registers as before the keep mask)
     const C* Kt = K + t * p.Lk * p.d;
     const C* Vt = V + t * p.Lk * p.dv;
     stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
@@ -977,7 +977,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     float* s_D = s_lse + 2 * cols;                                     // 2 × cols
 
     const BiasTiles<C> bias(p, t);
-    const KeyMasks kp = key_masks(p, t);
+    const KeyMasks kp = Plain ? KeyMasks{} : key_masks(p, t);
     stage_async<rows, HD>(sK, LD, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d);
     stage_async<rows, HD>(sV, LD, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv);
     cp_async_commit();
@@ -1164,7 +1164,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     C* sB = sV + 2 * cols * LD;          // 2 × (rows, bias_ld): bias tile, or dS read back
 
     const BiasTiles<C> bias(p, t);
-    const KeyMasks kp = key_masks(p, t);
+    const KeyMasks kp = Plain ? KeyMasks{} : key_masks(p, t);
     if (!FromBiasGradient) {
         stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
         stage_async<rows, HD>(sdO, LD, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv);

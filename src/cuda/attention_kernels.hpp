@@ -22,13 +22,14 @@ struct AttentionProblem {
     bool causal = false;
     const bool* key_padding = nullptr;  // (batch, Lk), true = keep
     std::int64_t kp_div = 1;            // batch = t / kp_div
-    const bool* keep = nullptr;               // broadcastable to (B, H, Lq, Lk), true = keep
-    std::int64_t keep_s[4] = {0, 0, 0, 0};  // its broadcast strides over (B, H, Lq, Lk)
     bool dropout = false;
     bool drop_all = false;  // a rate within 2^-33 of 1 drops everything
     std::uint32_t threshold = 0;
     float drop_scale = 1;
     std::uint64_t seed = 0, offset = 0;
+    // The keep mask, broadcastable to (B, H, Lq, Lk), true = keep (null: none), and its broadcast strides.
+    const bool* keep = nullptr;
+    std::int64_t keep_s[4] = {0, 0, 0, 0};
 };
 
 inline constexpr int max_head_dim = 128;
