@@ -28,6 +28,7 @@ detail::AttentionProblem make_problem(std::string_view op, const DeviceTensor<T>
     mask.causal = opt.causal;
     // The CPU's shape check reads only the mask's shape: a host mask of that shape stands in for it.
     if (opt.key_padding.defined()) mask.key_padding = Tensor<bool>(opt.key_padding.shape());
+    if (opt.keep.defined()) mask.keep = Tensor<bool>(opt.keep.shape());
     (void)attention_output_shape(op, Q.shape(), K.shape(), V.shape(), bias.defined() ? &bias.shape() : nullptr, nullptr, mask);
     const int device = Q.device();
     auto same_device = [&](const char* name, const Shape& shape, int other) {
@@ -38,6 +39,7 @@ detail::AttentionProblem make_problem(std::string_view op, const DeviceTensor<T>
     same_device("V", V.shape(), V.device());
     same_device("bias", bias.shape(), bias.device());
     same_device("key_padding", opt.key_padding.shape(), opt.key_padding.device());
+    same_device("keep", opt.keep.shape(), opt.keep.device());
     const std::int64_t d = Q.shape().dim_from_end(1), dv = V.shape().dim_from_end(1);
     if (d > detail::max_head_dim || dv > detail::max_head_dim || d < 1 || dv < 1)
         fail(op, "head dimensions must be in [1, {}] on cuda, got Q {} and V {}", detail::max_head_dim, Q.shape(), V.shape());
@@ -65,6 +67,11 @@ detail::AttentionProblem make_problem(std::string_view op, const DeviceTensor<T>
     if (opt.key_padding.defined()) {
         p.key_padding = opt.key_padding.data();
         p.kp_div = Q.rank() == 4 ? p.heads : 1;  // the batch is the scores' first dimension
+    }
+    if (opt.keep.defined()) {
+        p.keep = opt.keep.data();
+        const auto s = opt.keep.shape().broadcast_strides();
+        for (std::size_t k = 0; k < 4; ++k) p.keep_s[k] = s[k];
     }
     const DropoutDescriptor& drop = opt.dropout;
     p.dropout = drop.training && drop.rate > 0.0;

@@ -139,23 +139,41 @@ struct BiasView {
     }
 };
 
+// The masks of one leading index t = b·H + h that are read from memory: the key-padding row and the
+// keep mask's (b, h) plane (broadcast strides, as the bias's). Both null: neither.
+struct KeyMasks {
+    const bool* kp = nullptr;    // key padding of t, (Lk)
+    const bool* keep = nullptr;  // keep mask at (b, h, 0, 0)
+    std::int64_t ki = 0, kj = 0;  // the keep mask's strides over queries and keys
+    __device__ bool any() const { return kp || keep; }
+    // Whether element (i, j), in range, is kept by both.
+    __device__ bool keeps(std::int64_t i, std::int64_t j) const { return !(kp && !kp[j]) && !(keep && !keep[i * ki + j * kj]); }
+};
+
+__device__ inline KeyMasks key_masks(const Problem& p, std::int64_t t) {
+    KeyMasks m;
+    if (p.key_padding) m.kp = p.key_padding + t / p.kp_div * p.Lk;
+    if (p.keep) {
+        m.keep = p.keep + t / p.heads * p.keep_s[0] + t % p.heads * p.keep_s[1];
+        m.ki = p.keep_s[2];
+        m.kj = p.keep_s[3];
+    }
+    return m;
+}
+
 // The masked, biased score of element (i0 + r, j0 + c) of leading index t from s = (Q·Kᵀ)_ij; −inf
-// where masked or out of range. kp: the key-padding row of t (null: none).
+// where masked or out of range. km: the masks of t.
 template <class C>
-__device__ inline float score(const Problem& p, const BiasView<C>& bias, const bool* kp, std::int64_t i0, std::int64_t j0, int r, int c,
+__device__ inline float score(const Problem& p, const BiasView<C>& bias, const KeyMasks& km, std::int64_t i0, std::int64_t j0, int r, int c,
                               float s) {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     const std::int64_t i = i0 + r, j = j0 + c;
     if (i >= p.Lq || j >= p.Lk) return neg_inf;
     if (p.causal && j > i) return neg_inf;
-    if (kp && !kp[j]) return neg_inf;
+    if (!km.keeps(i, j)) return neg_inf;
     float x = p.scale * s;
     if (bias.base) x += p.bias_scale * bias.at(i0, j0, r, c);
     return x;
-}
-
-__device__ inline const bool* key_padding_row(const Problem& p, std::int64_t t) {
-    return p.key_padding ? p.key_padding + t / p.kp_div * p.Lk : nullptr;
 }
 
 // The dropout factor of element (t, i, j): the CPU's decision (dropout_keeps), times 1/(1 − rate).
@@ -207,7 +225,7 @@ __global__ void __launch_bounds__(threads, 2) attention_forward_kernel(Problem p
     float* sO = sS + R * lds;                             // (R, DVP) accumulator
 
     BiasView<C> bias(p, t, sB, ldp);
-    const bool* kp = key_padding_row(p, t);
+    const KeyMasks kp = key_masks(p, t);
     stage(sQ, ldq, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d, R, DP);
     for (int e = threadIdx.x; e < R * DVP; e += threads) sO[e] = 0.0f;
     staged();
@@ -276,7 +294,7 @@ __global__ void attention_row_dot_kernel(std::int64_t rows, int dv, const C* dO,
 //   sP  <- P·factor                       (for dV = dropout(P)ᵀ·dO)       when write_dropped_p
 //   dS  = P ⊙ (dP·factor − D) -> sdS (operand type), and bias_scale·dS or dS to the bias gradient
 template <class C>
-__device__ void probabilities_and_dS(const Problem& p, const BiasView<C>& bias, const bool* kp, std::int64_t t, std::int64_t i0, std::int64_t j0,
+__device__ void probabilities_and_dS(const Problem& p, const BiasView<C>& bias, const KeyMasks& kp, std::int64_t t, std::int64_t i0, std::int64_t j0,
                                      const float* sS, const float* sdP,
                                      int lds, C* sP, C* sdS, int ldp, const float* s_lse, const float* s_D, C* dbias_full,
                                      float* dS_scratch) {
@@ -327,7 +345,7 @@ __global__ void __launch_bounds__(threads) attention_dkdv_kernel(Problem p, cons
     float* s_D = s_lse + R;                                // (R)
 
     BiasView<C> bias(p, t, sB, ldp);
-    const bool* kp = key_padding_row(p, t);
+    const KeyMasks kp = key_masks(p, t);
     stage(sK, ldq, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d, N, DP);
     stage(sV, ldv, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv, N, DVP);
     staged();
@@ -388,7 +406,7 @@ __global__ void __launch_bounds__(threads, 2) attention_dq_kernel(Problem p, con
     float* s_D = s_lse + R;                                // (R)
 
     BiasView<C> bias(p, t, sB, ldp);
-    const bool* kp = key_padding_row(p, t);
+    const KeyMasks kp = key_masks(p, t);
     stage(sQ, ldq, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d, R, DP);
     stage(sdO, ldv, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv, R, DVP);
     for (int e = threadIdx.x; e < R * DP; e += threads) sdQ[e] = 0.0f;
@@ -587,23 +605,24 @@ __device__ inline int frag_row(int lane, int e) { return lane / 4 + (e >= 2 ? 8 
 __device__ inline int frag_col(int lane, int n, int e) { return 8 * n + 2 * (lane % 4) + (e & 1); }
 
 // Element (i, j) of the scores is in range and not masked.
-__device__ inline bool visible(const Problem& p, const bool* kp, std::int64_t i, std::int64_t j) {
-    return i < p.Lq && j < p.Lk && !(p.causal && j > i) && !(kp && !kp[j]);
+__device__ inline bool visible(const Problem& p, const KeyMasks& km, std::int64_t i, std::int64_t j) {
+    return i < p.Lq && j < p.Lk && !(p.causal && j > i) && km.keeps(i, j);
 }
 
-// Whether a key of [j0, j0 + cols) survives the key-padding mask (every thread computes the same).
-__device__ inline bool tile_has_key(const Problem& p, const bool* kp, std::int64_t j0) {
-    if (!kp) return true;
+// Whether a key of [j0, j0 + cols) survives the key-padding mask (every thread computes the same). The
+// keep mask skips no tile: its tiles are masked element by element.
+__device__ inline bool tile_has_key(const Problem& p, const KeyMasks& km, std::int64_t j0) {
+    if (!km.kp) return true;
     const std::int64_t end = min(j0 + cols, p.Lk);
     for (std::int64_t j = j0; j < end; ++j)
-        if (kp[j]) return true;
+        if (km.kp[j]) return true;
     return false;
 }
 
 // Whether a tile (queries [i0, i0 + rq), keys [j0, j0 + rk)) needs the per-element mask: it crosses the
-// causal diagonal, a key-padding mask exists, or it overhangs Lq or Lk.
-__device__ inline bool tile_needs_mask(const Problem& p, const bool* kp, std::int64_t i0, int rq, std::int64_t j0, int rk) {
-    return kp || (p.causal && j0 + rk - 1 > i0) || i0 + rq > p.Lq || j0 + rk > p.Lk;
+// causal diagonal, a key-padding or keep mask exists, or it overhangs Lq or Lk.
+__device__ inline bool tile_needs_mask(const Problem& p, const KeyMasks& km, std::int64_t i0, int rq, std::int64_t j0, int rk) {
+    return km.any() || (p.causal && j0 + rk - 1 > i0) || i0 + rq > p.Lq || j0 + rk > p.Lk;
 }
 
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -697,7 +716,7 @@ constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 // Tiles that need no mask, with no bias or a staged one, take the lean path (no per-element index
 // arithmetic, the bias read in pairs).
 template <class C>
-__device__ inline void scores_to_base2(float (&s)[n_tiles][4], const Problem& p, const BiasTiles<C>& bias, const bool* kp, const C* B_strip,
+__device__ inline void scores_to_base2(float (&s)[n_tiles][4], const Problem& p, const BiasTiles<C>& bias, const KeyMasks& kp, const C* B_strip,
                                        std::int64_t iw, std::int64_t j0, int lane) {
     const float sc = p.scale * log2e, bsc = p.bias_scale * log2e;
     if (!tile_needs_mask(p, kp, iw, 16, j0, cols) && (!bias.base || bias.staged)) {
@@ -729,7 +748,7 @@ __device__ inline void scores_to_base2(float (&s)[n_tiles][4], const Problem& p,
 }
 
 // The problem as a kernel instantiation sees it. The Plain instantiations (picked by the launchers only
-// for problems without bias, key padding or dropout: plain and causal attention) see those fields as
+// for problems without bias, key padding, keep mask or dropout: plain and causal attention) see those fields as
 // constants, so their state, index arithmetic and the out-of-line dropout call vanish from the code,
 // the kernels need fewer registers and more blocks fit an SM. Their shared memory has no bias tiles.
 template <bool Plain>
@@ -738,6 +757,7 @@ __device__ inline Problem specialised(const Problem& given) {
     if constexpr (Plain) {
         p.bias = nullptr;
         p.key_padding = nullptr;
+        p.keep = nullptr;
         p.dropout = false;
         p.drop_all = false;
     }
@@ -758,7 +778,7 @@ __device__ inline Problem specialised(const Problem& given) {
 #define AUTODIFF_MMA_PLAIN_DQ_BLOCKS 3
 #endif
 // Whether a problem takes the Plain instantiations.
-inline bool plain_problem(const Problem& p) { return !p.bias && !p.key_padding && !p.dropout; }
+inline bool plain_problem(const Problem& p) { return !p.bias && !p.key_padding && !p.keep && !p.dropout; }
 
 // ---- forward (16-bit) ----
 // Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq). Grid: (query blocks of 64, t).
@@ -784,7 +804,7 @@ __global__ void __launch_bounds__(threads, HD == 64 ? (Plain ? AUTODIFF_MMA_PLAI
     C* sB = sV + 2 * cols * LD;          // 2 × (rows, bias_ld)
 
     const BiasTiles<C> bias(p, t);
-    const bool* kp = key_padding_row(p, t);
+    const KeyMasks kp = Plain ? KeyMasks{} : key_masks(p, t);  // Plain: no mask state (its registers as before the keep mask)
     const C* Kt = K + t * p.Lk * p.d;
     const C* Vt = V + t * p.Lk * p.dv;
     stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
@@ -957,7 +977,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     float* s_D = s_lse + 2 * cols;                                     // 2 × cols
 
     const BiasTiles<C> bias(p, t);
-    const bool* kp = key_padding_row(p, t);
+    const KeyMasks kp = Plain ? KeyMasks{} : key_masks(p, t);
     stage_async<rows, HD>(sK, LD, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d);
     stage_async<rows, HD>(sV, LD, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv);
     cp_async_commit();
@@ -1144,7 +1164,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     C* sB = sV + 2 * cols * LD;          // 2 × (rows, bias_ld): bias tile, or dS read back
 
     const BiasTiles<C> bias(p, t);
-    const bool* kp = key_padding_row(p, t);
+    const KeyMasks kp = Plain ? KeyMasks{} : key_masks(p, t);
     if (!FromBiasGradient) {
         stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
         stage_async<rows, HD>(sdO, LD, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv);

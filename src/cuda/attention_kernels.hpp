@@ -30,6 +30,9 @@ struct AttentionProblem {
     std::uint32_t threshold = 0;
     float drop_scale = 1;
     std::uint64_t seed = 0, offset = 0;
+    // The keep mask, broadcastable to (B, H, Lq, Lk), true = keep (null: none), and its broadcast strides.
+    const bool* keep = nullptr;
+    std::int64_t keep_s[4] = {0, 0, 0, 0};
 };
 
 inline constexpr int max_head_dim = 128;

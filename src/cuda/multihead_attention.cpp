@@ -111,9 +111,8 @@ void DeviceMultiHeadAttention<T>::check_inputs(const DeviceTensor<T>& q, const D
     const Shape scores{q.shape()[0], opt_.num_heads, q.shape()[1], k.shape()[1]};
     if (bias.defined() && !broadcasts_to(bias.shape(), scores))
         fail(op, "attention bias {} does not broadcast to the scores (B, H, Lq, Lk) = {}", bias.shape(), scores);
-    if (mask.keep.defined())
-        fail(op, "keep mask {}: the device module takes causal and key-padding masks only (those of the fused attention)",
-             mask.keep.shape());
+    if (mask.keep.defined() && !broadcasts_to(mask.keep.shape(), scores))
+        fail(op, "keep mask {} does not broadcast to the scores (B, H, Lq, Lk) = {}", mask.keep.shape(), scores);
     const Shape padding{q.shape()[0], k.shape()[1]};
     if (mask.key_padding.defined() && mask.key_padding.shape() != padding)
         fail(op, "key-padding mask must have shape (B, Lk) = {}, got {}", padding, mask.key_padding.shape());
@@ -126,6 +125,7 @@ void DeviceMultiHeadAttention<T>::check_inputs(const DeviceTensor<T>& q, const D
     on_module_device("value", v.shape(), v.device());
     on_module_device("bias", bias.shape(), bias.device());
     on_module_device("key_padding", mask.key_padding.shape(), mask.key_padding.device());
+    on_module_device("keep", mask.keep.shape(), mask.keep.device());
 }
 
 template <class T>
@@ -149,6 +149,7 @@ DeviceTensor<T> DeviceMultiHeadAttention<T>::forward(const DeviceTensor<T>& quer
     s.attention.bias_scale = 1.0;
     s.attention.causal = mask.causal;
     s.attention.key_padding = mask.key_padding;
+    s.attention.keep = mask.keep;
     s.attention.dropout = dropout_descriptor();
     s.bias = bias;
     s.attended = attention_forward(s.qkv[0], s.qkv[1], s.qkv[2], bias, s.attention);

@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -53,7 +54,23 @@ struct Case {
     bool causal = false;
     bool key_padding = false;  // (batch, Lk), batch 0 keeps a prefix, the last batch keeps nothing
     double dropout = 0.0;
+    Shape keep = {};  // the keep mask's shape (rank 0: none); see keep_mask
 };
+
+// The query row of the scores that keep_mask masks entirely (in every (b, h) plane it has).
+constexpr std::int64_t masked_row = 5;
+
+// A keep mask of the given shape: pseudo-random, about a quarter of its entries false (a pattern that
+// differs from plane to plane), row masked_row all false.
+Tensor<bool> keep_mask(const Shape& shape) {
+    Tensor<bool> keep(shape);
+    const std::int64_t Lk = shape.dim_from_end(1), Lq = shape.dim_from_end(2);
+    for (std::int64_t e = 0; e < keep.numel(); ++e) {
+        const auto h = static_cast<std::uint64_t>(e) * 0x9E3779B97F4A7C15ull;
+        keep.data()[e] = e / Lk % Lq != masked_row && (h >> 40) % 4 != 0;
+    }
+    return keep;
+}
 
 Tensor<bool> padding_mask(std::int64_t batch, std::int64_t Lk) {
     std::vector<char> keep;
@@ -90,12 +107,14 @@ std::pair<Result, Result> run_both(const Case& c, std::uint64_t seed) {
     const std::int64_t batch = c.q.rank() >= 3 ? c.q[0] : 1;
     if (c.key_padding) opt.mask.key_padding = c.q.rank() >= 3 ? padding_mask(batch, c.k.dim_from_end(2))
                                                                : padding_mask(1, c.k.dim_from_end(2)).reshaped(Shape{c.k.dim_from_end(2)});
+    if (c.keep.rank() > 0) opt.mask.keep = keep_mask(c.keep);
     opt.dropout = {c.dropout, 1234, 56, true};
     ad::DeviceAttentionOptions dopt;
     dopt.scale = opt.scale;
     dopt.bias_scale = opt.bias_scale;
     dopt.causal = c.causal;
     if (c.key_padding) dopt.key_padding = ad::to(opt.mask.key_padding, ad::cuda);
+    if (c.keep.rank() > 0) dopt.keep = ad::to(opt.mask.keep, ad::cuda);
     dopt.dropout = opt.dropout;
 
     Result cpu, gpu;
@@ -132,6 +151,32 @@ void check_against_cpu(const Case& c, double tolerance, std::uint64_t seed = 7) 
 
 constexpr double fp32_tolerance = 1e-4;
 constexpr double bf16_tolerance = 1e-2;
+// The keep-mask tests hold fp32 to 1e-5 (the largest fp32 error measured so far is 4.8e-7).
+constexpr double fp32_keep_tolerance = 1e-5;
+
+// Row masked_row, fully masked by the keep mask in every leading index: lse −inf, O, dQ and the bias
+// gradient's row exactly zero (GPU), and the GPU matches the CPU elsewhere (check_against_cpu).
+template <class T>
+void check_keep_mask(const Case& c, double tolerance) {
+    const auto [gpu, cpu] = run_both<T>(c, 7);
+    check_close("O", gpu.O, cpu.O, tolerance);
+    check_close("lse", gpu.lse, cpu.lse, tolerance);
+    check_close("dQ", gpu.dQ, cpu.dQ, tolerance);
+    check_close("dK", gpu.dK, cpu.dK, tolerance);
+    check_close("dV", gpu.dV, cpu.dV, tolerance);
+    if (c.bias.rank() > 0) check_close("dbias", gpu.dbias, cpu.dbias, tolerance);
+    const std::int64_t Lq = c.q.dim_from_end(2), Lk = c.k.dim_from_end(2), d = c.q.dim_from_end(1), dv = c.v.dim_from_end(1);
+    const std::int64_t items = gpu.lse.numel() / Lq;
+    for (std::int64_t t = 0; t < items; ++t) {
+        CAPTURE(t);
+        REQUIRE(std::isinf(gpu.lse.data()[t * Lq + masked_row]));
+        REQUIRE(gpu.lse.data()[t * Lq + masked_row] < 0);
+        for (std::int64_t c2 = 0; c2 < dv; ++c2) REQUIRE(gpu.O.data()[(t * Lq + masked_row) * dv + c2] == 0.0f);
+        for (std::int64_t c2 = 0; c2 < d; ++c2) REQUIRE(gpu.dQ.data()[(t * Lq + masked_row) * d + c2] == 0.0f);
+        if (c.bias.rank() > 0 && c.bias.numel() == items * Lq * Lk)
+            for (std::int64_t j = 0; j < Lk; ++j) REQUIRE(gpu.dbias.data()[(t * Lq + masked_row) * Lk + j] == 0.0f);
+    }
+}
 
 }  // namespace
 
@@ -188,6 +233,26 @@ TEST_CASE("fp32: causal and key-padding masks; fully masked rows give zero outpu
     CHECK(std::isinf(gpu.lse.data()[2 * 2 * 100]));
 }
 
+TEST_CASE("fp32: keep mask, full and broadcast, with causal, key padding, a trainable bias and dropout") {
+    const Shape q{2, 3, 100, 32}, k{2, 3, 90, 32}, v{2, 3, 90, 24};
+    SUBCASE("keep (B, H, Lq, Lk), full bias, causal, key padding, dropout") {
+        check_keep_mask<float>({q, k, v, Shape{2, 3, 100, 90}, true, true, 0.3, Shape{2, 3, 100, 90}}, fp32_keep_tolerance);
+    }
+    SUBCASE("keep (1, 1, Lq, Lk), broadcast bias (1, H, Lq, Lk), key padding") {
+        check_keep_mask<float>({q, k, v, Shape{1, 3, 100, 90}, false, true, 0.0, Shape{1, 1, 100, 90}}, fp32_keep_tolerance);
+    }
+    SUBCASE("keep (B, 1, Lq, Lk), full bias, causal, dropout") {
+        check_keep_mask<float>({q, k, v, Shape{2, 3, 100, 90}, true, false, 0.2, Shape{2, 1, 100, 90}}, fp32_keep_tolerance);
+    }
+    SUBCASE("keep alone (no bias, no other mask), (Lq, Lk)") {
+        check_keep_mask<float>({q, k, v, Shape{}, false, false, 0.0, Shape{100, 90}}, fp32_keep_tolerance);
+    }
+    SUBCASE("rank 3, keep (Lq, Lk) broadcast over the leading dimension, per-key bias") {
+        check_keep_mask<float>({Shape{4, 40, 16}, Shape{4, 70, 16}, Shape{4, 70, 16}, Shape{70}, true, true, 0.1, Shape{40, 70}},
+                               fp32_keep_tolerance);
+    }
+}
+
 TEST_CASE("fp32: dropout makes the CPU's decisions (same Philox stream, same element indices)") {
     const Shape q{2, 2, 80, 32}, k{2, 2, 96, 32};
     check_against_cpu<float>({q, k, k, Shape{2, 2, 80, 96}, false, false, 0.3}, fp32_tolerance);
@@ -201,6 +266,26 @@ TEST_CASE("bf16: GPU matches the CPU in fp32 on the same bf16 inputs") {
     check_against_cpu<ad::bf16>({q, k, k, Shape{200, 260}, false, true, 0.2}, bf16_tolerance);
     check_against_cpu<ad::bf16>({Shape{2, 2, 64, 128}, Shape{2, 2, 64, 128}, Shape{2, 2, 64, 40}, Shape{2, 2, 64, 64}}, bf16_tolerance);
     check_against_cpu<ad::fp16>({q, k, k, Shape{2, 4, 200, 260}, true}, bf16_tolerance);
+}
+
+TEST_CASE("bf16/fp16: keep mask, full and broadcast, through the general mma kernels (never the Plain ones)") {
+    const Shape q{2, 4, 200, 64}, k{2, 4, 260, 64};
+    SUBCASE("keep (B, H, Lq, Lk), full bias (dQ read back from its gradient), causal, key padding, dropout") {
+        check_keep_mask<ad::bf16>({q, k, k, Shape{2, 4, 200, 260}, true, true, 0.2, Shape{2, 4, 200, 260}}, bf16_tolerance);
+    }
+    SUBCASE("keep (1, 1, Lq, Lk) alone: a problem that would otherwise take the Plain kernels") {
+        check_keep_mask<ad::bf16>({q, k, k, Shape{}, false, false, 0.0, Shape{1, 1, 200, 260}}, bf16_tolerance);
+        check_keep_mask<ad::bf16>({q, k, k, Shape{}, true, false, 0.0, Shape{1, 1, 200, 260}}, bf16_tolerance);
+    }
+    SUBCASE("keep (B, 1, Lq, Lk), broadcast bias (1, H, Lq, Lk), causal, key padding") {
+        check_keep_mask<ad::bf16>({q, k, k, Shape{1, 4, 200, 260}, true, true, 0.0, Shape{2, 1, 200, 260}}, bf16_tolerance);
+    }
+    SUBCASE("d = 128 (dv = 100), fp16, full keep and bias, dropout") {
+        check_keep_mask<ad::bf16>({Shape{1, 2, 150, 128}, Shape{1, 2, 190, 128}, Shape{1, 2, 190, 100}, Shape{1, 2, 150, 190}, false, false, 0.1,
+                                   Shape{1, 2, 150, 190}},
+                                  bf16_tolerance);
+        check_keep_mask<ad::fp16>({q, k, k, Shape{2, 4, 200, 260}, true, true, 0.2, Shape{2, 4, 200, 260}}, bf16_tolerance);
+    }
 }
 
 TEST_CASE("bf16 causal without a full bias gradient: matches the CPU and is bitwise repeatable") {
@@ -256,6 +341,20 @@ TEST_CASE("bad input: the GPU attention throws autodiff::Error naming op, argume
     ad::DeviceAttentionOptions padded;
     padded.key_padding = ad::to(Tensor<bool>(Shape{2, 11}), ad::cuda);
     test::check_error([&] { (void)ad::attention_forward<float>(Q, K, K, {}, padded); }, "attention (cuda)", {"(2,11)"});
+    ad::DeviceAttentionOptions kept;
+    kept.keep = ad::to(Tensor<bool>(Shape{2, 2, 10, 12}), ad::cuda);
+    test::check_error([&] { (void)ad::attention_forward<float>(Q, K, K, {}, kept); }, "attention (cuda)",
+                      {"keep mask (2,2,10,12) does not broadcast to the logits (2,3,10,12)"});
+    kept.keep = ad::to(Tensor<bool>(Shape{10, 13}), ad::cuda);
+    test::check_error([&] { (void)ad::attention_forward<float>(Q, K, K, {}, kept); }, "attention (cuda)",
+                      {"keep mask (10,13) does not broadcast to the logits (2,3,10,12)"});
+    {
+        auto ok = opt;
+        auto saved_ok = ad::attention_forward<float>(Q, K, K, {}, ok);
+        ad::DeviceTensor<float> g;
+        test::check_error([&] { ad::attention_backward<float>(&g, nullptr, nullptr, nullptr, saved_ok.O, Q, K, K, {}, saved_ok, kept); },
+                          "attention_backward (cuda)", {"keep mask (10,13) does not broadcast to the logits (2,3,10,12)"});
+    }
     ad::DeviceAttentionOptions drop;
     drop.dropout.rate = 1.0;
     test::check_error([&] { (void)ad::attention_forward<float>(Q, K, K, {}, drop); }, "attention (cuda)", {"rate must be in [0, 1)"});

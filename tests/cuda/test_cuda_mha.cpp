@@ -19,6 +19,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -77,6 +78,18 @@ Tensor<bool> padding(std::int64_t B, std::int64_t Lk) {
     return keep;
 }
 
+// A keep mask of the given shape, broadcastable to (B, H, Lq, Lk): pseudo-random, about a quarter of
+// its entries false, and its first query row (all its (b, h) planes) fully masked.
+Tensor<bool> keep_mask(const Shape& shape) {
+    Tensor<bool> keep(shape);
+    const std::int64_t Lk = shape.dim_from_end(1), Lq = shape.dim_from_end(2);
+    for (std::int64_t e = 0; e < keep.numel(); ++e) {
+        const std::int64_t i = e / Lk % Lq;
+        keep.data()[e] = i != 0 && (static_cast<std::uint64_t>(e) * 0x9E3779B97F4A7C15ull >> 40) % 4 != 0;
+    }
+    return keep;
+}
+
 // A training run: `steps` steps of Adam on mse(module(query, key, value, bias, mask), target), fresh
 // random batches each step, on the CPU module and its device copy side by side.
 struct Setup {
@@ -86,6 +99,7 @@ struct Setup {
     Shape bias = {};         // the trainable attention bias (rank 0: none)
     bool causal = false;
     bool key_padding = false;
+    Shape keep = {};  // the keep mask's shape (rank 0: none)
     int steps = 3;
 };
 
@@ -119,6 +133,10 @@ void check_training(const Setup& s, double tolerance) {
     if (s.key_padding) {
         mask.key_padding = padding(s.batch, s.Lk);
         dmask.key_padding = ad::to(mask.key_padding, ad::cuda);
+    }
+    if (s.keep.rank() > 0) {
+        mask.keep = keep_mask(s.keep);
+        dmask.keep = ad::to(mask.keep, ad::cuda);
     }
 
     std::vector<ad::Param<float>> params = cpu.parameters();
@@ -188,6 +206,14 @@ TEST_CASE("fp32: three training steps match the CPU module (output, loss, every 
         check_training<float>({.options = o, .Lq = 5, .Lk = 9, .self = false, .bias = Shape{2, 4, 5, 9}, .key_padding = true},
                               fp32_tolerance);
     }
+    SUBCASE("cross-attention, keep mask (B, 1, Lq, Lk) with a fully masked row, causal, key padding, full bias") {
+        check_training<float>({.options = o, .Lq = 5, .Lk = 9, .self = false, .bias = Shape{2, 4, 5, 9}, .causal = true, .key_padding = true,
+                               .keep = Shape{2, 1, 5, 9}},
+                              fp32_tolerance);
+    }
+    SUBCASE("self-attention, keep mask (Lq, Lk) broadcast over batch and heads") {
+        check_training<float>({.options = o, .keep = Shape{7, 7}}, fp32_tolerance);
+    }
     SUBCASE("separate q/k/v weights (kdim, vdim != E), no projection biases, per-key bias (Lk)") {
         const ad::nn::MultiHeadAttentionOptions sep{.embed_dim = 8, .num_heads = 2, .bias = false, .kdim = 5, .vdim = 11, .seed = 4};
         check_training<float>({.options = sep, .Lq = 6, .Lk = 3, .self = false, .bias = Shape{3}}, fp32_tolerance);
@@ -204,6 +230,9 @@ TEST_CASE("fp32 with dropout: the device draws the CPU module's masks (same Phil
     }
     SUBCASE("cross-attention with key padding") {
         check_training<float>({.options = o, .Lq = 9, .Lk = 12, .self = false, .key_padding = true}, fp32_tolerance);
+    }
+    SUBCASE("cross-attention with a full keep mask (B, H, Lq, Lk) and key padding") {
+        check_training<float>({.options = o, .Lq = 9, .Lk = 12, .self = false, .key_padding = true, .keep = Shape{2, 4, 9, 12}}, fp32_tolerance);
     }
 }
 
@@ -229,6 +258,15 @@ TEST_CASE("bf16: training steps match the CPU in fp32 on the same bf16-rounded p
                                   .Lk = 24,
                                   .bias = Shape{4, 24, 24},
                                   .causal = true,
+                                  .steps = 2},
+                                 bf16_tolerance);
+    }
+    SUBCASE("self-attention, keep mask (B, 1, L, L), trainable bias, dropout (the general mma kernels)") {
+        check_training<ad::bf16>({.options = {.embed_dim = 32, .num_heads = 4, .dropout = 0.1, .seed = 6},
+                                  .Lq = 24,
+                                  .Lk = 24,
+                                  .bias = Shape{4, 24, 24},
+                                  .keep = Shape{2, 1, 24, 24},
                                   .steps = 2},
                                  bf16_tolerance);
     }
@@ -286,8 +324,8 @@ TEST_CASE("bad input: the device module throws autodiff::Error naming op, argume
     check_error([&] { (void)gpu.forward(DeviceTensor<float>(Shape{5, 8}), x, x); }, op, {"query", "(5,8)"});
     check_error([&] { (void)gpu.forward(x, x, x, DeviceTensor<float>(Shape{3, 5, 5})); }, op,
                 {"attention bias (3,5,5) does not broadcast to the scores (B, H, Lq, Lk) = (2,2,5,5)"});
-    check_error([&] { (void)gpu.forward(x, x, x, {}, {false, DeviceTensor<bool>(Shape{5, 5}), {}}); }, op,
-                {"keep mask (5,5)", "causal and key-padding masks only"});
+    check_error([&] { (void)gpu.forward(x, x, x, {}, {false, DeviceTensor<bool>(Shape{3, 5}), {}}); }, op,
+                {"keep mask (3,5) does not broadcast to the scores (B, H, Lq, Lk) = (2,2,5,5)"});
     check_error([&] { (void)gpu.forward(x, x, x, {}, {false, {}, DeviceTensor<bool>(Shape{5, 2})}); }, op,
                 {"key-padding mask must have shape (B, Lk) = (2,5), got (5,2)"});
     CHECK(gpu.dropout_descriptor().offset == 0);  // a call that throws does not advance the dropout stream

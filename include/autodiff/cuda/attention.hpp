@@ -7,8 +7,10 @@
 //
 // Shapes as on the CPU: Q (..., Lq, d), K (..., Lk, d), V (..., Lk, dv), equal leading dimensions
 // (rank 2..4), d and dv at most 128; bias of any shape broadcastable to the scores (..., Lq, Lk), its
-// gradient in its own shape. Masks: causal (top-left aligned) and key padding (batch, Lk) (true =
-// keep), with whole tiles skipped where nothing is kept. Dropout decisions are the CPU's: Philox4x32-10
+// gradient in its own shape. Masks (true = keep, all applied together, as the CPU's Mask): causal
+// (top-left aligned), key padding (batch, Lk), and a keep mask of any shape broadcastable to the
+// scores (read per element, broadcast like the bias; never in the Plain kernels). Whole tiles are
+// skipped where causal or key padding keeps nothing; the keep mask skips no tile. Dropout decisions are the CPU's: Philox4x32-10
 // keyed by the seed, element index ((t·Lq + i)·Lk + j) for leading index t (kernels/dropout.hpp).
 //
 // FlashAttention-2 tiling. bf16/fp16: register-resident kernels on mma.sync.m16n8k16 (16-bit operands,
@@ -34,6 +36,7 @@ struct DeviceAttentionOptions {
     double bias_scale = 1.0;  // of the bias
     bool causal = false;      // key j is visible to query i iff j <= i
     DeviceTensor<bool> key_padding;  // (batch, Lk) for rank >= 3, (Lk) for rank 2; true = keep
+    DeviceTensor<bool> keep;         // broadcastable to the scores (..., Lq, Lk); true = keep
     DropoutDescriptor dropout;
 };
 

@@ -13,8 +13,8 @@
 // dropout offset) and copied back by parameter name, so the CPU and GPU modules can be compared and
 // swapped. Dropout: the CPU module's Philox stream (seed = options().seed, offset = forward calls so far,
 // every call advancing it, eval mode too), element index ((b·H + h)·Lq + i)·Lk + j: a GPU module built
-// from a CPU one draws the masks the CPU module would. Masks: causal and key padding (B, Lk) (true =
-// keep), the ones the fused attention takes; a keep mask throws. The attention bias is any device
+// from a CPU one draws the masks the CPU module would. Masks (true = keep), the fused attention's:
+// causal, key padding (B, Lk) and a keep mask broadcastable to (B, H, Lq, Lk). The attention bias is any device
 // tensor broadcastable to (B, H, Lq, Lk); its gradient comes back in its own shape (a trainable bias).
 //
 // Element types: float, bf16, fp16 (the device functional layer's: fp32 accumulation, one rounding to T
