@@ -105,7 +105,7 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
 template <class T>
 struct Scratch {
-    AlignedVector<T> S, X, Dfx, Pd, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D, A, Rs, dQr;
+    AlignedVector<T> S, X, Dfx, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D, A, Rs, dQr;
 
     static Scratch& get() {
         thread_local Scratch s;
@@ -128,6 +128,7 @@ struct Problem {
     bool causal;
     T scale, bias_scale;
     DropoutDescriptor drop;
+    detail::DropoutKeepBits drop_bits;  // dropout_keep_bits of drop
     bool dropout;
     T drop_scale;
     // The modifier (attention.hpp), if any: a score function f, a mask, and where the bias goes.
@@ -146,7 +147,7 @@ struct Problem {
 
     Problem(const Tensor<T>& Q, const Tensor<T>& K, const Tensor<T>& V, const Tensor<T>& b, const Tensor<T>& add,
             const AttentionOptions& opt, const AttentionModifier<T>* m)
-        : bias(b), additive(add), keep(opt.mask.keep), causal(opt.mask.causal), drop(opt.dropout), mod(m),
+        : bias(b), additive(add), keep(opt.mask.keep), causal(opt.mask.causal), drop(opt.dropout), drop_bits(opt.dropout), mod(m),
           score_fn(m && m->modifies_scores()), mask_fn(m && m->masks()), bias_inside(!score_fn || m->bias_inside()),
           row_scaled(score_fn && m->needs_reverse() && m->row_scaled() && !(bias_inside && b.defined())),
           from_value(score_fn && !m->needs_reverse() && m->derivative_from_value()),
@@ -343,7 +344,7 @@ struct Problem {
             for (std::int64_t r = 0; r < rows; ++r) keep[r] = stored[at + r * words] >> shift;
             return;
         }
-        for (std::int64_t r = 0; r < rows; ++r) keep[r] = dropout_keep_bits(drop, static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols);
+        for (std::int64_t r = 0; r < rows; ++r) keep[r] = drop_bits(static_cast<std::uint64_t>((t * Lq + i0 + r) * Lk + j0), cols);
         if (store)  // each row of a tile is in one part: its word holds that part's keys, the others are masked
             for (std::int64_t r = 0; r < rows; ++r) store[at + r * words] = keep[r] << shift;
     }
@@ -360,9 +361,11 @@ struct Problem {
 // row acc[r, ·] are rescaled by e^(m[r] − m_new). A row with nothing kept yet stays 0. The rescale
 // factors are computed block_q rows at a time, in vectors: a scalar exp per row cost as much as
 // the row's 64 exponentials. The rows of S are rows [r0, r0 + rows) of the query block (a part of a
-// tile, Problem::parts).
+// tile, Problem::parts). With dropout, keep[r] holds row r's keep bits (Problem::keep_tile): S then
+// becomes dropout(P) in the same pass, while l sums the undropped P.
 template <class T>
-void online_softmax_tile(T* S, std::int64_t r0, std::int64_t rows, std::int64_t cols, Scratch<T>& s, std::int64_t dv) {
+void online_softmax_tile(T* S, std::int64_t r0, std::int64_t rows, std::int64_t cols, Scratch<T>& s, std::int64_t dv,
+                         const std::uint64_t* keep = nullptr, T drop_scale = T(1)) {
     using V = typename detail::Simd<T, detail::simd_bytes>::type;
     constexpr int W = detail::Simd<T, detail::simd_bytes>::lanes;
     static_assert(block_q % W == 0 && sub_rows % W == 0);  // the vector lanes stay within the block and the band
@@ -381,7 +384,8 @@ void online_softmax_tile(T* S, std::int64_t r0, std::int64_t rows, std::int64_t 
             std::fill_n(row, cols, T(0));
             continue;
         }
-        l[r] = l[r] * alpha[r] + detail::exp_shifted_sum(row, row, cols, m_new[r]);
+        l[r] = l[r] * alpha[r] + (keep ? detail::exp_shifted_sum_keep(row, row, cols, m_new[r], keep[r], drop_scale)
+                                       : detail::exp_shifted_sum(row, row, cols, m_new[r]));
         if (alpha[r] != T(1)) RowMap<T>(s.acc.data() + (r0 + r) * dv, dv) *= alpha[r];
         m[r] = m_new[r];
     }
@@ -466,14 +470,10 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
                     if (opt.keep_scores && p.keeps_x) keep();
                     p.finish_scores(t, u.i0, u.rows, u.j0, u.cols, S, u.kind);
                     if (opt.keep_scores && !p.keeps_x) keep();
-                    online_softmax_tile(S, u.i0 - i0, u.rows, u.cols, s, p.dv);  // S becomes the unnormalised P
-                    if (p.dropout) {
-                        std::uint64_t bits[block_q];
-                        p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, nullptr, keep_bits, bits);
-                        AUTODIFF_PHASE(dropout);
-                        for (std::int64_t r = 0; r < u.rows; ++r)
-                            detail::multiply_by_keep(S + r * block_k, S + r * block_k, u.cols, bits[r], p.drop_scale);
-                    }
+                    // S becomes the unnormalised P, with dropout dropout(P): the mask is applied in the exp pass
+                    std::uint64_t bits[block_q];
+                    if (p.dropout) p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, nullptr, keep_bits, bits);
+                    online_softmax_tile(S, u.i0 - i0, u.rows, u.cols, s, p.dv, p.dropout ? bits : nullptr, p.drop_scale);
                     AUTODIFF_PHASE(pv_product);  // acc += P·V_j
                     detail::tile_gemm<T>(u.rows, p.dv, u.cols, T(1), S, block_k, 1, p.v + (t * p.Lk + u.j0) * p.dv, p.dv, T(1),
                                          s.acc.data() + (u.i0 - i0) * p.dv, p.dv);
@@ -596,7 +596,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         T* dV_out = dV ? (chunk ? partial[static_cast<std::size_t>(chunk - 1)].dV : *dV).data() : nullptr;
         T* dB_out = dbias ? (chunk && !dB_by_rows ? partial[static_cast<std::size_t>(chunk - 1)].dB : *dbias).data() : nullptr;
         Scratch<T>& s = Scratch<T>::get();
-        for (auto* buf : {&s.S, &s.X, &s.Dfx, &s.Pd, &s.dS}) ensure(*buf, block_q * block_k);
+        for (auto* buf : {&s.S, &s.X, &s.Dfx, &s.dS}) ensure(*buf, block_q * block_k);
         ensure(s.dK, block_k * p.d);
         ensure(s.dV, block_k * p.dv);
         ensure(s.D, p.Lq);
@@ -719,20 +719,16 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         }
                         const T* dOi = dO_t + u.i0 * p.dv;
                         const T* Qi = p.q + (t * p.Lq + u.i0) * p.d;
-                        const T* Pd = P;  // dropout(P)
                         std::uint64_t bits[block_q];
-                        if (p.dropout) {
-                            p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, kept_keep, nullptr, bits);
-                            AUTODIFF_PHASE(dropout);
-                            for (std::int64_t r = 0; r < u.rows; ++r)
-                                detail::multiply_by_keep(P + r * block_k, s.Pd.data() + r * block_k, u.cols, bits[r], p.drop_scale);
-                            Pd = s.Pd.data();
-                        }
-                        if (dV) {  // dV_j += dropout(P)ᵀ·dO_i
+                        if (p.dropout) p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, kept_keep, nullptr, bits);
+                        auto dv_product = [&] {  // dV_j += dropout(P)ᵀ·dO_i, P holding dropout(P)
                             AUTODIFF_PHASE(dv_product);
-                            detail::tile_gemm<T>(u.cols, p.dv, u.rows, T(1), Pd, 1, block_k, dOi, p.dv, T(1), s.dV.data() + (u.j0 - j0) * p.dv,
+                            detail::tile_gemm<T>(u.cols, p.dv, u.rows, T(1), P, 1, block_k, dOi, p.dv, T(1), s.dV.data() + (u.j0 - j0) * p.dv,
                                                  p.dv);
-                        }
+                        };
+                        // With dropout, the pass that forms dS also turns P into dropout(P) (detail::dropout_ds),
+                        // and dV's product follows it; without, P is dropout(P) already.
+                        if (dV && !p.dropout) dv_product();
                         {  // dS = P ⊙ (dropout_mask ⊙ (dO_i·V_jᵀ) − D_i)
                             AUTODIFF_PHASE(dp_product);
                             detail::tile_gemm<T>(u.rows, u.cols, p.dv, T(1), dOi, p.dv, 1, Problem<T>::tile_of(s.Vt, u.j0, p.dv), block_k, T(0),
@@ -741,11 +737,16 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         {
                             AUTODIFF_PHASE(ds);
                             for (std::int64_t r = 0; r < u.rows; ++r) {
-                                RowMap<T> ds(dS + r * block_k, u.cols);
-                                if (p.dropout) detail::multiply_by_keep(ds.data(), ds.data(), u.cols, bits[r], p.drop_scale);
-                                ds = RowMap<T>(P + r * block_k, u.cols) * (ds - s.D[static_cast<std::size_t>(u.i0 + r)]);
+                                const T D = s.D[static_cast<std::size_t>(u.i0 + r)];
+                                if (p.dropout) {
+                                    detail::dropout_ds(P + r * block_k, dS + r * block_k, u.cols, bits[r], p.drop_scale, D);
+                                } else {
+                                    RowMap<T> ds(dS + r * block_k, u.cols);
+                                    ds = RowMap<T>(P + r * block_k, u.cols) * (ds - D);
+                                }
                             }
                         }
+                        if (dV && p.dropout) dv_product();
                         auto store_dbias = [&] {  // dbias = bias_scale·reduce(dS)
                             AUTODIFF_PHASE(dbias);
                             for (std::int64_t r = 0; r < u.rows; ++r) {

@@ -13,22 +13,7 @@ void check_dropout(std::string_view op, const DropoutDescriptor& d) {
 }
 
 std::uint64_t dropout_keep_bits(const DropoutDescriptor& d, std::uint64_t first, std::int64_t n) {
-    const std::uint64_t threshold = dropout_threshold(d.rate);
-    if (threshold > 0xFFFFFFFFu) return 0;  // a rate within 2^-33 of 1 drops everything
-    // A 32-bit comparison: 16 lanes wide instead of widening every word to 64 bits.
-    const auto threshold32 = static_cast<std::uint32_t>(threshold);
-    const Philox4x32::Key key{static_cast<std::uint32_t>(d.seed), static_cast<std::uint32_t>(d.seed >> 32)};
-    const std::uint64_t block = first >> 2;
-    const auto skip = static_cast<int>(first & 3);
-    std::uint64_t bits = detail::philox_keep_bits16(block, d.offset, key, threshold32) >> skip;
-    if (skip + n > 64) {  // 64 elements starting inside a block of 4 words span 17 blocks
-        const std::uint64_t last = block + 16;
-        const auto words = Philox4x32::generate({static_cast<std::uint32_t>(last), static_cast<std::uint32_t>(last >> 32),
-                                                 static_cast<std::uint32_t>(d.offset), static_cast<std::uint32_t>(d.offset >> 32)},
-                                                key);
-        for (int l = 0; l < skip; ++l) bits |= std::uint64_t{words[static_cast<std::size_t>(l)] >= threshold32} << (64 - skip + l);
-    }
-    return n < 64 ? bits & ((std::uint64_t{1} << n) - 1) : bits;
+    return detail::DropoutKeepBits(d)(first, n);
 }
 
 namespace {
@@ -42,10 +27,11 @@ Tensor<T> apply_dropout_mask(const char* op, const DropoutDescriptor& d, const T
     const T scale = static_cast<T>(1.0 / (1.0 - d.rate));
     const T* src = in.data();
     T* dst = out.data();
+    const detail::DropoutKeepBits keep_bits(d);
     parallel_chunks(in.numel(), 1 << 14, [&](std::int64_t b, std::int64_t e) {
         for (std::int64_t i = b; i < e; i += 64) {
             const std::int64_t n = std::min<std::int64_t>(64, e - i);
-            detail::multiply_by_keep(src + i, dst + i, n, dropout_keep_bits(d, static_cast<std::uint64_t>(i), n), scale);
+            detail::multiply_by_keep(src + i, dst + i, n, keep_bits(static_cast<std::uint64_t>(i), n), scale);
         }
     });
     return out;
