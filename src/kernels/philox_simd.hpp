@@ -33,11 +33,17 @@ namespace autodiff::detail {
 // k0, k1 of round r in every 64-bit lane of k[2r] and k[2r + 1] (high halves clear). The mask of a
 // 64-element row went from 29.9-30.3 ns (dropout_keep_bits, keys advanced in every call) to
 // 26.3-27.2 ns (DropoutKeepBits) on the EPYC of 2026-12-04.
+// Without AVX-512 only the key itself is kept (the scalar Philox advances it).
 struct PhiloxRoundKeys {
+#if defined(__AVX512F__) && defined(__BMI2__)
     alignas(64) std::uint64_t k[20][8];
+#endif
+    Philox4x32::Key key;
 };
 inline PhiloxRoundKeys philox_round_keys(Philox4x32::Key key) {
     PhiloxRoundKeys rk;
+    rk.key = key;
+#if defined(__AVX512F__) && defined(__BMI2__)
     for (int round = 0; round < 10; ++round) {
         for (int lane = 0; lane < 8; ++lane) {
             rk.k[2 * round][lane] = key[0];
@@ -46,6 +52,7 @@ inline PhiloxRoundKeys philox_round_keys(Philox4x32::Key key) {
         key[0] += 0x9E3779B9u;
         key[1] += 0xBB67AE85u;
     }
+#endif
     return rk;
 }
 
@@ -92,7 +99,7 @@ inline std::uint64_t philox_keep_bits16(std::uint64_t first_block, std::uint64_t
     return bits;
 #else
     alignas(64) std::uint32_t words[64];
-    Philox4x32::generate_blocks<16>(first_block, offset, {static_cast<std::uint32_t>(rk.k[0][0]), static_cast<std::uint32_t>(rk.k[1][0])}, words);
+    Philox4x32::generate_blocks<16>(first_block, offset, rk.key, words);
     std::uint64_t bits = 0;
     for (int e = 0; e < 64; ++e) bits |= std::uint64_t{words[e] >= threshold} << e;
     return bits;
@@ -122,7 +129,7 @@ public:
             const std::uint64_t last = block + 16;
             const auto words = Philox4x32::generate({static_cast<std::uint32_t>(last), static_cast<std::uint32_t>(last >> 32),
                                                      static_cast<std::uint32_t>(offset_), static_cast<std::uint32_t>(offset_ >> 32)},
-                                                    {static_cast<std::uint32_t>(rk_.k[0][0]), static_cast<std::uint32_t>(rk_.k[1][0])});
+                                                    rk_.key);
             for (int l = 0; l < skip; ++l) bits |= std::uint64_t{words[static_cast<std::size_t>(l)] >= threshold32} << (64 - skip + l);
         }
         return n < 64 ? bits & ((std::uint64_t{1} << n) - 1) : bits;
