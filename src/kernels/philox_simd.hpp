@@ -11,6 +11,7 @@
 // Multiplying by a kept-bits mask (multiply_by_keep) is here too: the fused attention kernel and
 // the dropout kernel both apply masks that way.
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <limits>
@@ -44,13 +45,18 @@ inline PhiloxRoundKeys philox_round_keys(Philox4x32::Key key) {
     PhiloxRoundKeys rk;
     rk.key = key;
 #if defined(__AVX512F__) && defined(__BMI2__)
+    // Written row by row from two scalars. The first version (a lane loop storing key[0], key[1] and
+    // advancing the std::array in the round loop) came out wrong when inlined into dropout.cpp's
+    // apply_dropout_mask, whose lambda reaches an OpenMP region: with GCC 12 -O3 -fopenmp (no AVX-512)
+    // every row after the first held other values (reproduced in isolation), and on the GPU machine's
+    // host (GCC 13, AVX-512) the masks differed from dropout_keeps too; GCC 12 with AVX-512 was right.
+    // tests/test_kernels.cpp and test_fused.cpp check the masks against dropout_keeps.
+    std::uint64_t k0 = key[0], k1 = key[1];
     for (int round = 0; round < 10; ++round) {
-        for (int lane = 0; lane < 8; ++lane) {
-            rk.k[2 * round][lane] = key[0];
-            rk.k[2 * round + 1][lane] = key[1];
-        }
-        key[0] += 0x9E3779B9u;
-        key[1] += 0xBB67AE85u;
+        std::fill_n(rk.k[2 * round], 8, k0);
+        std::fill_n(rk.k[2 * round + 1], 8, k1);
+        k0 = (k0 + 0x9E3779B9u) & 0xFFFFFFFFu;
+        k1 = (k1 + 0xBB67AE85u) & 0xFFFFFFFFu;
     }
 #endif
     return rk;
