@@ -147,6 +147,17 @@ private:
     std::uint64_t threshold_;
 };
 
+#if defined(__AVX512F__)
+// The vector of scale where the low bits of `bits` are set and 0 elsewhere (one lane per bit): the
+// factor the dropout passes below multiply by.
+template <class T>
+inline typename Simd<T, simd_bytes>::type keep_factor(std::uint64_t bits, T scale) {
+    using V = typename Simd<T, simd_bytes>::type;
+    if constexpr (sizeof(T) == 4) return bit_cast<V>(_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), _mm512_set1_ps(scale)));
+    else return bit_cast<V>(_mm512_maskz_mov_pd(static_cast<__mmask8>(bits), _mm512_set1_pd(scale)));
+}
+#endif
+
 // dst[c] = src[c]·(bit c of keep ? scale : 0) for c < n <= 64 (dst may be src). A multiply, not a
 // select: a dropped NaN stays NaN, as in the generic dropout node.
 template <class T>
@@ -154,10 +165,7 @@ inline void multiply_by_keep(const T* src, T* dst, std::int64_t n, std::uint64_t
 #if defined(__AVX512F__)
     using V = typename Simd<T, simd_bytes>::type;
     constexpr int W = Simd<T, simd_bytes>::lanes;
-    auto factor = [&](std::uint64_t bits) {
-        if constexpr (sizeof(T) == 4) return bit_cast<V>(_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), _mm512_set1_ps(scale)));
-        else return bit_cast<V>(_mm512_maskz_mov_pd(static_cast<__mmask8>(bits), _mm512_set1_pd(scale)));
-    };
+    auto factor = [&](std::uint64_t bits) { return keep_factor<T>(bits, scale); };
     std::int64_t c = 0;
     for (; c + W <= n; c += W, keep >>= W) store(dst + c, load<V>(src + c) * factor(keep));
     if (c < n) store_first(dst + c, load_first(src + c, n - c, T(0)) * factor(keep), n - c);
@@ -177,10 +185,7 @@ inline T exp_shifted_sum_keep(const T* src, T* dst, std::int64_t n, T shift, std
 #if defined(__AVX512F__)
     using V = typename Simd<T, simd_bytes>::type;
     constexpr int W = Simd<T, simd_bytes>::lanes;
-    auto factor = [&](std::uint64_t bits) {
-        if constexpr (sizeof(T) == 4) return bit_cast<V>(_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), _mm512_set1_ps(scale)));
-        else return bit_cast<V>(_mm512_maskz_mov_pd(static_cast<__mmask8>(bits), _mm512_set1_pd(scale)));
-    };
+    auto factor = [&](std::uint64_t bits) { return keep_factor<T>(bits, scale); };
     V acc = V{};
     std::int64_t c = 0;
     for (; c + W <= n; c += W, keep >>= W) {
@@ -212,10 +217,7 @@ inline void dropout_ds(T* p, T* ds, std::int64_t n, std::uint64_t keep, T scale,
 #if defined(__AVX512F__)
     using V = typename Simd<T, simd_bytes>::type;
     constexpr int W = Simd<T, simd_bytes>::lanes;
-    auto factor = [&](std::uint64_t bits) {
-        if constexpr (sizeof(T) == 4) return bit_cast<V>(_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), _mm512_set1_ps(scale)));
-        else return bit_cast<V>(_mm512_maskz_mov_pd(static_cast<__mmask8>(bits), _mm512_set1_pd(scale)));
-    };
+    auto factor = [&](std::uint64_t bits) { return keep_factor<T>(bits, scale); };
     auto step = [&](V pv, V dp, V f) {
         V masked = dp * f;
         asm("" : "+v"(masked));  // no FMA contraction of the product into the subtraction
