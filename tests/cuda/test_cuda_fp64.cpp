@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../check_error.hpp"
+#include "compare.hpp"
 #include "autodiff/cuda/attention.hpp"
 #include "autodiff/cuda/blas.hpp"
 #include "autodiff/cuda/ops.hpp"
@@ -41,6 +42,7 @@ namespace ad = autodiff;
 using ad::DeviceTensor;
 using ad::Shape;
 using ad::Tensor;
+using ad::test::relative_error;
 using D = DeviceTensor<double>;
 using H = Tensor<double>;
 
@@ -101,22 +103,6 @@ double gradcheck(const std::string& name, std::vector<H> inputs, const std::vect
     MESSAGE(name, ": worst gradcheck error ", worst.value, " at ", worst.what, " (tolerance ", gradcheck_tolerance, ")");
     CHECK(worst.value <= gradcheck_tolerance);
     return worst.value;
-}
-
-// ‖a − b‖ / ‖b‖ (‖b‖ = 0: ‖a‖); −inf entries (lse of fully masked rows) must match exactly.
-double relative_error(const H& a, const H& b) {
-    REQUIRE(a.shape() == b.shape());
-    double diff = 0, ref = 0;
-    for (std::int64_t i = 0; i < a.numel(); ++i) {
-        const double x = a.data()[i], y = b.data()[i];
-        if (std::isinf(x) || std::isinf(y)) {
-            if (x != y) return INFINITY;
-            continue;
-        }
-        diff += (x - y) * (x - y);
-        ref += y * y;
-    }
-    return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
 }
 
 void check_cpu(const std::string& name, const H& gpu, const H& cpu) {

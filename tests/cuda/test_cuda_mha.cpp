@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../check_error.hpp"
+#include "compare.hpp"
 #include "autodiff/cuda/multihead_attention.hpp"
 #include "autodiff/cuda/optim.hpp"
 
@@ -32,34 +33,13 @@ namespace ad = autodiff;
 using ad::DeviceTensor;
 using ad::Shape;
 using ad::Tensor;
+using ad::test::bitwise_equal;
+using ad::test::check_close;
 
 namespace {
 
 constexpr double fp32_tolerance = 1e-4;
 constexpr double bf16_tolerance = 2e-2;
-
-// ‖a − b‖ / ‖b‖ (‖b‖ = 0: ‖a‖); NaN if either holds a NaN.
-double relative_error(const Tensor<float>& a, const Tensor<float>& b) {
-    REQUIRE(a.shape() == b.shape());
-    double diff = 0, ref = 0;
-    for (std::int64_t i = 0; i < a.numel(); ++i) {
-        const double x = a.data()[i], y = b.data()[i];
-        diff += (x - y) * (x - y);
-        ref += y * y;
-    }
-    return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
-}
-
-template <class T>
-void check_close(const std::string& name, const DeviceTensor<T>& gpu, const Tensor<float>& cpu, double tolerance) {
-    const double err = relative_error(ad::to(gpu, ad::cpu), cpu);
-    MESSAGE(name, ": relative error ", err, " (tolerance ", tolerance, ")");
-    CHECK(err <= tolerance);
-}
-
-bool bitwise_equal(const Tensor<float>& a, const Tensor<float>& b) {
-    return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.numel()) * sizeof(float)) == 0;
-}
 
 // A CPU module with nonzero projection biases (torch initialises them to zero, which would leave the
 // bias terms of both sides untested).

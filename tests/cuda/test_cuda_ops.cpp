@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../check_error.hpp"
+#include "compare.hpp"
 #include "autodiff/cuda/blas.hpp"
 #include "autodiff/cuda/ops.hpp"
 #include "autodiff/cuda/optim.hpp"
@@ -30,6 +31,8 @@ namespace ad = autodiff;
 using ad::DeviceTensor;
 using ad::Shape;
 using ad::Tensor;
+using ad::test::bitwise_equal;
+using ad::test::check_close;
 
 namespace {
 
@@ -42,33 +45,6 @@ constexpr double tolerance_of() {
     if constexpr (std::is_same_v<T, float>) return fp32_tolerance;
     else if constexpr (std::is_same_v<T, ad::bf16>) return bf16_tolerance;
     else return fp16_tolerance;
-}
-
-// ‖a − b‖ / ‖b‖ (‖b‖ = 0: ‖a‖); NaN if either holds a NaN.
-double relative_error(const Tensor<float>& a, const Tensor<float>& b) {
-    REQUIRE(a.shape() == b.shape());
-    double diff = 0, ref = 0;
-    for (std::int64_t i = 0; i < a.numel(); ++i) {
-        const double x = a.data()[i], y = b.data()[i];
-        diff += (x - y) * (x - y);
-        ref += y * y;
-    }
-    return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
-}
-
-void check_close(const std::string& name, const Tensor<float>& gpu, const Tensor<float>& cpu, double tolerance) {
-    const double err = relative_error(gpu, cpu);
-    MESSAGE(name, ": relative error ", err, " (tolerance ", tolerance, ")");
-    CHECK(err <= tolerance);
-}
-
-template <class T>
-void check_close(const std::string& name, const DeviceTensor<T>& gpu, const Tensor<float>& cpu, double tolerance) {
-    check_close(name, ad::to(gpu, ad::cpu), cpu, tolerance);
-}
-
-bool bitwise_equal(const Tensor<float>& a, const Tensor<float>& b) {
-    return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.numel()) * sizeof(float)) == 0;
 }
 
 // A device tensor of random values in T, and its host copy (the values the device holds, bf16- or
