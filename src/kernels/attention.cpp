@@ -673,7 +673,8 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
             const T* O_t = std::as_const(saved.O).data() + t * p.Lq * p.dv;
             {
                 AUTODIFF_PHASE(bwd_prologue);
-                Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
+                if (!kept && !tiles)  // Kᵀ only to recompute the scores
+                    Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
                 Problem<T>::transpose_blocked(p.v + t * p.Lk * p.dv, p.Lk, p.dv, s.Vt);
                 for (std::int64_t i = qa; i < qb; ++i)  // D_i = rowsum(dO_i ⊙ O_i)
                     s.D[static_cast<std::size_t>(i)] = (ConstRowMap<T>(dO_t + i * p.dv, p.dv) * ConstRowMap<T>(O_t + i * p.dv, p.dv)).sum();
