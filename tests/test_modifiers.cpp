@@ -706,6 +706,14 @@ TEST_CASE("kept mask tiles through the tape: long windows fused vs generic, odd 
         CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::tanh(s() / 3.0) * 3.0, ad::causal_window(w) & (ad::q_idx >= 50)), v); },
                                        {q, k, v}) < 1e-13);
     }
+    // With dropout (its bits stored by the forward or regenerated) and a trainable bias shared over
+    // the batch (not full: the tiles are kept, and dB is summed from them).
+    P bh = param({h, L, L}, 4, "bh");
+    for (const std::int64_t w : {23, 130}) {
+        CAPTURE(w);
+        CHECK(fused_vs_generic<double>(
+                  [&] { return ad::matmul(ad::dropout(ad::softmax(s() + bh, ad::causal_window(w)), {0.2, 9, 3}), v); }, {q, k, v, bh}) < 1e-13);
+    }
     const WindowModifier mod(40, 0, false);
     ad::AttentionOptions opt;
     opt.keep_mask_tiles = true;
