@@ -598,3 +598,134 @@ TEST_CASE("kernel layer: attention_forward/backward with a hand-written Attentio
     CHECK(ad::max_abs_diff(db1, db2) < 1e-12);
 }
 
+
+namespace {
+
+// A hand-written window for the kernel layer: keeps q − w < k <= q for rows q >= dead (the rows above
+// are fully masked), with f(x) = 2x or no score function.
+struct WindowModifier final : ad::AttentionModifier<double> {
+    std::int64_t w = 1, dead = 0;
+    bool doubles = false;
+    WindowModifier(std::int64_t w_, std::int64_t dead_, bool doubles_) : w(w_), dead(dead_), doubles(doubles_) {}
+    [[nodiscard]] bool keeps(std::int64_t q, std::int64_t k) const { return q >= dead && k <= q && k > q - w; }
+    bool modifies_scores() const override { return doubles; }
+    bool masks() const override { return true; }
+    bool bias_inside() const override { return true; }
+    void modify(const ad::ScoreTile& t, const double* x, std::int64_t ldx, double* s, std::int64_t lds) const override {
+        for (std::int64_t r = 0; r < t.rows; ++r)
+            for (std::int64_t c = 0; c < t.cols; ++c) s[r * lds + c] = 2 * x[r * ldx + c];
+    }
+    void modify_with_derivative(const ad::ScoreTile& t, const double* x, std::int64_t ldx, double* s, std::int64_t lds, double* d,
+                                std::int64_t ldd) const override {
+        modify(t, x, ldx, s, lds);
+        for (std::int64_t r = 0; r < t.rows; ++r)
+            for (std::int64_t c = 0; c < t.cols; ++c) d[r * ldd + c] = 2;
+    }
+    bool needs_reverse() const override { return false; }
+    void modify_backward(const ad::ScoreTile& t, const double*, std::int64_t, double* g, std::int64_t ldg, double* const*) const override {
+        for (std::int64_t r = 0; r < t.rows; ++r)
+            for (std::int64_t c = 0; c < t.cols; ++c) g[r * ldg + c] *= 2;
+    }
+    const std::vector<ad::Shape>& gradient_shapes() const override { return shapes; }
+    ad::TileKind classify(const ad::ScoreTile& t) const override {
+        const std::int64_t q0 = std::max(t.i0, dead), q1 = t.i0 + t.rows - 1, k0 = t.j0, k1 = t.j0 + t.cols - 1;
+        if (q0 > q1 || k0 > q1 || k1 <= q0 - w) return ad::TileKind::empty;
+        if (t.i0 >= dead && k1 <= t.i0 && k0 > q1 - w) return ad::TileKind::full;
+        return ad::TileKind::partial;
+    }
+    void apply_mask(const ad::ScoreTile& t, double* s, std::int64_t ld) const override {
+        for (std::int64_t r = 0; r < t.rows; ++r)
+            for (std::int64_t c = 0; c < t.cols; ++c)
+                if (!keeps(t.i0 + r, t.j0 + c)) s[r * ld + c] = -std::numeric_limits<double>::infinity();
+    }
+    std::vector<ad::Shape> shapes;
+};
+
+}  // namespace
+
+TEST_CASE("kept mask tiles: a window's forward keeps the scores of its tiles, the backward reads them: bitwise the recomputing backward") {
+    // L = 389: 7 query blocks, the last of 5 rows; windows whose edges fall inside bands and blocks of 16
+    // (and one too wide for its tiles to be kept: the index alone then);
+    // rows above `dead` fully masked (their output and gradients 0); a broadcast bias (h, L, L) and x kept
+    // for f = 2x. Against the same attention spelled with a scale and a keep mask.
+    const std::int64_t n = 1, h = 2, L = 389, d = 32;
+    const ad::Tensor<double> q = ad::randn<double>({n, h, L, d}, 1), k = ad::randn<double>({n, h, L, d}, 2),
+                             v = ad::randn<double>({n, h, L, d}, 3), b = ad::randn<double>({h, L, L}, 4), dO = ad::randn<double>({n, h, L, d}, 5);
+    for (const bool doubles : {false, true})
+        for (const std::int64_t w : {1, 37, 100, 150, 255})
+            for (const std::int64_t dead : {0, 77}) {
+                CAPTURE(doubles);
+                CAPTURE(w);
+                CAPTURE(dead);
+                const WindowModifier mod(w, dead, doubles);
+                ad::Tensor<bool> keep({L, L});
+                for (std::int64_t i = 0; i < L; ++i)
+                    for (std::int64_t j = 0; j < L; ++j) keep(i, j) = mod.keeps(i, j);
+                ad::AttentionOptions kept_opt, recompute;
+                kept_opt.scale = recompute.scale = 0.3;
+                kept_opt.keep_mask_tiles = true;
+                ad::AttentionOptions reference;
+                reference.scale = doubles ? 0.6 : 0.3;
+                reference.bias_scale = doubles ? 2.0 : 1.0;
+                reference.mask = ad::keep_mask(keep);
+                auto grads = [&](ad::AttentionSaved<double>& saved, const ad::AttentionOptions& opt, const ad::AttentionModifier<double>* m) {
+                    std::vector<ad::Tensor<double>> g(4), captured;
+                    ad::attention_backward<double>(&g[0], &g[1], &g[2], &g[3], dO, q, k, v, b, {}, saved, opt, m, m ? &captured : nullptr);
+                    g.push_back(saved.O);
+                    return g;
+                };
+                std::vector<std::vector<ad::Tensor<double>>> runs;
+                for (const int threads : {1, 2}) {
+                    ad::set_num_threads(threads);
+                    ad::AttentionSaved<double> a = ad::attention_forward(q, k, v, b, {}, kept_opt, &mod);
+                    // w = 255 computes 25 tiles of 4096 per head, more than 8 times Q's 389·32 elements: none kept
+                    // (with rows 0-76 masked, 23: kept)
+                    CHECK(a.tile_scores.defined() == (w < 255 || dead > 0));
+                    REQUIRE(a.tile_index.defined());
+                    runs.push_back(grads(a, kept_opt, &mod));
+                    runs.push_back(grads(a, kept_opt, &mod));  // a second backward (retain_graph) reads them again
+                }
+                ad::set_num_threads(2);
+                ad::AttentionSaved<double> c = ad::attention_forward(q, k, v, b, {}, recompute, &mod);
+                CHECK_FALSE(c.tile_scores.defined());
+                const auto base = grads(c, recompute, &mod);
+                for (const auto& run : runs)
+                    for (std::size_t i = 0; i < base.size(); ++i) CHECK(ad::max_abs_diff(run[i], base[i]) == 0.0);
+                ad::AttentionSaved<double> r = ad::attention_forward(q, k, v, b, {}, reference);
+                const auto ref = grads(r, reference, nullptr);
+                for (std::size_t i = 0; i < base.size(); ++i) CHECK(ad::max_abs_diff(base[i], ref[i]) < 1e-12);
+                for (std::int64_t i = 0; i < dead; i += 19) {
+                    CHECK(base[4](0, 1, i, 3) == 0.0);
+                    CHECK(base[0](0, 1, i, 5) == 0.0);
+                }
+            }
+}
+
+TEST_CASE("kept mask tiles through the tape: long windows fused vs generic, odd lengths, and a saved index of another problem throws") {
+    const std::int64_t n = 1, h = 2, L = 389, d = 32;
+    P q = param({n, h, L, d}, 1, "q"), k = param({n, h, L, d}, 2, "k"), v = param({n, h, L, d}, 3, "v");
+    auto s = [&] { return ad::matmul(q, ad::transpose(k)) * 0.2; };
+    for (const std::int64_t w : {1, 17, 64, 100, 255}) {
+        CAPTURE(w);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(s(), ad::causal_window(w)), v); }, {q, k, v}) < 1e-13);
+        CHECK(fused_vs_generic<double>([&] { return ad::matmul(ad::softmax(ad::tanh(s() / 3.0) * 3.0, ad::causal_window(w) & (ad::q_idx >= 50)), v); },
+                                       {q, k, v}) < 1e-13);
+    }
+    // With dropout (its bits stored by the forward or regenerated) and a trainable bias shared over
+    // the batch (not full: the tiles are kept, and dB is summed from them).
+    P bh = param({h, L, L}, 4, "bh");
+    for (const std::int64_t w : {23, 130}) {
+        CAPTURE(w);
+        CHECK(fused_vs_generic<double>(
+                  [&] { return ad::matmul(ad::dropout(ad::softmax(s() + bh, ad::causal_window(w)), {0.2, 9, 3}), v); }, {q, k, v, bh}) < 1e-13);
+    }
+    const WindowModifier mod(40, 0, false);
+    ad::AttentionOptions opt;
+    opt.keep_mask_tiles = true;
+    ad::AttentionSaved<double> saved = ad::attention_forward(q.value(), k.value(), v.value(), {}, {}, opt, &mod);
+    REQUIRE(saved.tile_scores.defined());
+    saved.tile_index = ad::Tensor<std::uint64_t>(ad::Shape{3, 7});
+    ad::Tensor<double> dq;
+    test::check_error([&] { ad::attention_backward<double>(&dq, nullptr, nullptr, nullptr, saved.O, q.value(), k.value(), v.value(), {}, {}, saved, opt, &mod); },
+                      "attention_backward", {"saved tile index (3,7) must have the shape (14,7)"});
+}

@@ -398,6 +398,43 @@ void online_softmax_tile(T* S, std::int64_t r0, std::int64_t rows, std::int64_t 
 
 namespace autodiff {
 
+namespace {
+
+// Under a modifier's mask with a backward to follow: classifies every tile the forward visits once,
+// into saved.tile_index, for the forward and the backward (which then classify nothing), and keeps the
+// scores of the non-empty tiles in saved.tile_scores when their elements are at most 8× Q's (a sliding
+// window; not a document mask of long documents): the backward then reads S instead of recomputing
+// Q·Kᵀ, and memory stays O(L·d). The work items and their split are the forward's (per_thread).
+template <class T>
+void plan_mask_tiles(const Problem<T>& p, AttentionSaved<T>& saved, const AttentionOptions& opt, std::int64_t q_blocks,
+                     std::int64_t k_blocks, std::int64_t threads, std::int64_t per_thread) {
+    const std::int64_t n_items = p.items * q_blocks;
+    saved.tile_index = Tensor<std::uint64_t>(Shape{n_items, k_blocks});
+    std::uint64_t* const index = saved.tile_index.data();
+    parallel_for(threads, per_thread * k_blocks * 64, [&](std::int64_t worker) {
+        for (std::int64_t w = worker * per_thread; w < std::min(n_items, (worker + 1) * per_thread); ++w) {
+            const std::int64_t t = w / q_blocks, i0 = (w % q_blocks) * block_q, rows = std::min(block_q, p.Lq - i0);
+            const std::int64_t j_end = p.key_end(i0, rows);
+            for (std::int64_t b = 0; b < k_blocks; ++b) {
+                const std::int64_t j0 = b * block_k;
+                index[w * k_blocks + b] =
+                    j0 < j_end ? static_cast<std::uint64_t>(p.tile_kind(t, i0, rows, j0, std::min(block_k, p.Lk - j0))) : std::uint64_t{0};
+            }
+        }
+    });
+    static_assert(static_cast<int>(TileKind::empty) == 0);
+    if (opt.keep_scores) return;  // the full buffer keeps them
+    std::int64_t n_tiles = 0;
+    for (std::int64_t e = 0; e < n_items * k_blocks; ++e) n_tiles += index[e] != 0;
+    if (n_tiles * block_q * block_k > 8 * p.items * p.Lq * p.d) return;
+    std::uint64_t slot = 0;
+    for (std::int64_t e = 0; e < n_items * k_blocks; ++e)
+        if (index[e] != 0) index[e] |= slot++ << 2;
+    saved.tile_scores = Tensor<T>(Shape{n_tiles, block_q * block_k});
+}
+
+}  // namespace
+
 template <class T>
 bool attention_stores_dropout_mask(const Shape& q, const Shape& k, const AttentionOptions& opt) {
     if (!opt.keep_dropout_mask || !opt.dropout.training || opt.dropout.rate == 0.0) return false;
@@ -414,7 +451,7 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
     if (!std::isfinite(opt.scale) || !std::isfinite(opt.bias_scale))
         fail("attention", "scale ({}) and bias_scale ({}) must be finite", opt.scale, opt.bias_scale);
     const Problem<T> p(Q, K, V, bias, additive, opt, mod);
-    AttentionSaved<T> saved{Tensor<T>(out), Tensor<T>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1)), {}, {}};
+    AttentionSaved<T> saved{Tensor<T>(out), Tensor<T>(Shape::from_range(Q.shape().begin(), Q.shape().end() - 1)), {}, {}, {}, {}};
     if (opt.keep_scores) {
         Shape scores = Q.shape();
         scores[scores.rank() - 1] = p.Lk;
@@ -428,11 +465,15 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
         small_forward(p, saved, opt);
         return saved;
     }
-    const std::int64_t q_blocks = (p.Lq + block_q - 1) / block_q;
+    const std::int64_t q_blocks = (p.Lq + block_q - 1) / block_q, k_blocks = (p.Lk + block_k - 1) / block_k;
     // Work items run over (leading index, query block); consecutive items of one thread share the
     // leading index, so its Kᵀ is transposed once per thread and leading index, not per block.
     const std::int64_t threads = std::max(1, num_threads());
     const std::int64_t per_thread = (p.items * q_blocks + threads - 1) / threads;
+    if (p.mask_fn && opt.keep_mask_tiles) plan_mask_tiles(p, saved, opt, q_blocks, k_blocks, threads, per_thread);
+    const std::uint64_t* const tix = std::as_const(saved.tile_index).data();  // null when undefined
+    T* const tiles = saved.tile_scores.data();
+    const bool keeping = opt.keep_scores || tiles;
 
     parallel_for(threads, per_thread * block_q * p.Lk * (p.d + p.dv) * 2, [&](std::int64_t worker) {
         Scratch<T>& s = Scratch<T>::get();
@@ -454,22 +495,25 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
             const std::int64_t j_end = p.key_end(i0, rows);
             for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
-                const TileKind kind = p.tile_kind(t, i0, rows, j0, cols);
+                const std::uint64_t entry = tix ? tix[w * k_blocks + j0 / block_k] : 0;
+                const TileKind kind = tix ? static_cast<TileKind>(entry & 3) : p.tile_kind(t, i0, rows, j0, cols);
                 if (kind == TileKind::empty) continue;  // every element masked: contributes nothing
                 if (j0 + block_k < j_end) p.prefetch_tile(t, i0, rows, j0 + block_k, std::min(block_k, p.Lk - j0 - block_k));
                 for (const auto& u : p.parts(t, i0, rows, j0, cols, kind)) {  // rows [u.i0, u.i0 + u.rows), keys [u.j0, u.j0 + u.cols)
                     T* S = s.S.data();
                     // Kept for the backward (read again only there: streamed past the caches): S, or x when
-                    // f's derivatives need it.
+                    // f's derivatives need it; in the full buffer or in the tile's slot.
                     auto keep = [&] {
                         AUTODIFF_PHASE(keep_scores);
-                        for (std::int64_t r = 0; r < u.rows; ++r)
-                            detail::stream_row(saved.scores.data() + (t * p.Lq + u.i0 + r) * p.Lk + u.j0, S + r * block_k, u.cols);
+                        T* dst = tiles ? tiles + static_cast<std::int64_t>(entry >> 2) * (block_q * block_k) + (u.i0 - i0) * block_k + (u.j0 - j0)
+                                       : saved.scores.data() + (t * p.Lq + u.i0) * p.Lk + u.j0;
+                        const std::int64_t ld = tiles ? block_k : p.Lk;
+                        for (std::int64_t r = 0; r < u.rows; ++r) detail::stream_row(dst + r * ld, S + r * block_k, u.cols);
                     };
                     p.raw_scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), S);
-                    if (opt.keep_scores && p.keeps_x) keep();
+                    if (keeping && p.keeps_x) keep();
                     p.finish_scores(t, u.i0, u.rows, u.j0, u.cols, S, u.kind);
-                    if (opt.keep_scores && !p.keeps_x) keep();
+                    if (keeping && !p.keeps_x) keep();
                     // S becomes the unnormalised P, with dropout dropout(P): the mask is applied in the exp pass
                     std::uint64_t bits[block_q];
                     if (p.dropout) p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, nullptr, keep_bits, bits);
@@ -516,8 +560,11 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     if (mod_grads) mod_grads->clear();
     for (const Shape& g : grad_shapes) mod_grads->push_back(zeros<T>(g));
     if (dQ) *dQ = zeros<T>(Q.shape());
-    if (dK) *dK = zeros<T>(K.shape());
-    if (dV) *dV = zeros<T>(V.shape());
+    // The general kernel writes every row of dK and dV once per key block (no zero fill); the one-tile
+    // kernel and the empty cases need zeros.
+    const bool general = out.numel() != 0 && p.Lk != 0 && !one_tile_problem(p);
+    if (dK) *dK = general ? Tensor<T>(K.shape()) : zeros<T>(K.shape());
+    if (dV) *dV = general ? Tensor<T>(V.shape()) : zeros<T>(V.shape());
     // A full-shape bias gradient is written exactly once per element (plain stores: no zero fill,
     // no read-modify-write, a third of the memory traffic); a broadcast one is summed into zeros.
     Shape scores = Q.shape();
@@ -532,6 +579,26 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     if (saved.keep_bits.defined() && saved.keep_bits.shape() != keep_shape)
         fail(op, "saved dropout mask {} must have the shape {} (one word per query row and key block)", saved.keep_bits.shape(), keep_shape);
     const std::uint64_t* const kept_keep = p.dropout ? std::as_const(saved.keep_bits).data() : nullptr;
+    // The forward's tile kinds and, if it kept them, the scores of its non-empty tiles (kept takes
+    // precedence: it is there only with keep_scores, and then the forward keeps no tiles).
+    const std::int64_t k_blocks = (p.Lk + block_k - 1) / block_k;
+    const std::uint64_t* tix = nullptr;
+    const T* tiles = nullptr;
+    if (saved.tile_index.defined() && p.mask_fn) {
+        const Shape index_shape{p.items * ((p.Lq + block_q - 1) / block_q), k_blocks};
+        if (saved.tile_index.shape() != index_shape)
+            fail(op, "saved tile index {} must have the shape {} (one entry per 64 × 64 tile)", saved.tile_index.shape(), index_shape);
+        tix = std::as_const(saved.tile_index).data();
+        if (saved.tile_scores.defined() && !kept) {
+            const std::int64_t n_tiles = saved.tile_scores.numel() / (block_q * block_k);
+            if (saved.tile_scores.shape() != Shape{n_tiles, block_q * block_k})
+                fail(op, "saved tile scores {} must have the shape (tiles, {})", saved.tile_scores.shape(), block_q * block_k);
+            for (std::int64_t e = 0; e < index_shape.numel(); ++e)
+                if ((tix[e] & 3) != 0 && static_cast<std::int64_t>(tix[e] >> 2) >= n_tiles)
+                    fail(op, "saved tile index names tile {} of {} kept", tix[e] >> 2, n_tiles);
+            tiles = std::as_const(saved.tile_scores).data();
+        }
+    }
     if (dbias) *dbias = !full_dbias ? zeros<T>(bias.shape()) : kept ? std::exchange(saved.scores, Tensor<T>()) : Tensor<T>(scores);
     if (out.numel() == 0 || p.Lk == 0) {
         if (dbias) dbias->fill(T(0));
@@ -606,7 +673,8 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
             const T* O_t = std::as_const(saved.O).data() + t * p.Lq * p.dv;
             {
                 AUTODIFF_PHASE(bwd_prologue);
-                Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
+                if (!kept && !tiles)  // Kᵀ only to recompute the scores
+                    Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
                 Problem<T>::transpose_blocked(p.v + t * p.Lk * p.dv, p.Lk, p.dv, s.Vt);
                 for (std::int64_t i = qa; i < qb; ++i)  // D_i = rowsum(dO_i ⊙ O_i)
                     s.D[static_cast<std::size_t>(i)] = (ConstRowMap<T>(dO_t + i * p.dv, p.dv) * ConstRowMap<T>(O_t + i * p.dv, p.dv)).sum();
@@ -638,7 +706,10 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         std::fill_n(dB_out + (t * p.Lq + i) * p.Lk + j0, cols, T(0));
                 for (std::int64_t i0 = i_first; i0 < qb; i0 += block_q) {
                     const std::int64_t rows = std::min(block_q, p.Lq - i0);
-                    const TileKind kind = p.tile_kind(t, i0, rows, j0, cols);
+                    const std::int64_t entry_at = (t * q_blocks + i0 / block_q) * k_blocks + j0 / block_k;
+                    const TileKind kind = tix ? static_cast<TileKind>(tix[entry_at] & 3) : p.tile_kind(t, i0, rows, j0, cols);
+                    // This tile's slot of the kept tiles (rows block_k apart), if they are kept.
+                    const T* tile_kept = tiles ? tiles + static_cast<std::int64_t>(tix[entry_at] >> 2) * (block_q * block_k) : nullptr;
                     if (kind == TileKind::empty) {  // skipped by the forward too: dS = 0
                         if (full_dbias)
                             for (std::int64_t i = i0; i < i0 + rows; ++i) std::fill_n(dB_out + (t * p.Lq + i) * p.Lk + j0, cols, T(0));
@@ -649,6 +720,12 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         AUTODIFF_PHASE(bwd_scores);
                         if (next_i < qb) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
                         // x is kept without a bias outside f: S = f(x) + bias reads the bias again
+                        if (next_i < qb && !p.bias_inside && (p.keeps_x || p.from_value)) p.prefetch_tile(t, next_i, next_rows, j0, cols);
+                    } else if (tiles) {
+                        AUTODIFF_PHASE(bwd_scores);
+                        if (next_i < qb && (tix[entry_at + k_blocks] & 3) != 0)
+                            detail::prefetch_rows(tiles + static_cast<std::int64_t>(tix[entry_at + k_blocks] >> 2) * (block_q * block_k), next_rows, cols,
+                                                  block_k);
                         if (next_i < qb && !p.bias_inside && (p.keeps_x || p.from_value)) p.prefetch_tile(t, next_i, next_rows, j0, cols);
                     } else if (next_i < qb) {
                         p.prefetch_tile(t, next_i, next_rows, j0, cols);
@@ -674,21 +751,24 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         T* dS = s.dS.data();
                         // S: from the forward's buffer (the forward wrote every part this loop visits) or recomputed.
                         // When the buffer holds x (keeps_x), S = f(x) + ... is recomputed from it.
-                        const T* kept_tile = kept ? kept + (t * p.Lq + u.i0) * p.Lk + u.j0 : nullptr;
+                        const T* kept_tile = kept ? kept + (t * p.Lq + u.i0) * p.Lk + u.j0
+                                             : tile_kept ? tile_kept + (u.i0 - i0) * block_k + (u.j0 - j0)
+                                                         : nullptr;
+                        const std::int64_t ldk = kept ? p.Lk : block_k;  // of kept_tile
                         const bool kept_S = kept_tile && !p.keeps_x;
                         const T* S = kept_S ? kept_tile : P;
-                        const std::int64_t lds = kept_S ? p.Lk : block_k;
+                        const std::int64_t lds = kept_S ? ldk : block_k;
                         // x for f: read in place from the kept buffer unless a bias gradient (outside f)
                         // overwrites it there before f's reverse-mode derivative reads it; else a copy or
                         // recomputed. Without captured gradients, f and ∂f/∂x come in one pass.
                         const T* X = kept_S ? kept_tile : s.X.data();  // kept S: modify_backward does not read x
-                        std::int64_t ldx = kept_S ? p.Lk : block_k;
+                        std::int64_t ldx = kept_S ? ldk : block_k;
                         if (p.score_fn && !kept_S) {
-                            if (kept_tile && (p.bias_inside || dual)) {
-                                X = kept_tile, ldx = p.Lk;
+                            if (kept_tile && (p.bias_inside || dual || !kept)) {  // only the full buffer becomes dB
+                                X = kept_tile, ldx = ldk;
                             } else if (kept_tile) {
                                 AUTODIFF_PHASE(bwd_scores);
-                                for (std::int64_t r = 0; r < u.rows; ++r) std::copy_n(kept_tile + r * p.Lk, u.cols, s.X.data() + r * block_k);
+                                for (std::int64_t r = 0; r < u.rows; ++r) std::copy_n(kept_tile + r * ldk, u.cols, s.X.data() + r * block_k);
                             } else {
                                 p.raw_scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), s.X.data());
                             }
@@ -699,7 +779,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                                 else mod->modify(tile, X, ldx, P, block_k);
                             }
                             p.outer_terms(t, u.i0, u.rows, u.j0, u.cols, P, u.kind);
-                        } else if (!kept) {
+                        } else if (!kept_tile) {
                             p.scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), P, u.kind);
                         }
                         if (p.from_value) {  // ∂f/∂x from f = S − outside bias − additive, kept or recomputed (before exp or dB overwrite S)

@@ -332,6 +332,7 @@ struct Evaluator<MatMul<L, R>> {
         if constexpr (modified) needs = needs || !mod.targets().empty();
         // A backward will run: the forward may keep dropout's mask for it (attention_stores_dropout_mask).
         opt.keep_dropout_mask = ctx.tape && needs;
+        opt.keep_mask_tiles = ctx.tape && needs;  // and the mask's tiles, their scores too when few
         AttentionSaved<T> saved = attention_forward(q.value, k.value, v.value, b.value, additive, opt, as_modifier(mod));
         Tensor<T> O = saved.O;
         // The backward reads q, k, v, the bias, the masks, O (and the modifier's captured tensors): the

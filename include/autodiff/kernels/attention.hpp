@@ -116,6 +116,11 @@ struct AttentionOptions {
     // A backward will run: the forward may store dropout's keep mask as bits in
     // AttentionSaved::keep_bits (attention_stores_dropout_mask) instead of the backward regenerating it.
     bool keep_dropout_mask = false;
+    // A backward will run: under a modifier's mask, the forward classifies every tile once for both
+    // passes (AttentionSaved::tile_index) and, when the tiles it computes are few (their elements at
+    // most 8× Q's), keeps their scores (AttentionSaved::tile_scores) for the backward to use instead
+    // of recomputing them: a sliding window's backward then runs no Q·Kᵀ, and memory stays O(L·d).
+    bool keep_mask_tiles = false;
 };
 
 // Whether attention_forward stores dropout's keep mask (one bit per element of the scores, rows of
@@ -144,6 +149,13 @@ struct AttentionSaved {
     // (the others are masked). Not consumed by the backward (a second backward, retain_graph, reads it
     // again).
     Tensor<std::uint64_t> keep_bits;
+    // With AttentionOptions::keep_mask_tiles and a modifier's mask: (leading index·⌈Lq/64⌉ + query
+    // block, ⌈Lk/64⌉), the kind of each 64 × 64 tile (TileKind in bits 0-1; empty for the tiles a causal
+    // mask skips) and, when tile_scores is defined, the tile's slot there (bits 2-63).
+    Tensor<std::uint64_t> tile_index;
+    // (tiles, 64·64): S (or x, as for scores) of every tile the mask does not empty, rows 64 apart;
+    // only the parts the forward computes are written (Problem::parts). Not consumed by the backward.
+    Tensor<T> tile_scores;
 };
 
 // bias and additive may be undefined (absent).
