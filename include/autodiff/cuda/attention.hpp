@@ -9,8 +9,10 @@
 // (rank 2..4), d and dv at most 128; bias of any shape broadcastable to the scores (..., Lq, Lk), its
 // gradient in its own shape. Masks (true = keep, all applied together, as the CPU's Mask): causal
 // (top-left aligned), key padding (batch, Lk), and a keep mask of any shape broadcastable to the
-// scores (read per element, broadcast like the bias; never in the Plain kernels). Whole tiles are
-// skipped where causal or key padding keeps nothing; the keep mask skips no tile. Dropout decisions are the CPU's: Philox4x32-10
+// scores (broadcast like the bias; never in the Plain kernels). Whole tiles are skipped where causal
+// or key padding keeps nothing, and where the keep mask does: each call first classifies every 64 × 64
+// tile of each plane of the keep mask as empty (skipped by every kernel), full (no per-element keep
+// test) or partial (read per element), FlexAttention's block mask. Dropout decisions are the CPU's: Philox4x32-10
 // keyed by the seed, element index ((t·Lq + i)·Lk + j) for leading index t (kernels/dropout.hpp).
 //
 // FlashAttention-2 tiling. bf16/fp16: register-resident kernels on mma.sync.m16n8k16 (16-bit operands,
