@@ -16,6 +16,8 @@
 
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "autodiff/random.hpp"
@@ -1423,14 +1425,53 @@ cudaError_t mma_forward(const Problem& p, const C* Q, const C* K, const C* V, C*
     return cudaGetLastError();
 }
 
+// A second stream of the current device (non-blocking, created once), on which the recomputing dQ
+// kernel runs next to the dK/dV kernel: the two read the same inputs and write different outputs, so
+// neither waits for the other and the tail of one fills with blocks of the other (causal grids end
+// unevenly). Forked from and joined back to the default stream by events, so callers see one stream.
+cudaError_t side_stream(cudaStream_t& stream) {
+    static std::mutex lock;
+    static std::map<int, cudaStream_t> streams;
+    int device = 0;
+    if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+    const std::lock_guard<std::mutex> guard(lock);
+    auto it = streams.find(device);
+    if (it == streams.end()) {
+        cudaStream_t created = nullptr;
+        if (const cudaError_t e = cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking); e != cudaSuccess) return e;
+        it = streams.emplace(device, created).first;
+    }
+    stream = it->second;
+    return cudaSuccess;
+}
+
+// Makes `waiter` wait for the work queued so far on `from`.
+cudaError_t stream_wait(cudaStream_t waiter, cudaStream_t from) {
+    cudaEvent_t event = nullptr;
+    if (const cudaError_t e = cudaEventCreateWithFlags(&event, cudaEventDisableTiming); e != cudaSuccess) return e;
+    cudaError_t e = cudaEventRecord(event, from);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(waiter, event, 0);
+    const cudaError_t destroyed = cudaEventDestroy(event);  // released once it has completed
+    return e != cudaSuccess ? e : destroyed;
+}
+
 // dK/dV (and dS) over key blocks, then dQ over query blocks: read back from a full-shape bias gradient
-// when there is one (bias_scale ≠ 0, else dS cannot be recovered from it), recomputed otherwise.
+// when there is one (bias_scale ≠ 0, else dS cannot be recovered from it), recomputed otherwise (then on
+// the side stream, concurrently with dK/dV).
 template <class C>
 cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, const C* dO, const float* lse, const float* D, C* dQ, C* dK,
                          C* dV, C* dbias_full, float* dS_scratch) {
     const int HD = mma::head_dim_bucket(p.d, p.dv);
     const bool plain = mma::plain_problem(p) && !dbias_full && !dS_scratch;
-    if (dK || dV || dbias_full || dS_scratch) {
+    const bool dkdv = dK || dV || dbias_full || dS_scratch, read_back = dbias_full && p.bias_scale != 0.0f;
+    cudaStream_t dq_stream = nullptr;  // the default stream, or the side stream when both kernels run and dQ recomputes
+#ifndef AUTODIFF_NO_SIDE_STREAM
+    if (dQ && dkdv && !read_back) {
+        if (const cudaError_t e = side_stream(dq_stream); e != cudaSuccess) return e;
+        if (const cudaError_t e = stream_wait(dq_stream, nullptr); e != cudaSuccess) return e;
+    }
+#endif
+    if (dkdv) {
         const auto kernel = plain ? (HD == 64 ? mma::dkdv_kernel<C, 64, true> : mma::dkdv_kernel<C, 128, true>)
                                   : (HD == 64 ? mma::dkdv_kernel<C, 64, false> : mma::dkdv_kernel<C, 128, false>);
         const std::size_t smem = mma::dkdv_smem<C>(HD, plain);
@@ -1440,14 +1481,15 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
         if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     }
     if (dQ) {
-        const bool read_back = dbias_full && p.bias_scale != 0.0f;
         const auto kernel = read_back ? (HD == 64 ? mma::dq_kernel<C, 64, true, false> : mma::dq_kernel<C, 128, true, false>)
                             : plain   ? (HD == 64 ? mma::dq_kernel<C, 64, false, true> : mma::dq_kernel<C, 128, false, true>)
                                       : (HD == 64 ? mma::dq_kernel<C, 64, false, false> : mma::dq_kernel<C, 128, false, false>);
         const std::size_t smem = mma::dq_smem<C>(HD, plain && !read_back);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
         const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
-        kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);
+        kernel<<<grid, mma::threads, smem, dq_stream>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);
+        if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+        if (dq_stream) return stream_wait(nullptr, dq_stream);
     }
     return cudaGetLastError();
 }
