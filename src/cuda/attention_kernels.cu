@@ -1438,7 +1438,13 @@ cudaError_t side_stream(cudaStream_t& stream) {
     auto it = streams.find(device);
     if (it == streams.end()) {
         cudaStream_t created = nullptr;
+#ifdef AUTODIFF_SIDE_STREAM_PRIORITY
+        int least = 0, greatest = 0;
+        if (const cudaError_t e = cudaDeviceGetStreamPriorityRange(&least, &greatest); e != cudaSuccess) return e;
+        if (const cudaError_t e = cudaStreamCreateWithPriority(&created, cudaStreamNonBlocking, greatest); e != cudaSuccess) return e;
+#else
         if (const cudaError_t e = cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking); e != cudaSuccess) return e;
+#endif
         it = streams.emplace(device, created).first;
     }
     stream = it->second;
@@ -1471,16 +1477,18 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
         if (const cudaError_t e = stream_wait(dq_stream, nullptr); e != cudaSuccess) return e;
     }
 #endif
-    if (dkdv) {
+    auto launch_dkdv = [&]() -> cudaError_t {
+        if (!dkdv) return cudaSuccess;
         const auto kernel = plain ? (HD == 64 ? mma::dkdv_kernel<C, 64, true> : mma::dkdv_kernel<C, 128, true>)
                                   : (HD == 64 ? mma::dkdv_kernel<C, 64, false> : mma::dkdv_kernel<C, 128, false>);
         const std::size_t smem = mma::dkdv_smem<C>(HD, plain);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
         const dim3 grid(static_cast<unsigned>((p.Lk + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
         kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dK, dV, dbias_full, dS_scratch);
-        if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-    }
-    if (dQ) {
+        return cudaGetLastError();
+    };
+    auto launch_dq = [&]() -> cudaError_t {
+        if (!dQ) return cudaSuccess;
         const auto kernel = read_back ? (HD == 64 ? mma::dq_kernel<C, 64, true, false> : mma::dq_kernel<C, 128, true, false>)
                             : plain   ? (HD == 64 ? mma::dq_kernel<C, 64, false, true> : mma::dq_kernel<C, 128, false, true>)
                                       : (HD == 64 ? mma::dq_kernel<C, 64, false, false> : mma::dq_kernel<C, 128, false, false>);
@@ -1488,9 +1496,16 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
         const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
         kernel<<<grid, mma::threads, smem, dq_stream>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);
-        if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-        if (dq_stream) return stream_wait(nullptr, dq_stream);
-    }
+        return cudaGetLastError();
+    };
+#ifdef AUTODIFF_DQ_FIRST
+    if (const cudaError_t e = launch_dq(); e != cudaSuccess) return e;
+    if (const cudaError_t e = launch_dkdv(); e != cudaSuccess) return e;
+#else
+    if (const cudaError_t e = launch_dkdv(); e != cudaSuccess) return e;
+    if (const cudaError_t e = launch_dq(); e != cudaSuccess) return e;
+#endif
+    if (dq_stream) return stream_wait(nullptr, dq_stream);
     return cudaGetLastError();
 }
 
