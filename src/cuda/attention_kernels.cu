@@ -1438,13 +1438,7 @@ cudaError_t side_stream(cudaStream_t& stream) {
     auto it = streams.find(device);
     if (it == streams.end()) {
         cudaStream_t created = nullptr;
-#ifdef AUTODIFF_SIDE_STREAM_PRIORITY
-        int least = 0, greatest = 0;
-        if (const cudaError_t e = cudaDeviceGetStreamPriorityRange(&least, &greatest); e != cudaSuccess) return e;
-        if (const cudaError_t e = cudaStreamCreateWithPriority(&created, cudaStreamNonBlocking, greatest); e != cudaSuccess) return e;
-#else
         if (const cudaError_t e = cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking); e != cudaSuccess) return e;
-#endif
         it = streams.emplace(device, created).first;
     }
     stream = it->second;
@@ -1471,6 +1465,7 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
     const bool plain = mma::plain_problem(p) && !dbias_full && !dS_scratch;
     const bool dkdv = dK || dV || dbias_full || dS_scratch, read_back = dbias_full && p.bias_scale != 0.0f;
     cudaStream_t dq_stream = nullptr;  // the default stream, or the side stream when both kernels run and dQ recomputes
+    // -DAUTODIFF_NO_SIDE_STREAM: both on the default stream, one after the other (for comparison runs).
 #ifndef AUTODIFF_NO_SIDE_STREAM
     if (dQ && dkdv && !read_back) {
         if (const cudaError_t e = side_stream(dq_stream); e != cudaSuccess) return e;
@@ -1498,13 +1493,10 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
         kernel<<<grid, mma::threads, smem, dq_stream>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);
         return cudaGetLastError();
     };
-#ifdef AUTODIFF_DQ_FIRST
-    if (const cudaError_t e = launch_dq(); e != cudaSuccess) return e;
-    if (const cudaError_t e = launch_dkdv(); e != cudaSuccess) return e;
-#else
+    // dK/dV first: its blocks are dispatched first, and dQ's fill the SMs its tail leaves idle. Measured on
+    // the H200 (docs/bench_gpuskip_2026-12-04.md): dQ first, or the side stream at the highest priority, no faster.
     if (const cudaError_t e = launch_dkdv(); e != cudaSuccess) return e;
     if (const cudaError_t e = launch_dq(); e != cudaSuccess) return e;
-#endif
     if (dq_stream) return stream_wait(nullptr, dq_stream);
     return cudaGetLastError();
 }

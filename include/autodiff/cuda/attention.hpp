@@ -25,7 +25,8 @@
 // Determinism: no atomics. The backward runs one kernel over key blocks (dK, dV, and dS written to a
 // full-shape bias gradient) and one over query blocks (dQ): with a full-shape bias gradient (and
 // bias_scale ≠ 0) it reads dS back from it (dQ = scale/bias_scale · dbias·K, a plain tile product),
-// otherwise it recomputes S and dP. A broadcast bias gradient is reduced from an fp32 dS buffer by a
+// otherwise it recomputes S and dP (then on a second stream of the device, concurrently with the dK/dV
+// kernel, joined back to the default stream before the call returns). A broadcast bias gradient is reduced from an fp32 dS buffer by a
 // kernel that sums each output element in a fixed order. Results are bit-identical run to run.
 
 #include "autodiff/cuda/device.hpp"
