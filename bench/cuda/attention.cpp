@@ -1,6 +1,6 @@
 // The GPU fused attention's timings (issue 12): bf16, n=2, h=8, d=64 and d=128, L = 1024 ... 8192, with a
 // full trainable bias (forward, and forward + backward with dQ, dK, dV and dbias) and without bias under
-// a causal mask. Median of CUDA-event timings after warm-up; inputs random (never zeros). Prints one CSV
+// a causal mask, and (BENCH_CASES=docmask) a block-diagonal keep mask of 4 documents. Median of CUDA-event timings after warm-up; inputs random (never zeros). Prints one CSV
 // line per configuration (bench/cuda/run.sh joins them with PyTorch's in one table; BENCH_DIMS and BENCH_CASES
 // narrow a run, see main):
 //   ours,<case>,<d>,<L>,<forward ms>,<forward+backward ms>,<peak device bytes>,<Q+K+V+dO+bias+dbias bytes>
@@ -51,7 +51,16 @@ double median_ms(const std::function<void()>& f, int warmup, int reps) {
     return ms[ms.size() / 2];
 }
 
-void run(std::int64_t L, std::int64_t d, bool with_bias, bool causal) {
+// The documents case: no bias, a keep mask (L, L) (broadcast over n and h) of `documents` equal
+// documents, block diagonal: query i sees key j iff both lie in the same document.
+ad::DeviceTensor<bool> document_mask(std::int64_t L, std::int64_t documents) {
+    ad::Tensor<bool> keep(ad::Shape{L, L});
+    for (std::int64_t i = 0; i < L; ++i)
+        for (std::int64_t j = 0; j < L; ++j) keep.data()[i * L + j] = i * documents / L == j * documents / L;
+    return ad::to(keep, ad::cuda);
+}
+
+void run(std::int64_t L, std::int64_t d, bool with_bias, bool causal, std::int64_t documents = 0) {
     const std::int64_t n = 2, h = 8;
     const ad::Shape qs{n, h, L, d};
     auto Q = ad::to<ad::bf16>(ad::randn<float>(qs, 1), ad::cuda);
@@ -63,6 +72,7 @@ void run(std::int64_t L, std::int64_t d, bool with_bias, bool causal) {
     ad::DeviceAttentionOptions opt;
     opt.scale = 1.0 / std::sqrt(static_cast<double>(d));
     opt.causal = causal;
+    if (documents > 0) opt.keep = document_mask(L, documents);
     const int reps = L >= 8192 ? 10 : 20;
     const double fwd = median_ms([&] { (void)ad::attention_forward(Q, K, V, bias, opt); }, 3, reps);
     ad::DeviceTensor<ad::bf16> dQ, dK, dV, dbias;
@@ -80,7 +90,7 @@ void run(std::int64_t L, std::int64_t d, bool with_bias, bool causal) {
     const std::size_t peak = ad::device_pool::stats().peak_bytes_in_use;
     const double both = median_ms(step, 2, reps);
     const std::size_t base = 4 * Q.bytes() + (with_bias ? 2 * bias.bytes() : 0);
-    std::printf("ours,%s,%lld,%lld,%.4f,%.4f,%zu,%zu\n", with_bias ? "bias" : (causal ? "causal" : "plain"), static_cast<long long>(d),
+    std::printf("ours,%s,%lld,%lld,%.4f,%.4f,%zu,%zu\n", with_bias ? "bias" : documents > 0 ? "docmask" : (causal ? "causal" : "plain"), static_cast<long long>(d),
                 static_cast<long long>(L), fwd, both, peak, base);
     std::fflush(stdout);
 }
@@ -96,7 +106,7 @@ int main(int argc, char** argv) {
     std::vector<std::int64_t> lengths;
     for (int i = 1; i < argc; ++i) lengths.push_back(std::atoll(argv[i]));
     if (lengths.empty()) lengths = {1024, 2048, 4096, 8192};
-    // BENCH_DIMS (e.g. "64") and BENCH_CASES ("bias", "causal" or both, comma-separated) narrow a run.
+    // BENCH_DIMS (e.g. "64") and BENCH_CASES ("bias", "causal", "docmask", comma-separated; default bias and causal) narrow a run.
     auto listed = [](const char* var, const char* item) {
         const char* v = std::getenv(var);
         if (!v || !*v) return true;
@@ -109,6 +119,9 @@ int main(int argc, char** argv) {
             for (std::int64_t L : lengths) run(L, d, true, false);
         if (listed("BENCH_CASES", "causal"))
             for (std::int64_t L : lengths) run(L, d, false, true);
+        // Documents: a keep mask of 4 documents (block diagonal), no bias, not causal; only when asked for.
+        if (std::getenv("BENCH_CASES") && listed("BENCH_CASES", "docmask"))
+            for (std::int64_t L : lengths) run(L, d, false, false, 4);
     }
     return 0;
 }

@@ -15,7 +15,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from triton.testing import do_bench
 
 n, h = 2, 8
@@ -45,6 +45,36 @@ def flex_bias(q, k, v, b):
 def sdpa_flash_causal(q, k, v, b):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def documents(L):
+    # Document id of each position: 4 equal documents (bench_cuda_attention's docmask case).
+    return torch.arange(L, device="cuda") * 4 // L
+
+
+def flex_doc(q, k, v, b):
+    # flex_attention with the block mask of the 4 documents (empty 128 × 128 blocks skipped, full ones
+    # run without mask_mod); the block mask is built once per L (cached), outside the timing.
+    L = q.shape[-2]
+    if L not in flex_doc.masks:
+        doc = documents(L)
+        flex_doc.masks[L] = create_block_mask(lambda bi, hi, qi, ki: doc[qi] == doc[ki], None, None, L, L, device="cuda")
+    return flex(q, k, v, block_mask=flex_doc.masks[L])
+
+
+flex_doc.masks = {}
+
+
+def sdpa_doc(q, k, v, b):
+    # The same documents as a dense boolean attn_mask (L, L): PyTorch picks the backend (not flash).
+    L = q.shape[-2]
+    if L not in sdpa_doc.masks:
+        doc = documents(L)
+        sdpa_doc.masks[L] = doc[:, None] == doc[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_doc.masks[L])
+
+
+sdpa_doc.masks = {}
 
 
 def measure(name, case, f, L, d, with_bias):
@@ -79,12 +109,14 @@ def measure(name, case, f, L, d, with_bias):
 if __name__ == "__main__":
     lengths = [int(x) for x in sys.argv[1:]] or [1024, 2048, 4096, 8192]
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    # BENCH_DIMS ("64,128") and BENCH_IMPLS ("eager,sdpa,flex,sdpa_flash") narrow a run; default: all.
+    # BENCH_DIMS ("64,128") and BENCH_IMPLS ("eager,sdpa,flex,sdpa_flash", and the documents case's
+    # "flex_doc,sdpa_doc", only when listed) narrow a run; default: the first four.
     dims = [int(x) for x in os.environ.get("BENCH_DIMS", "64,128").split(",") if x]
     impls = set(os.environ.get("BENCH_IMPLS", "eager,sdpa,flex,sdpa_flash").split(","))
     for d in dims:
         for L in lengths:
             for name, case, f, bias in (("eager", "bias", eager, True), ("sdpa", "bias", sdpa, True), ("flex", "bias", flex_bias, True),
-                                        ("sdpa_flash", "causal", sdpa_flash_causal, False)):
+                                        ("sdpa_flash", "causal", sdpa_flash_causal, False), ("flex_doc", "docmask", flex_doc, False),
+                                        ("sdpa_doc", "docmask", sdpa_doc, False)):
                 if name in impls:
                     measure(name, case, f, L, d, bias)

@@ -3,6 +3,7 @@
 #include "autodiff/cuda/attention.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <string_view>
 #include <type_traits>
 
@@ -98,6 +99,24 @@ T* data_or_null(DeviceTensor<T>* x) {
     return x ? x->data() : nullptr;
 }
 
+// The keep mask's tile table (FlexAttention's block mask): each (keep_tile × keep_tile) tile of each
+// plane of the mask classified empty / partial / full by one kernel, once a call, into `storage` (bytes,
+// kept alive until the kernels that read it are queued: the pool is stream-ordered); p points at it. No
+// keep mask: nothing.
+void classify_keep_tiles(std::string_view op, detail::AttentionProblem& p, const DeviceTensor<bool>& keep, DeviceTensor<bool>& storage) {
+    if (!keep.defined() || p.Lq == 0 || p.Lk == 0) return;
+    const auto padded = keep.shape().padded();
+    const std::int64_t planes_b = padded[0], planes_h = padded[1];
+    const std::int64_t qb = (p.Lq + detail::keep_tile - 1) / detail::keep_tile, kb = (p.Lk + detail::keep_tile - 1) / detail::keep_tile;
+    storage = DeviceTensor<bool>(Shape{planes_b * planes_h * qb * kb});
+    auto* tiles = reinterpret_cast<std::uint8_t*>(storage.data());
+    detail::cuda_check(detail::launch_keep_tile_classify(p, planes_b, planes_h, tiles), op, "the keep-tile classification's launch");
+    p.keep_tiles = tiles;
+    p.keep_tiles_s[0] = planes_b > 1 ? planes_h * qb * kb : 0;
+    p.keep_tiles_s[1] = planes_h > 1 ? qb * kb : 0;
+    p.keep_tiles_kb = kb;
+}
+
 // The problem's scalars in double, for the fp64 kernels (make_problem keeps float copies).
 detail::AttentionScales64 scales64(const DeviceAttentionOptions& opt) {
     detail::AttentionScales64 s;
@@ -113,7 +132,7 @@ template <class T>
 DeviceAttentionSaved<T> attention_forward(const DeviceTensor<T>& Q, const DeviceTensor<T>& K, const DeviceTensor<T>& V,
                                           const DeviceTensor<T>& bias, const DeviceAttentionOptions& opt) {
     constexpr std::string_view op = "attention (cuda)";
-    const detail::AttentionProblem p = make_problem(op, Q, K, V, bias, opt);
+    detail::AttentionProblem p = make_problem(op, Q, K, V, bias, opt);
     Shape out = Q.shape();
     out[out.rank() - 1] = p.dv;
     DeviceAttentionSaved<T> saved{DeviceTensor<T>(out),
@@ -123,6 +142,8 @@ DeviceAttentionSaved<T> attention_forward(const DeviceTensor<T>& Q, const Device
         detail::cuda_check(detail::launch_attention_forward_f64(p, scales64(opt), Q.data(), K.data(), V.data(), saved.O.data(), saved.lse.data()),
                            op, "the fp64 forward kernel's launch");
     } else {
+        DeviceTensor<bool> keep_tiles;
+        classify_keep_tiles(op, p, opt.keep, keep_tiles);
         detail::cuda_check(detail::launch_attention_forward(detail::dtype_of<T>(), p, Q.data(), K.data(), V.data(), saved.O.data(),
                                                             saved.lse.data()),
                            op, "the forward kernel's launch");
@@ -135,7 +156,7 @@ void attention_backward(DeviceTensor<T>* dQ, DeviceTensor<T>* dK, DeviceTensor<T
                         const DeviceTensor<T>& Q, const DeviceTensor<T>& K, const DeviceTensor<T>& V, const DeviceTensor<T>& bias,
                         const DeviceAttentionSaved<T>& saved, const DeviceAttentionOptions& opt) {
     constexpr std::string_view op = "attention_backward (cuda)";
-    const detail::AttentionProblem p = make_problem(op, Q, K, V, bias, opt);
+    detail::AttentionProblem p = make_problem(op, Q, K, V, bias, opt);
     Shape out = Q.shape();
     out[out.rank() - 1] = p.dv;
     expect_shape(op, "dO", dO, out);
@@ -172,12 +193,14 @@ void attention_backward(DeviceTensor<T>* dQ, DeviceTensor<T>* dK, DeviceTensor<T
         const bool full_bias = dbias && bias.shape().numel() == score_count;
         DeviceTensor<float> dS;
         if (dbias && !full_bias) dS = DeviceTensor<float>(Shape{score_count});
-        // Tiles the kernels skip under a mask must read as zero gradient.
-        if (opt.causal || opt.key_padding.defined()) {
+        // Tiles the kernels skip under a mask (empty keep tiles included) must read as zero gradient.
+        if (opt.causal || opt.key_padding.defined() || opt.keep.defined()) {
             if (full_bias) dbias->zero();
             if (dS.defined()) dS.zero();
         }
         DeviceTensor<float> D(saved.lse.shape());
+        DeviceTensor<bool> keep_tiles;
+        classify_keep_tiles(op, p, opt.keep, keep_tiles);
         detail::cuda_check(detail::launch_attention_backward(detail::dtype_of<T>(), p, Q.data(), K.data(), V.data(), dO.data(), saved.O.data(),
                                                              saved.lse.data(), D.data(), data_or_null(dQ), data_or_null(dK), data_or_null(dV),
                                                              full_bias ? dbias->data() : nullptr, dS.defined() ? dS.data() : nullptr),

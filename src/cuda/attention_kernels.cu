@@ -16,6 +16,8 @@
 
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "autodiff/random.hpp"
@@ -161,6 +163,42 @@ __device__ inline KeyMasks key_masks(const Problem& p, std::int64_t t) {
     return m;
 }
 
+// The keep mask's tile table of leading index t (null: no table, every tile partial).
+__device__ inline const std::uint8_t* keep_tiles_of(const Problem& p, std::int64_t t) {
+    if (!p.keep_tiles) return nullptr;
+    return p.keep_tiles + t / p.heads * p.keep_tiles_s[0] + t % p.heads * p.keep_tiles_s[1];
+}
+// The class of keep tile (qb, kb) (in keep_tile blocks); without a keep mask, full.
+__device__ inline std::uint8_t keep_class(const Problem& p, const std::uint8_t* tiles, std::int64_t qb, std::int64_t kb) {
+    if (!p.keep) return detail::keep_tile_full;
+    return tiles ? tiles[qb * p.keep_tiles_kb + kb] : detail::keep_tile_partial;
+}
+// The masks of a tile of class cls: a full keep tile needs no per-element keep test.
+__device__ inline KeyMasks tile_masks(const KeyMasks& km, std::uint8_t cls) {
+    KeyMasks m = km;
+    if (cls == detail::keep_tile_full) m.keep = nullptr;
+    return m;
+}
+
+// One block (256 threads) a keep tile (blockIdx.x = key block, .y = query block, .z = plane b·planes_h + h):
+// empty, full or partial over its elements in range. Plane z reads the mask at (b, h) with its broadcast strides.
+__global__ void keep_tile_classify_kernel(Problem p, std::int64_t planes_h, std::uint8_t* tiles) {
+    const std::int64_t kb = blockIdx.x, qb = blockIdx.y, z = blockIdx.z;
+    const bool* plane = p.keep + z / planes_h * p.keep_s[0] + z % planes_h * p.keep_s[1];
+    const std::int64_t i0 = qb * detail::keep_tile, j0 = kb * detail::keep_tile;
+    const int rq = static_cast<int>(min(std::int64_t{detail::keep_tile}, p.Lq - i0)), rk = static_cast<int>(min(std::int64_t{detail::keep_tile}, p.Lk - j0));
+    int kept = 0, dropped = 0;
+    for (int e = threadIdx.x; e < rq * rk; e += blockDim.x) {
+        const std::int64_t i = i0 + e / rk, j = j0 + e % rk;
+        if (plane[i * p.keep_s[2] + j * p.keep_s[3]]) kept = 1;
+        else dropped = 1;
+    }
+    kept = __syncthreads_or(kept);
+    dropped = __syncthreads_or(dropped);
+    if (threadIdx.x == 0)
+        tiles[(z * gridDim.y + qb) * gridDim.x + kb] = !kept ? detail::keep_tile_empty : dropped ? detail::keep_tile_partial : detail::keep_tile_full;
+}
+
 // The masked, biased score of element (i0 + r, j0 + c) of leading index t from s = (Q·Kᵀ)_ij; −inf
 // where masked or out of range. km: the masks of t.
 template <class C>
@@ -226,6 +264,7 @@ __global__ void __launch_bounds__(threads, 2) attention_forward_kernel(Problem p
 
     BiasView<C> bias(p, t, sB, ldp);
     const KeyMasks kp = key_masks(p, t);
+    const std::uint8_t* ktiles = keep_tiles_of(p, t);
     stage(sQ, ldq, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d, R, DP);
     for (int e = threadIdx.x; e < R * DVP; e += threads) sO[e] = 0.0f;
     staged();
@@ -235,7 +274,9 @@ __global__ void __launch_bounds__(threads, 2) attention_forward_kernel(Problem p
     const std::int64_t end = key_block_end(p, i0, R, N);
     for (std::int64_t kb = 0; kb < end; ++kb) {
         const std::int64_t j0 = kb * N;
-        if (!keys_kept(p, t, j0, N)) continue;
+        const std::uint8_t cls = keep_class(p, ktiles, i0 / detail::keep_tile, j0 / detail::keep_tile);
+        if (cls == detail::keep_tile_empty || !keys_kept(p, t, j0, N)) continue;
+        const KeyMasks km = tile_masks(kp, cls);
         __syncthreads();
         stage(sK, ldq, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d, N, DP);
         stage(sV, ldv, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv, N, DVP);
@@ -244,7 +285,7 @@ __global__ void __launch_bounds__(threads, 2) attention_forward_kernel(Problem p
         block_mma<false, true>(sS, lds, sQ, ldq, sK, ldq, R, N, DP, false);
         for (int e = threadIdx.x; e < R * N; e += threads) {
             const int r = e / N, c = e % N;
-            sS[r * lds + c] = score<C>(p, bias, kp, i0, j0, r, c, sS[r * lds + c]);
+            sS[r * lds + c] = score<C>(p, bias, km, i0, j0, r, c, sS[r * lds + c]);
         }
         __syncthreads();
         // Row statistics: per_row consecutive threads share a row, each with cols_per_thread columns.
@@ -354,8 +395,12 @@ __global__ void __launch_bounds__(threads) attention_dkdv_kernel(Problem p, cons
     const bool any_key = keys_kept(p, t, j0, N);
     // Causal: query blocks before the first row that sees key j0 are skipped.
     const std::int64_t q_blocks = (p.Lq + R - 1) / R, first = p.causal ? j0 / R : 0;
+    const std::uint8_t* ktiles = keep_tiles_of(p, t);
     for (std::int64_t qb = any_key ? first : q_blocks; qb < q_blocks; ++qb) {
         const std::int64_t i0 = qb * R;
+        const std::uint8_t cls = keep_class(p, ktiles, i0 / detail::keep_tile, j0 / detail::keep_tile);
+        if (cls == detail::keep_tile_empty) continue;
+        const KeyMasks km = tile_masks(kp, cls);
         __syncthreads();
         stage(sQ, ldq, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d, R, DP);
         stage(sdO, ldv, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv, R, DVP);
@@ -368,7 +413,7 @@ __global__ void __launch_bounds__(threads) attention_dkdv_kernel(Problem p, cons
         staged();
         block_mma<false, true>(sS, lds, sQ, ldq, sK, ldq, R, N, DP, false);
         block_mma<false, true>(sdP, lds, sdO, ldv, sV, ldv, R, N, DVP, false);
-        probabilities_and_dS(p, bias, kp, t, i0, j0, sS, sdP, lds, sP, sdS, ldp, s_lse, s_D, dbias_full, dS_scratch);
+        probabilities_and_dS(p, bias, km, t, i0, j0, sS, sdP, lds, sP, sdS, ldp, s_lse, s_D, dbias_full, dS_scratch);
         block_mma<true, false>(sdV, DVP, sP, ldp, sdO, ldv, N, DVP, R, true);
         block_mma<true, false>(sdK, DP, sdS, ldp, sQ, ldq, N, DP, R, true);
     }
@@ -416,10 +461,13 @@ __global__ void __launch_bounds__(threads, 2) attention_dq_kernel(Problem p, con
         s_D[r] = in ? D[t * p.Lq + i0 + r] : 0.0f;
     }
     staged();
+    const std::uint8_t* ktiles = keep_tiles_of(p, t);
     const std::int64_t end = key_block_end(p, i0, R, N);
     for (std::int64_t kb = 0; kb < end; ++kb) {
         const std::int64_t j0 = kb * N;
-        if (!keys_kept(p, t, j0, N)) continue;
+        const std::uint8_t cls = keep_class(p, ktiles, i0 / detail::keep_tile, j0 / detail::keep_tile);
+        if (cls == detail::keep_tile_empty || !keys_kept(p, t, j0, N)) continue;
+        const KeyMasks km = tile_masks(kp, cls);
         __syncthreads();
         stage(sK, ldq, K + t * p.Lk * p.d, p.d, j0, p.Lk, p.d, N, DP);
         stage(sV, ldv, V + t * p.Lk * p.dv, p.dv, j0, p.Lk, p.dv, N, DVP);
@@ -427,7 +475,7 @@ __global__ void __launch_bounds__(threads, 2) attention_dq_kernel(Problem p, con
         staged();
         block_mma<false, true>(sS, lds, sQ, ldq, sK, ldq, R, N, DP, false);
         block_mma<false, true>(sdP, lds, sdO, ldv, sV, ldv, R, N, DVP, false);
-        probabilities_and_dS<C>(p, bias, kp, t, i0, j0, sS, sdP, lds, nullptr, sdS, ldp, s_lse, s_D, nullptr, nullptr);
+        probabilities_and_dS<C>(p, bias, km, t, i0, j0, sS, sdP, lds, nullptr, sdS, ldp, s_lse, s_D, nullptr, nullptr);
         block_mma<false, false>(sdQ, DP, sdS, ldp, sK, ldq, R, DP, N, true);
     }
     __syncthreads();
@@ -462,6 +510,7 @@ namespace mma {
 constexpr int warps = 4, threads = 32 * warps;
 constexpr int rows = 16 * warps;  // query rows of a forward/dQ block, keys of a dK/dV block
 constexpr int cols = 64;          // the other side of a tile: keys (forward, dQ) or queries (dK/dV)
+static_assert(rows == detail::keep_tile && cols == detail::keep_tile, "a tile of these kernels is a keep tile");
 constexpr int n_tiles = cols / 8;  // m16n8 accumulator tiles in a warp's 16 × cols strip
 constexpr int bias_ld = cols + 8;  // staged (rows × cols) bias or dS tiles
 
@@ -610,7 +659,7 @@ __device__ inline bool visible(const Problem& p, const KeyMasks& km, std::int64_
 }
 
 // Whether a key of [j0, j0 + cols) survives the key-padding mask (every thread computes the same). The
-// keep mask skips no tile: its tiles are masked element by element.
+// keep mask's empty tiles are skipped by its tile table (keep_class), its full ones not tested per element.
 __device__ inline bool tile_has_key(const Problem& p, const KeyMasks& km, std::int64_t j0) {
     if (!km.kp) return true;
     const std::int64_t end = min(j0 + cols, p.Lk);
@@ -758,6 +807,7 @@ __device__ inline Problem specialised(const Problem& given) {
         p.bias = nullptr;
         p.key_padding = nullptr;
         p.keep = nullptr;
+        p.keep_tiles = nullptr;
         p.dropout = false;
         p.drop_all = false;
     }
@@ -805,6 +855,8 @@ __global__ void __launch_bounds__(threads, HD == 64 ? (Plain ? AUTODIFF_MMA_PLAI
 
     const BiasTiles<C> bias(p, t);
     const KeyMasks kp = Plain ? KeyMasks{} : key_masks(p, t);  // Plain: no mask state (its registers as before the keep mask)
+    const std::uint8_t* ktiles = keep_tiles_of(p, t);
+    const std::int64_t qt = i0 / rows;  // the keep tile row
     const C* Kt = K + t * p.Lk * p.d;
     const C* Vt = V + t * p.Lk * p.dv;
     stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
@@ -822,7 +874,7 @@ __global__ void __launch_bounds__(threads, HD == 64 ? (Plain ? AUTODIFF_MMA_PLAI
 
     const std::int64_t end = key_block_end(p, i0, rows, cols);
     auto next_block = [&](std::int64_t kb) {
-        while (kb < end && !tile_has_key(p, kp, kb * cols)) ++kb;
+        while (kb < end && (!tile_has_key(p, kp, kb * cols) || keep_class(p, ktiles, qt, kb) == detail::keep_tile_empty)) ++kb;
         return kb;
     };
     auto issue = [&](std::int64_t kb, int buf) {
@@ -860,7 +912,7 @@ __global__ void __launch_bounds__(threads, HD == 64 ? (Plain ? AUTODIFF_MMA_PLAI
 
         // Scores in base 2, masked to −inf; the tile's row maxima.
         const std::int64_t iw = i0 + warp * 16;
-        scores_to_base2(s, p, bias, kp, B_tile, iw, j0, lane);
+        scores_to_base2(s, p, bias, tile_masks(kp, keep_class(p, ktiles, qt, kb)), B_tile, iw, j0, lane);
         float tile_max[2] = {neg_inf, neg_inf};
 #pragma unroll
         for (int n = 0; n < n_tiles; ++n)
@@ -1017,13 +1069,20 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
         }
     };
     // Causal: query blocks before the first row that sees key j0 are skipped; no kept key: all are.
-    const std::int64_t q_blocks = (p.Lq + cols - 1) / cols;
-    std::int64_t qb = tile_has_key(p, kp, j0) ? (p.causal ? j0 / cols : 0) : q_blocks;
+    // Empty keep tiles are skipped too.
+    const std::uint8_t* ktiles = keep_tiles_of(p, t);
+    const std::int64_t q_blocks = (p.Lq + cols - 1) / cols, kt = blockIdx.x;
+    auto next_block = [&](std::int64_t qb) {
+        while (qb < q_blocks && keep_class(p, ktiles, qb, kt) == detail::keep_tile_empty) ++qb;
+        return qb;
+    };
+    std::int64_t qb = tile_has_key(p, kp, j0) ? next_block(p.causal ? j0 / cols : 0) : q_blocks;
     if (qb < q_blocks) issue(qb, 0);
     cp_async_commit();
     const std::int64_t jw = j0 + warp * 16;
-    for (int buf = 0; qb < q_blocks; buf ^= 1, ++qb) {
-        if (qb + 1 < q_blocks) issue(qb + 1, buf ^ 1);
+    for (int buf = 0; qb < q_blocks; buf ^= 1) {
+        const std::int64_t nb = next_block(qb + 1);
+        if (nb < q_blocks) issue(nb, buf ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
@@ -1054,7 +1113,8 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
         // accumulators, and stmatrix.trans writes dS back the same way. Call c covers n-tiles 2c, 2c + 1.
         C* const bias_rows = B_tile + (8 * (lane / 16) + lane % 8) * bias_ld + warp * 16 + lane / 8 % 2 * 8;
         auto pair_of = [](int n, int h) { return n % 2 * 2 + h; };  // register of (n-tile n, half h) in call n/2
-        if (!tile_needs_mask(p, kp, i0, cols, jw, 16) && (!bias.base || bias.staged) && !p.dropout) {
+        const KeyMasks km = tile_masks(kp, keep_class(p, ktiles, qb, kt));
+        if (!tile_needs_mask(p, km, i0, cols, jw, 16) && (!bias.base || bias.staged) && !p.dropout) {
             // Lean path: every element visible, every row's lse finite; P = 0 only where x = −inf.
             std::uint32_t bt[n_tiles / 2][4] = {};
             if (bias.base) {
@@ -1083,7 +1143,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
                     const int kr = frag_row(lane, e), qc = frag_col(lane, n, e);
                     const std::int64_t i = i0 + qc, j = jw + kr;
                     float P = 0.0f;
-                    if (visible(p, kp, i, j) && lse2[qc] != neg_inf) {
+                    if (visible(p, km, i, j) && lse2[qc] != neg_inf) {
                         const float x = (p.scale * st[n][e] + p.bias_scale * bias.at(B_tile, qc, warp * 16 + kr, i, j)) * log2e;
                         if (x != neg_inf) P = exp2_fast(x - lse2[qc]);
                     }
@@ -1135,6 +1195,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
             }
         }
         __syncthreads();
+        qb = nb;
     }
     cp_async_wait<0>();
     if (dK) store_strip<C, HD>(dK + t * p.Lk * p.d, jw, p.Lk, p.d, dk, p.scale, lane);
@@ -1165,6 +1226,8 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
 
     const BiasTiles<C> bias(p, t);
     const KeyMasks kp = Plain ? KeyMasks{} : key_masks(p, t);
+    const std::uint8_t* ktiles = keep_tiles_of(p, t);
+    const std::int64_t qt = i0 / rows;  // the keep tile row
     if (!FromBiasGradient) {
         stage_async<rows, HD>(sQ, LD, Q + t * p.Lq * p.d, p.d, i0, p.Lq, p.d);
         stage_async<rows, HD>(sdO, LD, dO + t * p.Lq * p.dv, p.dv, i0, p.Lq, p.dv);
@@ -1185,7 +1248,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     const C* Vt = V + t * p.Lk * p.dv;
     const std::int64_t end = key_block_end(p, i0, rows, cols);
     auto next_block = [&](std::int64_t kb) {
-        while (kb < end && !tile_has_key(p, kp, kb * cols)) ++kb;
+        while (kb < end && (!tile_has_key(p, kp, kb * cols) || keep_class(p, ktiles, qt, kb) == detail::keep_tile_empty)) ++kb;
         return kb;
     };
     auto issue = [&](std::int64_t kb, int buf) {
@@ -1222,7 +1285,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
             product_abt<C, HD>(s, sQ + warp * 16 * LD, K_tile, LD, lane);
             product_abt<C, HD>(dp, sdO + warp * 16 * LD, sV + buf * cols * LD, LD, lane);
             // x in base 2 (−inf where masked), P = 2^(x − lse·log2 e) (0 for rows with nothing visible).
-            scores_to_base2(s, p, bias, kp, B_tile, iw, j0, lane);
+            scores_to_base2(s, p, bias, tile_masks(kp, keep_class(p, ktiles, qt, kb)), B_tile, iw, j0, lane);
 #pragma unroll
             for (int n = 0; n < n_tiles; ++n)
 #pragma unroll
@@ -1362,32 +1425,79 @@ cudaError_t mma_forward(const Problem& p, const C* Q, const C* K, const C* V, C*
     return cudaGetLastError();
 }
 
+// A second stream of the current device (non-blocking, created once), on which the recomputing dQ
+// kernel runs next to the dK/dV kernel: the two read the same inputs and write different outputs, so
+// neither waits for the other and the tail of one fills with blocks of the other (causal grids end
+// unevenly). Forked from and joined back to the default stream by events, so callers see one stream.
+cudaError_t side_stream(cudaStream_t& stream) {
+    static std::mutex lock;
+    static std::map<int, cudaStream_t> streams;
+    int device = 0;
+    if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+    const std::lock_guard<std::mutex> guard(lock);
+    auto it = streams.find(device);
+    if (it == streams.end()) {
+        cudaStream_t created = nullptr;
+        if (const cudaError_t e = cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking); e != cudaSuccess) return e;
+        it = streams.emplace(device, created).first;
+    }
+    stream = it->second;
+    return cudaSuccess;
+}
+
+// Makes `waiter` wait for the work queued so far on `from`.
+cudaError_t stream_wait(cudaStream_t waiter, cudaStream_t from) {
+    cudaEvent_t event = nullptr;
+    if (const cudaError_t e = cudaEventCreateWithFlags(&event, cudaEventDisableTiming); e != cudaSuccess) return e;
+    cudaError_t e = cudaEventRecord(event, from);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(waiter, event, 0);
+    const cudaError_t destroyed = cudaEventDestroy(event);  // released once it has completed
+    return e != cudaSuccess ? e : destroyed;
+}
+
 // dK/dV (and dS) over key blocks, then dQ over query blocks: read back from a full-shape bias gradient
-// when there is one (bias_scale ≠ 0, else dS cannot be recovered from it), recomputed otherwise.
+// when there is one (bias_scale ≠ 0, else dS cannot be recovered from it), recomputed otherwise (then on
+// the side stream, concurrently with dK/dV).
 template <class C>
 cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, const C* dO, const float* lse, const float* D, C* dQ, C* dK,
                          C* dV, C* dbias_full, float* dS_scratch) {
     const int HD = mma::head_dim_bucket(p.d, p.dv);
     const bool plain = mma::plain_problem(p) && !dbias_full && !dS_scratch;
-    if (dK || dV || dbias_full || dS_scratch) {
+    const bool dkdv = dK || dV || dbias_full || dS_scratch, read_back = dbias_full && p.bias_scale != 0.0f;
+    cudaStream_t dq_stream = nullptr;  // the default stream, or the side stream when both kernels run and dQ recomputes
+    // -DAUTODIFF_NO_SIDE_STREAM: both on the default stream, one after the other (for comparison runs).
+#ifndef AUTODIFF_NO_SIDE_STREAM
+    if (dQ && dkdv && !read_back) {
+        if (const cudaError_t e = side_stream(dq_stream); e != cudaSuccess) return e;
+        if (const cudaError_t e = stream_wait(dq_stream, nullptr); e != cudaSuccess) return e;
+    }
+#endif
+    auto launch_dkdv = [&]() -> cudaError_t {
+        if (!dkdv) return cudaSuccess;
         const auto kernel = plain ? (HD == 64 ? mma::dkdv_kernel<C, 64, true> : mma::dkdv_kernel<C, 128, true>)
                                   : (HD == 64 ? mma::dkdv_kernel<C, 64, false> : mma::dkdv_kernel<C, 128, false>);
         const std::size_t smem = mma::dkdv_smem<C>(HD, plain);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
         const dim3 grid(static_cast<unsigned>((p.Lk + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
         kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dK, dV, dbias_full, dS_scratch);
-        if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-    }
-    if (dQ) {
-        const bool read_back = dbias_full && p.bias_scale != 0.0f;
+        return cudaGetLastError();
+    };
+    auto launch_dq = [&]() -> cudaError_t {
+        if (!dQ) return cudaSuccess;
         const auto kernel = read_back ? (HD == 64 ? mma::dq_kernel<C, 64, true, false> : mma::dq_kernel<C, 128, true, false>)
                             : plain   ? (HD == 64 ? mma::dq_kernel<C, 64, false, true> : mma::dq_kernel<C, 128, false, true>)
                                       : (HD == 64 ? mma::dq_kernel<C, 64, false, false> : mma::dq_kernel<C, 128, false, false>);
         const std::size_t smem = mma::dq_smem<C>(HD, plain && !read_back);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
         const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
-        kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);
-    }
+        kernel<<<grid, mma::threads, smem, dq_stream>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);
+        return cudaGetLastError();
+    };
+    // dK/dV first: its blocks are dispatched first, and dQ's fill the SMs its tail leaves idle. Measured on
+    // the H200 (docs/bench_gpuskip_2026-12-04.md): dQ first, or the side stream at the highest priority, no faster.
+    if (const cudaError_t e = launch_dkdv(); e != cudaSuccess) return e;
+    if (const cudaError_t e = launch_dq(); e != cudaSuccess) return e;
+    if (dq_stream) return stream_wait(nullptr, dq_stream);
     return cudaGetLastError();
 }
 
@@ -1447,6 +1557,13 @@ cudaError_t launch_attention_backward(DeviceDType dtype, const AttentionProblem&
             return cudaGetLastError();
         }
     });
+}
+
+cudaError_t launch_keep_tile_classify(const AttentionProblem& p, std::int64_t planes_b, std::int64_t planes_h, std::uint8_t* tiles) {
+    const dim3 grid(static_cast<unsigned>((p.Lk + keep_tile - 1) / keep_tile), static_cast<unsigned>((p.Lq + keep_tile - 1) / keep_tile),
+                    static_cast<unsigned>(planes_b * planes_h));
+    keep_tile_classify_kernel<<<grid, 256>>>(p, planes_h, tiles);
+    return cudaGetLastError();
 }
 
 cudaError_t launch_bias_gradient_reduce(DeviceDType dtype, const float* dS, const std::int64_t scores[4], const std::int64_t bias[4],

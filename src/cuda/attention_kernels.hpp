@@ -33,13 +33,30 @@ struct AttentionProblem {
     // The keep mask, broadcastable to (B, H, Lq, Lk), true = keep (null: none), and its broadcast strides.
     const bool* keep = nullptr;
     std::int64_t keep_s[4] = {0, 0, 0, 0};
+    // The keep mask's tile table (launch_keep_tile_classify): one byte per (keep_tile × keep_tile) tile of
+    // each (b, h) plane the mask has, keep_tile_empty / _partial / _full; null: no table (every tile is
+    // partial). Plane of t = b·H + h at keep_tiles + b·keep_tiles_s[0] + h·keep_tiles_s[1] (0 where the
+    // mask broadcasts), tile (qb, kb) at qb·keep_tiles_kb + kb.
+    const std::uint8_t* keep_tiles = nullptr;
+    std::int64_t keep_tiles_s[2] = {0, 0};
+    std::int64_t keep_tiles_kb = 0;
 };
+
+// The keep mask's tiles: queries and keys in blocks of keep_tile (the 16-bit kernels' 64 × 64 tiles; the
+// float32 kernels' 32 × 32 tiles each lie in one). Empty: nothing kept (skipped); full: everything in
+// range kept (no per-element test); partial: the rest.
+inline constexpr int keep_tile = 64;
+inline constexpr std::uint8_t keep_tile_empty = 0, keep_tile_partial = 1, keep_tile_full = 2;
 
 inline constexpr int max_head_dim = 128;
 
 // Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq).
 cudaError_t launch_attention_forward(DeviceDType dtype, const AttentionProblem& p, const void* Q, const void* K, const void* V, void* O,
                                      float* lse);
+
+// Classifies the tiles of p.keep into `tiles` (planes_b · planes_h · ceil(Lq/keep_tile) · ceil(Lk/keep_tile)
+// bytes, planes_b × planes_h: the mask's padded leading dimensions), one block a tile.
+cudaError_t launch_keep_tile_classify(const AttentionProblem& p, std::int64_t planes_b, std::int64_t planes_h, std::uint8_t* tiles);
 
 // D (t, Lq) fp32 scratch; dQ, dK, dV, dbias_full (the full-shape bias gradient) and dS_scratch (fp32
 // (t, Lq, Lk), for a broadcast bias) may be null. Tiles skipped under a mask are not written: the

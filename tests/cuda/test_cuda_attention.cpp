@@ -55,6 +55,7 @@ struct Case {
     bool key_padding = false;  // (batch, Lk), batch 0 keeps a prefix, the last batch keeps nothing
     double dropout = 0.0;
     Shape keep = {};  // the keep mask's shape (rank 0: none); see keep_mask
+    bool documents = false;  // the keep mask is document_mask's (block sparse) instead of keep_mask's
 };
 
 // The query row of the scores that keep_mask masks entirely (in every (b, h) plane it has).
@@ -68,6 +69,21 @@ Tensor<bool> keep_mask(const Shape& shape) {
     for (std::int64_t e = 0; e < keep.numel(); ++e) {
         const auto h = static_cast<std::uint64_t>(e) * 0x9E3779B97F4A7C15ull;
         keep.data()[e] = e / Lk % Lq != masked_row && (h >> 40) % 4 != 0;
+    }
+    return keep;
+}
+
+// A block-sparse keep mask of the given shape: documents, query i sees key j iff both positions lie in
+// the same one of three documents [0, 128), [128, b), [b, ...) with b = 200 + 9·plane (a boundary on a
+// 64 tile edge and one that moves from plane to plane), so whole 64 × 64 tiles are empty, others full or
+// partial; row masked_row all false (its tiles partial).
+Tensor<bool> document_mask(const Shape& shape) {
+    Tensor<bool> keep(shape);
+    const std::int64_t Lk = shape.dim_from_end(1), Lq = shape.dim_from_end(2);
+    for (std::int64_t e = 0; e < keep.numel(); ++e) {
+        const std::int64_t plane = e / (Lq * Lk), i = e / Lk % Lq, j = e % Lk;
+        auto doc = [&](std::int64_t x) { return x < 128 ? 0 : x < 200 + 9 * plane ? 1 : 2; };
+        keep.data()[e] = i != masked_row && doc(i) == doc(j);
     }
     return keep;
 }
@@ -107,7 +123,7 @@ std::pair<Result, Result> run_both(const Case& c, std::uint64_t seed) {
     const std::int64_t batch = c.q.rank() >= 3 ? c.q[0] : 1;
     if (c.key_padding) opt.mask.key_padding = c.q.rank() >= 3 ? padding_mask(batch, c.k.dim_from_end(2))
                                                                : padding_mask(1, c.k.dim_from_end(2)).reshaped(Shape{c.k.dim_from_end(2)});
-    if (c.keep.rank() > 0) opt.mask.keep = keep_mask(c.keep);
+    if (c.keep.rank() > 0) opt.mask.keep = c.documents ? document_mask(c.keep) : keep_mask(c.keep);
     opt.dropout = {c.dropout, 1234, 56, true};
     ad::DeviceAttentionOptions dopt;
     dopt.scale = opt.scale;
@@ -285,6 +301,31 @@ TEST_CASE("bf16/fp16: keep mask, full and broadcast, through the general mma ker
                                    Shape{1, 2, 150, 190}},
                                   bf16_tolerance);
         check_keep_mask<ad::fp16>({q, k, k, Shape{2, 4, 200, 260}, true, true, 0.2, Shape{2, 4, 200, 260}}, bf16_tolerance);
+    }
+}
+
+TEST_CASE("block-sparse keep masks (documents): empty tiles skipped, full tiles unmasked, all matching the CPU") {
+    // 384 = six 64-tiles a side: tiles empty (across documents), full (inside one) and partial (on a moving
+    // boundary, or holding the fully masked row masked_row). General mma kernels, fp16 and fp32 too.
+    const Shape q{2, 4, 384, 64};
+    SUBCASE("keep (B, H, L, L) alone, bf16") {
+        check_keep_mask<ad::bf16>({q, q, q, Shape{}, false, false, 0.0, Shape{2, 4, 384, 384}, true}, bf16_tolerance);
+    }
+    SUBCASE("keep (L, L) broadcast, causal, Lq < Lk, bf16 and fp16") {
+        check_keep_mask<ad::bf16>({Shape{2, 4, 330, 64}, q, q, Shape{}, true, false, 0.0, Shape{330, 384}, true}, bf16_tolerance);
+        check_keep_mask<ad::fp16>({Shape{2, 4, 330, 64}, q, q, Shape{}, false, false, 0.0, Shape{330, 384}, true}, bf16_tolerance);
+    }
+    SUBCASE("keep (B, 1, L, L), full bias (its gradient zero on skipped tiles, dQ read back), key padding, dropout") {
+        check_keep_mask<ad::bf16>({q, q, q, Shape{2, 4, 384, 384}, false, true, 0.2, Shape{2, 1, 384, 384}, true}, bf16_tolerance);
+    }
+    SUBCASE("keep (1, H, L, L), broadcast bias (1, H, L, L) through the fp32 scratch, d = 128 (dv = 100)") {
+        check_keep_mask<ad::bf16>({Shape{2, 4, 384, 128}, Shape{2, 4, 384, 128}, Shape{2, 4, 384, 100}, Shape{1, 4, 384, 384}, false, false, 0.0,
+                                   Shape{1, 4, 384, 384}, true},
+                                  bf16_tolerance);
+    }
+    SUBCASE("fp32 (32 × 32 tiles inside the 64 × 64 keep tiles): full bias, causal, and alone") {
+        check_keep_mask<float>({q, q, q, Shape{2, 4, 384, 384}, true, false, 0.0, Shape{2, 4, 384, 384}, true}, fp32_keep_tolerance);
+        check_keep_mask<float>({Shape{2, 4, 330, 64}, q, q, Shape{}, false, true, 0.1, Shape{330, 384}, true}, fp32_keep_tolerance);
     }
 }
 

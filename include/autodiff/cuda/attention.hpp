@@ -9,8 +9,10 @@
 // (rank 2..4), d and dv at most 128; bias of any shape broadcastable to the scores (..., Lq, Lk), its
 // gradient in its own shape. Masks (true = keep, all applied together, as the CPU's Mask): causal
 // (top-left aligned), key padding (batch, Lk), and a keep mask of any shape broadcastable to the
-// scores (read per element, broadcast like the bias; never in the Plain kernels). Whole tiles are
-// skipped where causal or key padding keeps nothing; the keep mask skips no tile. Dropout decisions are the CPU's: Philox4x32-10
+// scores (broadcast like the bias; never in the Plain kernels). Whole tiles are skipped where causal
+// or key padding keeps nothing, and where the keep mask does: each call first classifies every 64 × 64
+// tile of each plane of the keep mask as empty (skipped by every kernel), full (no per-element keep
+// test) or partial (read per element), FlexAttention's block mask. Dropout decisions are the CPU's: Philox4x32-10
 // keyed by the seed, element index ((t·Lq + i)·Lk + j) for leading index t (kernels/dropout.hpp).
 //
 // FlashAttention-2 tiling. bf16/fp16: register-resident kernels on mma.sync.m16n8k16 (16-bit operands,
@@ -23,7 +25,8 @@
 // Determinism: no atomics. The backward runs one kernel over key blocks (dK, dV, and dS written to a
 // full-shape bias gradient) and one over query blocks (dQ): with a full-shape bias gradient (and
 // bias_scale ≠ 0) it reads dS back from it (dQ = scale/bias_scale · dbias·K, a plain tile product),
-// otherwise it recomputes S and dP. A broadcast bias gradient is reduced from an fp32 dS buffer by a
+// otherwise it recomputes S and dP (then on a second stream of the device, concurrently with the dK/dV
+// kernel, joined back to the default stream before the call returns). A broadcast bias gradient is reduced from an fp32 dS buffer by a
 // kernel that sums each output element in a fixed order. Results are bit-identical run to run.
 
 #include "autodiff/cuda/device.hpp"
