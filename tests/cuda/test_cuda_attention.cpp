@@ -8,45 +8,21 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <vector>
 
 #include "../check_error.hpp"
+#include "compare.hpp"
 #include "autodiff/cuda/attention.hpp"
 #include "autodiff/kernels/attention.hpp"
 
 namespace ad = autodiff;
 using ad::Shape;
 using ad::Tensor;
+using ad::test::bitwise_equal;
+using ad::test::check_close;
 
 namespace {
-
-// ‖a − b‖ / ‖b‖ (‖b‖ = 0: ‖a‖), NaN if either holds a NaN.
-double relative_error(const Tensor<float>& a, const Tensor<float>& b) {
-    REQUIRE(a.shape() == b.shape());
-    double diff = 0, ref = 0;
-    for (std::int64_t i = 0; i < a.numel(); ++i) {
-        const double x = a.data()[i], y = b.data()[i];
-        if (std::isinf(x) || std::isinf(y)) {  // lse of fully masked rows: −inf on both sides
-            if (x != y) return INFINITY;
-            continue;
-        }
-        diff += (x - y) * (x - y);
-        ref += y * y;
-    }
-    return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
-}
-
-void check_close(const char* name, const Tensor<float>& gpu, const Tensor<float>& cpu, double tolerance) {
-    const double err = relative_error(gpu, cpu);
-    MESSAGE(std::string(name), ": relative error ", err, " (tolerance ", tolerance, ")");
-    CHECK(err <= tolerance);
-}
-
-bool bitwise_equal(const Tensor<float>& a, const Tensor<float>& b) {
-    return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.numel()) * sizeof(float)) == 0;
-}
 
 struct Case {
     Shape q, k, v;
