@@ -538,9 +538,9 @@ TEST_CASE("bad modifiers throw autodiff::Error naming the op and the shapes") {
 
 namespace {
 
-// A hand-written modifier for the kernel layer's contract: f(x) = 2x, and a mask keeping k <= q + 3.
-struct DoubleScores final : ad::AttentionModifier<double> {
-    bool modifies_scores() const override { return true; }
+// Hand-written modifiers for the kernel layer's contract. The score part, f(x) = 2x (used where a derived
+// modifier's modifies_scores() says so), and a mask function the derived one supplies.
+struct TwiceScoresMasked : ad::AttentionModifier<double> {
     bool masks() const override { return true; }
     bool bias_inside() const override { return true; }
     void modify(const ad::ScoreTile& t, const double* x, std::int64_t ldx, double* s, std::int64_t lds) const override {
@@ -559,6 +559,12 @@ struct DoubleScores final : ad::AttentionModifier<double> {
             for (std::int64_t c = 0; c < t.cols; ++c) g[r * ldg + c] *= 2;
     }
     const std::vector<ad::Shape>& gradient_shapes() const override { return shapes; }
+    std::vector<ad::Shape> shapes;
+};
+
+// f(x) = 2x and a mask keeping k <= q + 3.
+struct DoubleScores final : TwiceScoresMasked {
+    bool modifies_scores() const override { return true; }
     ad::TileKind classify(const ad::ScoreTile& t) const override {
         if (t.j0 > t.i0 + t.rows - 1 + 3) return ad::TileKind::empty;
         if (t.j0 + t.cols - 1 <= t.i0 + 3) return ad::TileKind::full;
@@ -569,7 +575,6 @@ struct DoubleScores final : ad::AttentionModifier<double> {
             for (std::int64_t c = 0; c < t.cols; ++c)
                 if (t.j0 + c > t.i0 + r + 3) s[r * ld + c] = -std::numeric_limits<double>::infinity();
     }
-    std::vector<ad::Shape> shapes;
 };
 
 }  // namespace
@@ -603,30 +608,12 @@ namespace {
 
 // A hand-written window for the kernel layer: keeps q − w < k <= q for rows q >= dead (the rows above
 // are fully masked), with f(x) = 2x or no score function.
-struct WindowModifier final : ad::AttentionModifier<double> {
+struct WindowModifier final : TwiceScoresMasked {
     std::int64_t w = 1, dead = 0;
     bool doubles = false;
     WindowModifier(std::int64_t w_, std::int64_t dead_, bool doubles_) : w(w_), dead(dead_), doubles(doubles_) {}
     [[nodiscard]] bool keeps(std::int64_t q, std::int64_t k) const { return q >= dead && k <= q && k > q - w; }
     bool modifies_scores() const override { return doubles; }
-    bool masks() const override { return true; }
-    bool bias_inside() const override { return true; }
-    void modify(const ad::ScoreTile& t, const double* x, std::int64_t ldx, double* s, std::int64_t lds) const override {
-        for (std::int64_t r = 0; r < t.rows; ++r)
-            for (std::int64_t c = 0; c < t.cols; ++c) s[r * lds + c] = 2 * x[r * ldx + c];
-    }
-    void modify_with_derivative(const ad::ScoreTile& t, const double* x, std::int64_t ldx, double* s, std::int64_t lds, double* d,
-                                std::int64_t ldd) const override {
-        modify(t, x, ldx, s, lds);
-        for (std::int64_t r = 0; r < t.rows; ++r)
-            for (std::int64_t c = 0; c < t.cols; ++c) d[r * ldd + c] = 2;
-    }
-    bool needs_reverse() const override { return false; }
-    void modify_backward(const ad::ScoreTile& t, const double*, std::int64_t, double* g, std::int64_t ldg, double* const*) const override {
-        for (std::int64_t r = 0; r < t.rows; ++r)
-            for (std::int64_t c = 0; c < t.cols; ++c) g[r * ldg + c] *= 2;
-    }
-    const std::vector<ad::Shape>& gradient_shapes() const override { return shapes; }
     ad::TileKind classify(const ad::ScoreTile& t) const override {
         const std::int64_t q0 = std::max(t.i0, dead), q1 = t.i0 + t.rows - 1, k0 = t.j0, k1 = t.j0 + t.cols - 1;
         if (q0 > q1 || k0 > q1 || k1 <= q0 - w) return ad::TileKind::empty;
@@ -638,7 +625,6 @@ struct WindowModifier final : ad::AttentionModifier<double> {
             for (std::int64_t c = 0; c < t.cols; ++c)
                 if (!keeps(t.i0 + r, t.j0 + c)) s[r * ld + c] = -std::numeric_limits<double>::infinity();
     }
-    std::vector<ad::Shape> shapes;
 };
 
 }  // namespace
