@@ -830,6 +830,29 @@ __device__ inline Problem specialised(const Problem& given) {
 // Whether a problem takes the Plain instantiations.
 inline bool plain_problem(const Problem& p) { return !p.bias && !p.key_padding && !p.keep && !p.dropout; }
 
+// The mma kernels' grids are one-dimensional, `blocks` row blocks of each of the p.items planes; a block
+// reads its plane t and its row block b (b = 0 the heaviest under a causal mask: the kernel maps it to the
+// last query block, or the first key block). Causal: the plane varies fastest, so the heaviest block of
+// every plane is dispatched first, then the next heaviest of every plane ..., and the light blocks of all
+// planes fill the tail (block-fastest order started plane 1's heaviest blocks only after all of plane 0's,
+// leaving the last planes' heavy blocks for the end of the grid). Otherwise the row block varies fastest
+// (a plane's blocks run side by side and share its K and V in L2).
+struct GridSlot {
+    std::int64_t t, b;
+};
+__device__ inline GridSlot grid_slot(const Problem& p, std::int64_t blocks) {
+    const std::int64_t id = blockIdx.x;
+    if (p.causal) return {id % p.items, id / p.items};
+    return {id / blocks, id % blocks};
+}
+// The grid of `length` rows (queries or keys) a plane; false when it exceeds CUDA's 2³¹ − 1 blocks.
+inline bool mma_grid(const Problem& p, std::int64_t length, dim3& grid) {
+    const std::int64_t blocks = (length + rows - 1) / rows * p.items;
+    if (blocks > 0x7FFFFFFF) return false;
+    grid = dim3(static_cast<unsigned>(blocks));
+    return true;
+}
+
 // ---- forward (16-bit) ----
 // Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq). Grid: (query blocks of 64, t).
 // Warp w owns queries i0 + 16w ..+15: its Q fragments stay in registers, S (16 × 64) and O (16 × HD)
@@ -845,7 +868,9 @@ __global__ void __launch_bounds__(threads, HD == 64 ? (Plain ? AUTODIFF_MMA_PLAI
     const Problem p = specialised<Plain>(given);
     // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
     // first keeps the tail of the grid short.
-    const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
+    const std::int64_t q_blocks = (p.Lq + rows - 1) / rows;
+    const GridSlot slot = grid_slot(p, q_blocks);
+    const std::int64_t t = slot.t, i0 = (q_blocks - 1 - slot.b) * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     extern __shared__ __align__(128) unsigned char smem[];
     C* sQ = reinterpret_cast<C*>(smem);  // (rows, LD)
@@ -1017,7 +1042,9 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     constexpr int LD = HD + 8;
     const Problem p = specialised<Plain>(given);
     if constexpr (Plain) dbias_full = nullptr, dS_scratch = nullptr;
-    const std::int64_t t = blockIdx.y, j0 = std::int64_t{blockIdx.x} * rows;
+    // Key block 0 first: under a causal mask it sees every query block.
+    const GridSlot slot = grid_slot(p, (p.Lk + rows - 1) / rows);
+    const std::int64_t t = slot.t, j0 = slot.b * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     extern __shared__ __align__(128) unsigned char smem[];
     C* sK = reinterpret_cast<C*>(smem);  // (rows, LD)
@@ -1071,7 +1098,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     // Causal: query blocks before the first row that sees key j0 are skipped; no kept key: all are.
     // Empty keep tiles are skipped too.
     const std::uint8_t* ktiles = keep_tiles_of(p, t);
-    const std::int64_t q_blocks = (p.Lq + cols - 1) / cols, kt = blockIdx.x;
+    const std::int64_t q_blocks = (p.Lq + cols - 1) / cols, kt = slot.b;
     auto next_block = [&](std::int64_t qb) {
         while (qb < q_blocks && keep_class(p, ktiles, qb, kt) == detail::keep_tile_empty) ++qb;
         return qb;
@@ -1215,7 +1242,9 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     const Problem p = specialised<Plain>(given);
     // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
     // first keeps the tail of the grid short.
-    const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
+    const std::int64_t q_blocks = (p.Lq + rows - 1) / rows;
+    const GridSlot slot = grid_slot(p, q_blocks);
+    const std::int64_t t = slot.t, i0 = (q_blocks - 1 - slot.b) * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     extern __shared__ __align__(128) unsigned char smem[];
     C* sQ = reinterpret_cast<C*>(smem);  // (rows, LD)
@@ -1420,7 +1449,8 @@ cudaError_t mma_forward(const Problem& p, const C* Q, const C* K, const C* V, C*
                               : (HD == 64 ? mma::forward_kernel<C, 64, false> : mma::forward_kernel<C, 128, false>);
     const std::size_t smem = mma::forward_smem<C>(HD, plain);
     if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
-    const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
+    dim3 grid;
+        if (!mma::mma_grid(p, p.Lq, grid)) return cudaErrorInvalidConfiguration;
     kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, O, lse);
     return cudaGetLastError();
 }
@@ -1478,7 +1508,8 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
                                   : (HD == 64 ? mma::dkdv_kernel<C, 64, false> : mma::dkdv_kernel<C, 128, false>);
         const std::size_t smem = mma::dkdv_smem<C>(HD, plain);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
-        const dim3 grid(static_cast<unsigned>((p.Lk + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
+        dim3 grid;
+        if (!mma::mma_grid(p, p.Lk, grid)) return cudaErrorInvalidConfiguration;
         kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dK, dV, dbias_full, dS_scratch);
         return cudaGetLastError();
     };
@@ -1489,7 +1520,8 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
                                       : (HD == 64 ? mma::dq_kernel<C, 64, false, false> : mma::dq_kernel<C, 128, false, false>);
         const std::size_t smem = mma::dq_smem<C>(HD, plain && !read_back);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
-        const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
+        dim3 grid;
+        if (!mma::mma_grid(p, p.Lq, grid)) return cudaErrorInvalidConfiguration;
         kernel<<<grid, mma::threads, smem, dq_stream>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);
         return cudaGetLastError();
     };
