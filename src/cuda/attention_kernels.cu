@@ -864,7 +864,7 @@ inline dim3 mma_grid(Problem& p, std::int64_t length, bool plain) {
 }
 
 // ---- forward (16-bit) ----
-// Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq). Grid: (query blocks of 64, t).
+// Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq). Grid: (query blocks of 64, t), or (t, query blocks) (mma_grid).
 // Warp w owns queries i0 + 16w ..+15: its Q fragments stay in registers, S (16 × 64) and O (16 × HD)
 // accumulate in registers; K, V and the bias tile are double-buffered in shared memory by cp.async.
 // Online softmax in base 2: x = (scale·s + bias_scale·b)·log2(e), m = running max of x, l = running
@@ -1036,7 +1036,7 @@ __device__ inline void store_strip(C* out, std::int64_t r0, std::int64_t len, in
 
 // ---- backward (16-bit) ----
 // dK, dV (and dS) for keys [j0, j0 + 64) of leading index t, over the query blocks that see them.
-// Grid: (key blocks of 64, t). Warp w owns keys j0 + 16w ..+15 and computes the transposed tiles, so
+// Grid: (key blocks of 64, t) or (t, key blocks). Warp w owns keys j0 + 16w ..+15 and computes the transposed tiles, so
 // its accumulators hold its own keys' rows: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ (16 keys × 64 queries), then
 //   Pᵀ = 2^(x − lse·log2 e), dSᵀ = Pᵀ ⊙ (dPᵀ·dropout − D),  dV += (Pᵀ·dropout)·dO,  dK += dSᵀ·Q
 // with Pᵀ and dSᵀ repacked from the accumulators as A operands. Q, dO, the bias tile, lse and D are
@@ -1236,7 +1236,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     if (dV) store_strip<C, HD>(dV + t * p.Lk * p.dv, jw, p.Lk, p.dv, dv, 1.0f, lane);
 }
 
-// dQ for queries [i0, i0 + 64) of leading index t, over the key blocks they see. Grid: (query blocks, t).
+// dQ for queries [i0, i0 + 64) of leading index t, over the key blocks they see. Grid: (query blocks, t) or (t, query blocks).
 // Warp w owns queries i0 + 16w ..+15. Recomputing (FromBiasGradient false): S = Q·Kᵀ, dP = dO·Vᵀ,
 // P = 2^(x − lse·log2 e), dS = P ⊙ (dP·dropout − D), dQ += dS·K with dS repacked as A. Reading
 // (FromBiasGradient true, a full-shape bias gradient already written by dkdv_kernel with bias_scale ≠
