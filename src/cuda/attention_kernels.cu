@@ -830,8 +830,41 @@ __device__ inline Problem specialised(const Problem& given) {
 // Whether a problem takes the Plain instantiations.
 inline bool plain_problem(const Problem& p) { return !p.bias && !p.key_padding && !p.keep && !p.dropout; }
 
+// The mma kernels' grids: row blocks (queries or keys) × planes t. Block b = 0 is the heaviest under a
+// causal mask (the kernel maps it to the last query block, or the first key block). Causal without bias,
+// masks or dropout (the Plain instantiations): the grid is (planes, row blocks), so that the plane varies
+// fastest in dispatch order: the heaviest block of every plane goes first, then the next heaviest of
+// every plane ..., and light blocks of all planes fill the tail. In the (row blocks, planes) order, plane
+// 1's heavy blocks started only after all of plane 0's blocks, and the last planes' heavy blocks ran at
+// the end of the grid (measured on the H200 in docs/bench_gpucausal_2026-12-04.md). Otherwise (row
+// blocks, planes): a plane's blocks run side by side and share its K and V in L2. Only the Plain
+// kernels read the flag: in the others (at their register limit) the selection made the compiler hold
+// t in a register and spill more. Read from blockIdx, not decoded from a linear index: the division's
+// live values cost the bias kernels spills and 60 % of their forward speed (same document).
+template <bool Plain>
+__device__ inline std::int64_t grid_plane(const Problem& p) {
+    if constexpr (Plain) return p.plane_fastest ? blockIdx.x : blockIdx.y;
+    return blockIdx.y;
+}
+template <bool Plain>
+__device__ inline std::int64_t grid_block(const Problem& p) {
+    if constexpr (Plain) return p.plane_fastest ? blockIdx.y : blockIdx.x;
+    return blockIdx.x;
+}
+template <bool Plain>
+__device__ inline std::int64_t grid_blocks(const Problem& p) {
+    if constexpr (Plain) return p.plane_fastest ? gridDim.y : gridDim.x;
+    return gridDim.x;
+}
+// The grid of `length` rows a plane for the Plain kernels when `plain`, else the others; sets p.plane_fastest.
+inline dim3 mma_grid(Problem& p, std::int64_t length, bool plain) {
+    const auto blocks = static_cast<unsigned>((length + rows - 1) / rows), planes = static_cast<unsigned>(p.items);
+    p.plane_fastest = plain && p.causal && blocks <= 65535;
+    return p.plane_fastest ? dim3(planes, blocks) : dim3(blocks, planes);
+}
+
 // ---- forward (16-bit) ----
-// Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq). Grid: (query blocks of 64, t).
+// Q (t, Lq, d), K (t, Lk, d), V (t, Lk, dv) -> O (t, Lq, dv), lse (t, Lq). Grid: (query blocks of 64, t), or (t, query blocks) (mma_grid).
 // Warp w owns queries i0 + 16w ..+15: its Q fragments stay in registers, S (16 × 64) and O (16 × HD)
 // accumulate in registers; K, V and the bias tile are double-buffered in shared memory by cp.async.
 // Online softmax in base 2: x = (scale·s + bias_scale·b)·log2(e), m = running max of x, l = running
@@ -845,7 +878,7 @@ __global__ void __launch_bounds__(threads, HD == 64 ? (Plain ? AUTODIFF_MMA_PLAI
     const Problem p = specialised<Plain>(given);
     // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
     // first keeps the tail of the grid short.
-    const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
+    const std::int64_t t = grid_plane<Plain>(p), i0 = (grid_blocks<Plain>(p) - 1 - grid_block<Plain>(p)) * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     extern __shared__ __align__(128) unsigned char smem[];
     C* sQ = reinterpret_cast<C*>(smem);  // (rows, LD)
@@ -1003,7 +1036,7 @@ __device__ inline void store_strip(C* out, std::int64_t r0, std::int64_t len, in
 
 // ---- backward (16-bit) ----
 // dK, dV (and dS) for keys [j0, j0 + 64) of leading index t, over the query blocks that see them.
-// Grid: (key blocks of 64, t). Warp w owns keys j0 + 16w ..+15 and computes the transposed tiles, so
+// Grid: (key blocks of 64, t) or (t, key blocks). Warp w owns keys j0 + 16w ..+15 and computes the transposed tiles, so
 // its accumulators hold its own keys' rows: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ (16 keys × 64 queries), then
 //   Pᵀ = 2^(x − lse·log2 e), dSᵀ = Pᵀ ⊙ (dPᵀ·dropout − D),  dV += (Pᵀ·dropout)·dO,  dK += dSᵀ·Q
 // with Pᵀ and dSᵀ repacked from the accumulators as A operands. Q, dO, the bias tile, lse and D are
@@ -1017,7 +1050,8 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     constexpr int LD = HD + 8;
     const Problem p = specialised<Plain>(given);
     if constexpr (Plain) dbias_full = nullptr, dS_scratch = nullptr;
-    const std::int64_t t = blockIdx.y, j0 = std::int64_t{blockIdx.x} * rows;
+    // Key block 0 first: under a causal mask it sees every query block.
+    const std::int64_t t = grid_plane<Plain>(p), j0 = grid_block<Plain>(p) * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     extern __shared__ __align__(128) unsigned char smem[];
     C* sK = reinterpret_cast<C*>(smem);  // (rows, LD)
@@ -1071,7 +1105,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     // Causal: query blocks before the first row that sees key j0 are skipped; no kept key: all are.
     // Empty keep tiles are skipped too.
     const std::uint8_t* ktiles = keep_tiles_of(p, t);
-    const std::int64_t q_blocks = (p.Lq + cols - 1) / cols, kt = blockIdx.x;
+    const std::int64_t q_blocks = (p.Lq + cols - 1) / cols, kt = grid_block<Plain>(p);
     auto next_block = [&](std::int64_t qb) {
         while (qb < q_blocks && keep_class(p, ktiles, qb, kt) == detail::keep_tile_empty) ++qb;
         return qb;
@@ -1202,7 +1236,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     if (dV) store_strip<C, HD>(dV + t * p.Lk * p.dv, jw, p.Lk, p.dv, dv, 1.0f, lane);
 }
 
-// dQ for queries [i0, i0 + 64) of leading index t, over the key blocks they see. Grid: (query blocks, t).
+// dQ for queries [i0, i0 + 64) of leading index t, over the key blocks they see. Grid: (query blocks, t) or (t, query blocks).
 // Warp w owns queries i0 + 16w ..+15. Recomputing (FromBiasGradient false): S = Q·Kᵀ, dP = dO·Vᵀ,
 // P = 2^(x − lse·log2 e), dS = P ⊙ (dP·dropout − D), dQ += dS·K with dS repacked as A. Reading
 // (FromBiasGradient true, a full-shape bias gradient already written by dkdv_kernel with bias_scale ≠
@@ -1215,7 +1249,7 @@ __global__ void __launch_bounds__(threads, Plain && HD == 64 ? AUTODIFF_MMA_PLAI
     const Problem p = specialised<Plain>(given);
     // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting them
     // first keeps the tail of the grid short.
-    const std::int64_t t = blockIdx.y, i0 = std::int64_t{gridDim.x - 1 - blockIdx.x} * rows;
+    const std::int64_t t = grid_plane<Plain>(p), i0 = (grid_blocks<Plain>(p) - 1 - grid_block<Plain>(p)) * rows;
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     extern __shared__ __align__(128) unsigned char smem[];
     C* sQ = reinterpret_cast<C*>(smem);  // (rows, LD)
@@ -1420,8 +1454,9 @@ cudaError_t mma_forward(const Problem& p, const C* Q, const C* K, const C* V, C*
                               : (HD == 64 ? mma::forward_kernel<C, 64, false> : mma::forward_kernel<C, 128, false>);
     const std::size_t smem = mma::forward_smem<C>(HD, plain);
     if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
-    const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
-    kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, O, lse);
+    Problem q = p;
+    const dim3 grid = mma::mma_grid(q, p.Lq, plain);
+    kernel<<<grid, mma::threads, smem>>>(q, Q, K, V, O, lse);
     return cudaGetLastError();
 }
 
@@ -1478,8 +1513,9 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
                                   : (HD == 64 ? mma::dkdv_kernel<C, 64, false> : mma::dkdv_kernel<C, 128, false>);
         const std::size_t smem = mma::dkdv_smem<C>(HD, plain);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
-        const dim3 grid(static_cast<unsigned>((p.Lk + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
-        kernel<<<grid, mma::threads, smem>>>(p, Q, K, V, dO, lse, D, dK, dV, dbias_full, dS_scratch);
+        Problem q = p;
+        const dim3 grid = mma::mma_grid(q, p.Lk, plain);
+        kernel<<<grid, mma::threads, smem>>>(q, Q, K, V, dO, lse, D, dK, dV, dbias_full, dS_scratch);
         return cudaGetLastError();
     };
     auto launch_dq = [&]() -> cudaError_t {
@@ -1489,8 +1525,9 @@ cudaError_t mma_backward(const Problem& p, const C* Q, const C* K, const C* V, c
                                       : (HD == 64 ? mma::dq_kernel<C, 64, false, false> : mma::dq_kernel<C, 128, false, false>);
         const std::size_t smem = mma::dq_smem<C>(HD, plain && !read_back);
         if (const cudaError_t e = allow_smem(kernel, smem); e != cudaSuccess) return e;
-        const dim3 grid(static_cast<unsigned>((p.Lq + mma::rows - 1) / mma::rows), static_cast<unsigned>(p.items));
-        kernel<<<grid, mma::threads, smem, dq_stream>>>(p, Q, K, V, dO, lse, D, dbias_full, dQ);
+        Problem q = p;
+        const dim3 grid = mma::mma_grid(q, p.Lq, plain && !read_back);
+        kernel<<<grid, mma::threads, smem, dq_stream>>>(q, Q, K, V, dO, lse, D, dbias_full, dQ);
         return cudaGetLastError();
     };
     // dK/dV first: its blocks are dispatched first, and dQ's fill the SMs its tail leaves idle. Measured on

@@ -40,6 +40,9 @@ struct AttentionProblem {
     const std::uint8_t* keep_tiles = nullptr;
     std::int64_t keep_tiles_s[2] = {0, 0};
     std::int64_t keep_tiles_kb = 0;
+    // Set by the 16-bit launchers: the grid is (planes, row blocks) instead of (row blocks, planes), so that
+    // the plane varies fastest in dispatch order (causal problems of at most 65535 row blocks a plane).
+    bool plane_fastest = false;
 };
 
 // The keep mask's tiles: queries and keys in blocks of keep_tile (the 16-bit kernels' 64 × 64 tiles; the
