@@ -6,6 +6,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include <autodiff/autodiff.hpp>
@@ -426,6 +427,65 @@ TEST_CASE("soft-capping and other curves of the score: dS's factor from f's valu
         for (P& p : all) p.zero_grad();
         O.backward(seed);
         for (std::size_t i = 0; i < all.size(); ++i) CHECK(ad::max_abs_diff(all[i].grad(), first[i]) == 0.0);
+    }
+}
+
+TEST_CASE("soft-capping with a full trainable bias outside the cap, over several tiles: f = S − B from the kept buffer") {
+    // Lq = 130, Lk = 140: three query and three key blocks per head, so the backward walks down the
+    // kept buffer tile after tile (prefetching the next tile's S and bias rows) and takes f = S − B
+    // for ∂f/∂x in one pass over both. Query row 70 of head 1 sees no key (an additive −∞ row).
+    const std::int64_t n = 2, h = 2, Lq = 130, Lk = 140, d = 16;
+    auto make = [&](auto scalar, std::int64_t lq, std::int64_t lk, std::int64_t masked_row) {
+        using T = decltype(scalar);
+        ad::Param<T> q(ad::randn<T>({n, h, lq, d}, 1)), k(ad::randn<T>({n, h, lk, d}, 2)), v(ad::randn<T>({n, h, lk, d}, 3)),
+            b(ad::randn<T>({n, h, lq, lk}, 4));
+        ad::Tensor<T> add = ad::zeros<T>({1, h, lq, lk});
+        for (std::int64_t j = 0; j < lk; ++j) add(0, 1, masked_row, j) = -std::numeric_limits<T>::infinity();
+        return std::tuple{q, k, v, b, add};
+    };
+    const ad::DropoutDescriptor drop{0.2, 7, 3};
+    SUBCASE("fused vs generic in double, with and without dropout and causal") {
+        auto in = make(0.0, Lq, Lk, 70);
+        auto &q = std::get<0>(in), &k = std::get<1>(in), &v = std::get<2>(in), &b = std::get<3>(in);
+        const auto& add = std::get<4>(in);
+        auto s = [&] { return ad::matmul(q, ad::transpose(k)) * 0.25; };
+        auto capped = [&] { return ad::matmul(ad::softmax(ad::tanh(s() / 3.0) * 3.0 + b, {}, add), v); };
+        auto dropped = [&] { return ad::matmul(ad::dropout(ad::softmax(ad::tanh(s() / 3.0) * 3.0 + b, ad::causal, add), drop), v); };
+        static_assert(ad::is_fused_v<decltype(capped())> && ad::is_fused_v<decltype(dropped())>);
+        for (auto f : std::vector<std::function<ad::Var<double>()>>{capped, dropped}) {
+            CHECK(fused_vs_generic<double>(f, {q, k, v, b}) < 1e-13);
+            CHECK(q.grad().array().isFinite().all());
+            CHECK(b.grad().array().abs().maxCoeff() > 0);
+        }
+    }
+    SUBCASE("bitwise identical on 1 and 2 threads (float)") {
+        auto in = make(0.0f, Lq, Lk, 70);
+        auto &q = std::get<0>(in), &k = std::get<1>(in), &v = std::get<2>(in), &b = std::get<3>(in);
+        const auto& add = std::get<4>(in);
+        auto run = [&](int threads) {
+            ad::set_num_threads(threads);
+            ad::zero_grad(q, k, v, b);
+            ad::Var<float> O = ad::matmul(
+                ad::dropout(ad::softmax(ad::tanh(ad::matmul(q, ad::transpose(k)) * 0.25f / 3.0f) * 3.0f + b, {}, add), {0.1, 5, 2}), v);
+            O.backward(ad::ones<float>(O.shape()));
+            return std::vector{O.value().clone(), q.grad().clone(), k.grad().clone(), v.grad().clone(), b.grad().clone()};
+        };
+        const auto one = run(1), two = run(2);
+        ad::set_num_threads(2);
+        for (std::size_t i = 0; i < one.size(); ++i) CHECK(ad::max_abs_diff(one[i], two[i]) == 0.0f);
+    }
+    SUBCASE("gradcheck in double: full bias, a fully masked row, dropout") {
+        auto in = make(0.0, 9, 11, 4);
+        auto &q = std::get<0>(in), &k = std::get<1>(in), &v = std::get<2>(in), &b = std::get<3>(in);
+        const auto& add = std::get<4>(in);
+        auto f = [&] {
+            return ad::matmul(ad::dropout(ad::softmax(ad::tanh(ad::matmul(q, ad::transpose(k)) * 0.4 / 2.0) * 2.0 + b, {}, add), drop), v);
+        };
+        static_assert(ad::is_fused_v<decltype(f())>);
+        const auto report = ad::gradcheck(f, std::vector<P>{q, k, v, b});
+        INFO(report.str());
+        CHECK(report.passed);
+        CHECK(report.max_rel_error() < 1e-6);
     }
 }
 

@@ -326,10 +326,27 @@ struct Problem {
                 for (std::int64_t c = std::max<std::int64_t>(0, i0 + r + 1 - j0); c < cols; ++c) S[r * block_k + c] = neg_inf<T>;
     }
 
+    // fd (rows × cols, leading dimension block_k) = f = S (lds) − bias_scale·bias (when outside f) − additive.
+    // A bias outside f that varies along the keys is subtracted in the pass that reads S (one pass over
+    // the two L² streams that the backward of derivative_from_value reads, instead of a copy and an add).
+    void value_of_f(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols, const T* S, std::int64_t lds,
+                    T* fd) const {
+        const bool fused = !bias_inside && bias && bias.s[3] == 1;
+        for (std::int64_t r = 0; r < rows; ++r) {
+            RowMap<T> dst(fd + r * block_k, cols);
+            const ConstRowMap<T> src(S + r * lds, cols);
+            if (fused) dst = src - bias_scale * ConstRowMap<T>(bias.data + lead(bias, t) + (i0 + r) * bias.s[2] + j0, cols);
+            else dst = src;
+        }
+        if (!bias_inside && !fused) add_operand(bias, -bias_scale, t, i0, rows, j0, cols, fd);
+        add_operand(additive, T(-1), t, i0, rows, j0, cols, fd);
+    }
+
     // Prefetches the tile of a bias or additive operand that scores() will read next.
+    template <detail::PrefetchTo To = detail::PrefetchTo::l1>
     void prefetch_tile(std::int64_t t, std::int64_t i0, std::int64_t rows, std::int64_t j0, std::int64_t cols) const {
         for (const Broadcast<T>* b : {&bias, &additive})
-            if (*b && b->s[3] == 1) detail::prefetch_rows(b->data + lead(*b, t) + i0 * b->s[2] + j0, b->s[2] ? rows : 1, cols, b->s[2]);
+            if (*b && b->s[3] == 1) detail::prefetch_rows<To>(b->data + lead(*b, t) + i0 * b->s[2] + j0, b->s[2] ? rows : 1, cols, b->s[2]);
     }
 
     // keep[r] = the keep bits of elements (t, i0+r, j0 .. j0+cols−1) (dropout_keep_bits): from the
@@ -716,11 +733,14 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         continue;
                     }
                     const std::int64_t next_i = i0 + block_q, next_rows = std::min(block_q, p.Lq - next_i);
-                    if (kept) {
+                    if (kept) {  // the next tile's rows of the full buffer, Lk apart, into L2 (detail::PrefetchTo)
                         AUTODIFF_PHASE(bwd_scores);
-                        if (next_i < qb) detail::prefetch_rows(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
-                        // x is kept without a bias outside f: S = f(x) + bias reads the bias again
-                        if (next_i < qb && !p.bias_inside && (p.keeps_x || p.from_value)) p.prefetch_tile(t, next_i, next_rows, j0, cols);
+                        constexpr auto to_l2 = detail::PrefetchTo::l2;
+                        if (next_i < qb) detail::prefetch_rows<to_l2>(kept + (t * p.Lq + next_i) * p.Lk + j0, next_rows, cols, p.Lk);
+                        // x is kept, or ∂f/∂x comes from f's value, with a bias outside f: the bias is read
+                        // again (a second L² stream: the two next tiles are 32 KiB, all of L1)
+                        if (next_i < qb && !p.bias_inside && (p.keeps_x || p.from_value))
+                            p.template prefetch_tile<to_l2>(t, next_i, next_rows, j0, cols);
                     } else if (tiles) {
                         AUTODIFF_PHASE(bwd_scores);
                         if (next_i < qb && (tix[entry_at + k_blocks] & 3) != 0)
@@ -785,9 +805,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         if (p.from_value) {  // ∂f/∂x from f = S − outside bias − additive, kept or recomputed (before exp or dB overwrite S)
                             AUTODIFF_PHASE(score_fn_backward);
                             T* fd = s.Dfx.data();
-                            for (std::int64_t r = 0; r < u.rows; ++r) std::copy_n(S + r * lds, u.cols, fd + r * block_k);
-                            if (!p.bias_inside) p.add_operand(p.bias, -p.bias_scale, t, u.i0, u.rows, u.j0, u.cols, fd);
-                            p.add_operand(p.additive, T(-1), t, u.i0, u.rows, u.j0, u.cols, fd);
+                            p.value_of_f(t, u.i0, u.rows, u.j0, u.cols, S, lds, fd);
                             mod->derivative_at_value(p.tile(t, u.i0, u.rows, u.j0, u.cols), fd, block_k);
                         }
                         {
