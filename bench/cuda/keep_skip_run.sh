@@ -5,7 +5,8 @@
 # tree, then the base and new benchmarks in alternating rounds, then PyTorch (flex_attention with the
 # block mask, SDPA with the dense boolean mask, SDPA flash causal) in the same session.
 #   bash bench/cuda/keep_skip_run.sh OUT_DIR [ROUNDS] [L ...]
-# DIMS (64), CASES (docmask,causal) and IMPLS (flex_doc,sdpa_doc,sdpa_flash) pick the rows.
+# DIMS (64), CASES (docmask,causal) and IMPLS (flex_doc,sdpa_doc,sdpa_flash) pick the rows; EXTRA_CASES
+# (e.g. bias,docmask) with EXTRA_L (4096) adds alternating rounds of other cases at one length.
 set -uo pipefail
 out=${1:?out dir}; rounds=${2:-3}; shift 2 || true
 lengths=("$@"); [ ${#lengths[@]} -gt 0 ] || lengths=(4096)
@@ -23,6 +24,9 @@ for r in $(seq "$rounds"); do
   for v in base cuda; do
     echo "# round $r $v"
     BENCH_DIMS=$dims BENCH_CASES=$cases "build-$v/bench/cuda/bench_cuda_attention" "${lengths[@]}" 2>/dev/null | sed "s/^ours/$v/"
+    if [ -n "${EXTRA_CASES:-}" ]; then
+      BENCH_DIMS=$dims BENCH_CASES=$EXTRA_CASES "build-$v/bench/cuda/bench_cuda_attention" ${EXTRA_L:-4096} 2>/dev/null | sed "s/^ours/$v/"
+    fi
   done
 done | tee "$out/ours.csv"
 BENCH_DIMS=$dims BENCH_IMPLS=$impls python3 bench/cuda/torch_attention.py "${lengths[@]}" 2>&1 | grep -v Warning | tee "$out/torch.csv"
