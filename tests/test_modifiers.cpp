@@ -774,4 +774,13 @@ TEST_CASE("kept mask tiles through the tape: long windows fused vs generic, odd 
     ad::Tensor<double> dq;
     test::check_error([&] { ad::attention_backward<double>(&dq, nullptr, nullptr, nullptr, saved.O, q.value(), k.value(), v.value(), {}, {}, saved, opt, &mod); },
                       "attention_backward", {"saved tile index (3,7) must have the shape (14,7)"});
+    // Kept tile scores of the wrong shape, or fewer than the index names.
+    for (const ad::Shape& wrong : {ad::Shape{2, 100}, ad::Shape{1, 4096}}) {
+        ad::AttentionSaved<double> bad = ad::attention_forward(q.value(), k.value(), v.value(), {}, {}, opt, &mod);
+        bad.tile_scores = ad::Tensor<double>(wrong);
+        const std::string message = wrong[1] == 100 ? "saved tile scores (2,100) must have the shape (tiles, 4096)"
+                                                    : "saved tile index names tile 1 of 1 kept";
+        test::check_error([&] { ad::attention_backward<double>(&dq, nullptr, nullptr, nullptr, bad.O, q.value(), k.value(), v.value(), {}, {}, bad, opt, &mod); },
+                          "attention_backward", {message});
+    }
 }
