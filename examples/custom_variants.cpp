@@ -20,6 +20,9 @@
 //   ./build/examples/custom_variants
 // As the C++ side of bench/variants_vs_torch.py: one variant, timed, printed as JSON.
 //   ./build/examples/custom_variants --bench VARIANT n h L d reps [generic]
+// Two variants in one process, one step of each in turn per round (both see the same machine state; the
+// ratio per round and its median), printed as JSON:
+//   ./build/examples/custom_variants --pair VARIANT_A VARIANT_B n h L d rounds
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -142,10 +145,46 @@ int bench(int argc, char** argv) {
     return found ? 0 : 2;
 }
 
+int pair(int argc, char** argv) {
+    if (argc < 9) {
+        fmt::print(stderr, "usage: {} --pair VARIANT_A VARIANT_B n h L d rounds\n", argv[0]);
+        return 2;
+    }
+    const std::string a = argv[2], b = argv[3];
+    const std::int64_t n = std::atoll(argv[4]), h = std::atoll(argv[5]), L = std::atoll(argv[6]), d = std::atoll(argv[7]);
+    const int rounds = std::atoi(argv[8]);
+    if (rounds < 1) {
+        fmt::print(stderr, "rounds must be at least 1, got {}\n", rounds);
+        return 2;
+    }
+    Inputs<float> in(n, h, L, d, uses_bias(a) || uses_bias(b));
+    bool found = false;
+    for_each_variant(in, [&](const char* name_a, auto make_a) {
+        if (a != name_a) return;
+        for_each_variant(in, [&](const char* name_b, auto make_b) {
+            if (b != name_b) return;
+            found = true;
+            std::vector<double> ms_a, ms_b, ratio;
+            for (int r = 0; r < rounds; ++r) {  // time_step: a warm-up step, then the timed one
+                ms_a.push_back(time_step(in, make_a, 1, false).median);
+                ms_b.push_back(time_step(in, make_b, 1, false).median);
+                ratio.push_back(ms_a.back() / ms_b.back());
+            }
+            const Stats sa = stats(ms_a), sb = stats(ms_b), sr = stats(ratio);
+            fmt::print("{{\"a_ms\": {:.4f}, \"b_ms\": {:.4f}, \"a_over_b\": {:.4f}, \"a_over_b_min\": {:.4f}, \"a_over_b_max\": {:.4f}, "
+                       "\"rounds\": {}, \"threads\": {}}}\n",
+                       sa.median, sb.median, sr.median, sr.min, sr.max, rounds, ad::num_threads());
+        });
+    });
+    if (!found) fmt::print(stderr, "unknown variant '{}' or '{}'\n", a, b);
+    return found ? 0 : 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     if (argc > 1 && std::string(argv[1]) == "--bench") return bench(argc, argv);
+    if (argc > 1 && std::string(argv[1]) == "--pair") return pair(argc, argv);
 
     fmt::print("Every variant runs fused (is_fused_v is checked at compile time). Forward+backward, float, n=2, h=8, L=512, d=64,\n"
                "{} threads, median of 3 (ms):\n\n  {:<16} {:>9} {:>9} {:>8}\n",
