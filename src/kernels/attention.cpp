@@ -105,7 +105,7 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
 template <class T>
 struct Scratch {
-    AlignedVector<T> S, X, Dfx, dS, acc, dK, dV, Kt, Vt, m, l, m_new, alpha, D, A, Rs, dQr, Pq;
+    AlignedVector<T> S, X, Dfx, dS, acc, Kt, Vt, m, l, m_new, alpha, D, A, Rs, dQr, Pq;
 
     static Scratch& get() {
         thread_local Scratch s;
@@ -656,10 +656,10 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
     const std::vector<Shape>& grad_shapes = mod && mod_grads ? mod->gradient_shapes() : no_shapes;
     if (mod_grads) mod_grads->clear();
     for (const Shape& g : grad_shapes) mod_grads->push_back(zeros<T>(g));
-    if (dQ) *dQ = zeros<T>(Q.shape());
-    // The general kernel writes every row of dK and dV once per key block (no zero fill); the one-tile
-    // kernel and the empty cases need zeros.
+    // The general kernel zeroes its own rows of dQ, dK and dV in its parallel region, just before summing
+    // into them (no serial zero fill); the one-tile kernel and the empty cases need zeros.
     const bool general = out.numel() != 0 && p.Lk != 0 && !one_tile_problem(p);
+    if (dQ) *dQ = general ? Tensor<T>(Q.shape()) : zeros<T>(Q.shape());
     if (dK) *dK = general ? Tensor<T>(K.shape()) : zeros<T>(K.shape());
     if (dV) *dV = general ? Tensor<T>(V.shape()) : zeros<T>(V.shape());
     // A full-shape bias gradient is written exactly once per element (plain stores: no zero fill,
@@ -763,8 +763,6 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
         T* dB_out = dbias ? (chunk && !dB_by_rows ? partial[static_cast<std::size_t>(chunk - 1)].dB : *dbias).data() : nullptr;
         Scratch<T>& s = Scratch<T>::get();
         for (auto* buf : {&s.S, &s.X, &s.Dfx, &s.dS}) ensure(*buf, block_q * block_k);
-        ensure(s.dK, block_k * p.d);
-        ensure(s.dV, block_k * p.dv);
         ensure(s.D, p.Lq);
         for (std::int64_t t = g; t < p.items; ++t) {
             if (group_of(t) != g) continue;
@@ -772,6 +770,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
             const T* O_t = std::as_const(saved.O).data() + t * p.Lq * p.dv;
             {
                 AUTODIFF_PHASE(bwd_prologue);
+                if (dQ) std::fill(dQ->data() + (t * p.Lq + qa) * p.d, dQ->data() + (t * p.Lq + qb) * p.d, T(0));
                 if (!kept && !tiles)  // Kᵀ only to recompute the scores
                     Problem<T>::transpose_blocked(p.k + t * p.Lk * p.d, p.Lk, p.d, s.Kt);
                 Problem<T>::transpose_blocked(p.v + t * p.Lk * p.dv, p.Lk, p.dv, s.Vt);
@@ -796,8 +795,12 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
             }
             for (std::int64_t j0 = 0; j0 < p.Lk; j0 += block_k) {
                 const std::int64_t cols = std::min(block_k, p.Lk - j0);
-                std::fill_n(s.dK.begin(), cols * p.d, T(0));
-                std::fill_n(s.dV.begin(), cols * p.dv, T(0));
+                // dK_j, dV_j: this key block's rows, summed over the query blocks in place (no zero fill of
+                // the whole tensors: each block's rows are zeroed here, then stay in cache while summed)
+                T* dK_j = dK ? dK_out + (t * p.Lk + j0) * p.d : nullptr;
+                T* dV_j = dV ? dV_out + (t * p.Lk + j0) * p.dv : nullptr;
+                if (dK) std::fill_n(dK_j, cols * p.d, T(0));
+                if (dV) std::fill_n(dV_j, cols * p.dv, T(0));
                 // Under a causal mask, rows above j0 see none of these keys (their dS is 0).
                 const std::int64_t i_first = std::max(qa, p.causal ? std::min(qb, j0 / block_q * block_q) : qa);
                 if (full_dbias)
@@ -905,7 +908,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         if (p.dropout) p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, kept_keep, nullptr, bits);
                         auto dv_product = [&] {  // dV_j += dropout(P)ᵀ·dO_i, P holding dropout(P)
                             AUTODIFF_PHASE(dv_product);
-                            detail::tile_gemm<T>(u.cols, p.dv, u.rows, T(1), Pr, 1, block_k, dOi, p.dv, T(1), s.dV.data() + (u.j0 - j0) * p.dv,
+                            detail::tile_gemm<T>(u.cols, p.dv, u.rows, T(1), Pr, 1, block_k, dOi, p.dv, T(1), dV_j + (u.j0 - j0) * p.dv,
                                                  p.dv);
                         };
                         // With dropout, the pass that forms dS also turns P into dropout(P) (detail::dropout_ds),
@@ -963,12 +966,10 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         }
                         if (dK) {  // dK_j += scale·dSᵀ·Q_i
                             AUTODIFF_PHASE(dk_product);
-                            detail::tile_gemm<T>(u.cols, p.d, u.rows, p.scale, dS, 1, block_k, Qi, p.d, T(1), s.dK.data() + (u.j0 - j0) * p.d, p.d);
+                            detail::tile_gemm<T>(u.cols, p.d, u.rows, p.scale, dS, 1, block_k, Qi, p.d, T(1), dK_j + (u.j0 - j0) * p.d, p.d);
                         }
                     }
                 }
-                if (dK) std::copy_n(s.dK.begin(), cols * p.d, dK_out + (t * p.Lk + j0) * p.d);
-                if (dV) std::copy_n(s.dV.begin(), cols * p.dv, dV_out + (t * p.Lk + j0) * p.dv);
             }
             if (dQr_t) {  // Σ_k dS·x = q_i·dQr_i -> the gradient of a; dQ_i = a_i·dQr_i
                 AUTODIFF_PHASE(score_fn_backward);
