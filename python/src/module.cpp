@@ -168,7 +168,7 @@ nb::tuple backward(const Array& dO, const Array& q, const Array& k, const Array&
     const ad::Tensor<T> S = optional_view<T>("scores", scores);
     if (S.defined() && (!B.defined() || S.shape() != B.shape()))
         ad::fail(op, "scores {} must have the bias's full shape {}", S.shape(), B.defined() ? B.shape().str() : "none");
-    ad::AttentionSaved<T> saved{view<T>("out", O), view<T>("lse", lse), S, {}, {}, {}, false};
+    ad::AttentionSaved<T> saved{view<T>("out", O), view<T>("lse", lse), S, {}, {}, {}};
     if (keep_bits) {
         if (keep_bits->dtype() != nb::dtype<std::uint64_t>())
             ad::fail(op, "keep_bits must be uint64 (the forward's dropout mask), got {}", dtype_name(*keep_bits));

@@ -105,7 +105,7 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
 template <class T>
 struct Scratch {
-    AlignedVector<T> S, X, Dfx, dS, acc, Kt, Vt, m, l, m_new, alpha, D, A, Rs, dQr, Pq;
+    AlignedVector<T> S, X, Dfx, dS, acc, Kt, Vt, m, l, m_new, alpha, D, A, Rs, dQr;
 
     static Scratch& get() {
         thread_local Scratch s;
@@ -408,75 +408,6 @@ void online_softmax_tile(T* S, std::int64_t r0, std::int64_t rows, std::int64_t 
     }
 }
 
-// At most this many non-empty tiles in every query block: the forward of a mask function keeps its tiles
-// as probabilities (plan_mask_tiles), holding a query block's scores in scratch (128 KiB in float).
-constexpr std::int64_t max_probability_tiles = 8;
-
-// Forward of query block [i0, i0 + rows) of leading index t when saved.tile_probabilities: the scores
-// of every part of the block's non-empty tiles (entries: the block's row of the tile index) go to a
-// scratch of tiles (rows block_k apart), then an exact softmax runs over them: the row maxima first, one
-// exp per element, no rescaling of the output rows (the online softmax's), and P = e^(S − m)/l streams
-// to the tiles' slots, so that the backward reads P and runs no exp. Leaves m, l and acc (= Σ P̃·V) in
-// s for the output pass, as the online softmax does.
-template <class T>
-void probabilities_block(const Problem<T>& p, Scratch<T>& s, std::int64_t t, std::int64_t i0, std::int64_t rows, const std::uint64_t* entries,
-                         std::int64_t j_end, T* tiles) {
-    using Parts = typename Problem<T>::Parts;
-    std::array<Parts, max_probability_tiles> parts;
-    std::array<std::int64_t, max_probability_tiles> tile_j0{}, slot{};
-    std::size_t n = 0;
-    ensure(s.Pq, max_probability_tiles * block_q * block_k);
-    T* m = s.m.data();
-    for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {  // the scores and the row maxima
-        const std::uint64_t entry = entries[j0 / block_k];
-        const auto kind = static_cast<TileKind>(entry & 3);
-        if (kind == TileKind::empty) continue;
-        parts[n] = p.parts(t, i0, rows, j0, std::min(block_k, p.Lk - j0), kind);
-        tile_j0[n] = j0;
-        slot[n] = static_cast<std::int64_t>(entry >> 2);
-        T* tile = s.Pq.data() + static_cast<std::int64_t>(n) * block_q * block_k;
-        for (const auto& u : parts[n]) {
-            T* S = tile + (u.i0 - i0) * block_k + (u.j0 - j0);
-            p.scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), S, u.kind);
-            AUTODIFF_PHASE(fwd_softmax);
-            for (std::int64_t r = 0; r < u.rows; ++r) {
-                const T x = detail::row_max(S + r * block_k, u.cols);
-                T& mr = m[u.i0 - i0 + r];
-                if (x > mr || x != x) mr = x;  // detail::nan_max
-            }
-        }
-        ++n;
-    }
-    T* l = s.l.data();
-    for (std::size_t e = 0; e < n; ++e)  // P̃ = e^(S − m), its row sums and acc += P̃·V
-        for (const auto& u : parts[e]) {
-            T* P = s.Pq.data() + static_cast<std::int64_t>(e) * block_q * block_k + (u.i0 - i0) * block_k + (u.j0 - tile_j0[e]);
-            {
-                AUTODIFF_PHASE(fwd_softmax);
-                for (std::int64_t r = 0; r < u.rows; ++r) {
-                    const std::int64_t i = u.i0 - i0 + r;
-                    if (m[i] == neg_inf<T>) std::fill_n(P + r * block_k, u.cols, T(0));  // nothing kept in the row: P = 0
-                    else l[i] += detail::exp_shifted_sum(P + r * block_k, P + r * block_k, u.cols, m[i]);
-                }
-            }
-            AUTODIFF_PHASE(pv_product);
-            detail::tile_gemm<T>(u.rows, p.dv, u.cols, T(1), P, block_k, 1, p.v + (t * p.Lk + u.j0) * p.dv, p.dv, T(1),
-                                 s.acc.data() + (u.i0 - i0) * p.dv, p.dv);
-        }
-    AUTODIFF_PHASE(keep_scores);
-    for (std::size_t e = 0; e < n; ++e)  // P = P̃/l into the slots (read again only by the backward: streamed)
-        for (const auto& u : parts[e]) {
-            const std::int64_t at = (u.i0 - i0) * block_k + (u.j0 - tile_j0[e]);
-            T* P = s.Pq.data() + static_cast<std::int64_t>(e) * block_q * block_k + at;
-            T* dst = tiles + slot[e] * (block_q * block_k) + at;
-            for (std::int64_t r = 0; r < u.rows; ++r) {
-                const std::int64_t i = u.i0 - i0 + r;
-                if (m[i] != neg_inf<T>) RowMap<T>(P + r * block_k, u.cols) *= T(1) / l[i];
-                detail::stream_row(dst + r * block_k, P + r * block_k, u.cols);
-            }
-        }
-}
-
 }  // namespace
 }  // namespace autodiff
 
@@ -514,16 +445,9 @@ void plan_mask_tiles(const Problem<T>& p, AttentionSaved<T>& saved, const Attent
     for (std::int64_t e = 0; e < n_items * k_blocks; ++e) n_tiles += index[e] != 0;
     if (n_tiles * block_q * block_k > 8 * p.items * p.Lq * p.d) return;
     std::uint64_t slot = 0;
-    std::int64_t most = 0;  // non-empty tiles in one query block
-    for (std::int64_t w = 0; w < n_items; ++w) {
-        std::int64_t in_block = 0;
-        for (std::int64_t e = w * k_blocks; e < (w + 1) * k_blocks; ++e)
-            if (index[e] != 0) index[e] |= slot++ << 2, ++in_block;
-        most = std::max(most, in_block);
-    }
+    for (std::int64_t e = 0; e < n_items * k_blocks; ++e)
+        if (index[e] != 0) index[e] |= slot++ << 2;
     saved.tile_scores = Tensor<T>(Shape{n_tiles, block_q * block_k});
-    // The backward needs only P (not x, nor f's value, nor P before dropout): keep P (probabilities_block).
-    saved.tile_probabilities = !p.dropout && !p.keeps_x && !p.from_value && most <= max_probability_tiles;
 }
 
 }  // namespace
@@ -586,38 +510,34 @@ AttentionSaved<T> attention_forward(const Tensor<T>& Q, const Tensor<T>& K, cons
             std::fill_n(s.m_new.begin(), block_q, neg_inf<T>);
             std::fill_n(s.acc.begin(), rows * p.dv, T(0));
             const std::int64_t j_end = p.key_end(i0, rows);
-            if (saved.tile_probabilities) {
-                probabilities_block(p, s, t, i0, rows, tix + w * k_blocks, j_end, tiles);
-            } else {
-                for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {
-                    const std::int64_t cols = std::min(block_k, p.Lk - j0);
-                    const std::uint64_t entry = tix ? tix[w * k_blocks + j0 / block_k] : 0;
-                    const TileKind kind = tix ? static_cast<TileKind>(entry & 3) : p.tile_kind(t, i0, rows, j0, cols);
-                    if (kind == TileKind::empty) continue;  // every element masked: contributes nothing
-                    if (j0 + block_k < j_end) p.prefetch_tile(t, i0, rows, j0 + block_k, std::min(block_k, p.Lk - j0 - block_k));
-                    for (const auto& u : p.parts(t, i0, rows, j0, cols, kind)) {  // rows [u.i0, u.i0 + u.rows), keys [u.j0, u.j0 + u.cols)
-                        T* S = s.S.data();
-                        // Kept for the backward (read again only there: streamed past the caches): S, or x when
-                        // f's derivatives need it; in the full buffer or in the tile's slot.
-                        auto keep = [&] {
-                            AUTODIFF_PHASE(keep_scores);
-                            T* dst = tiles ? tiles + static_cast<std::int64_t>(entry >> 2) * (block_q * block_k) + (u.i0 - i0) * block_k + (u.j0 - j0)
-                                           : saved.scores.data() + (t * p.Lq + u.i0) * p.Lk + u.j0;
-                            const std::int64_t ld = tiles ? block_k : p.Lk;
-                            for (std::int64_t r = 0; r < u.rows; ++r) detail::stream_row(dst + r * ld, S + r * block_k, u.cols);
-                        };
-                        p.raw_scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), S);
-                        if (keeping && p.keeps_x) keep();
-                        p.finish_scores(t, u.i0, u.rows, u.j0, u.cols, S, u.kind);
-                        if (keeping && !p.keeps_x) keep();
-                        // S becomes the unnormalised P, with dropout dropout(P): the mask is applied in the exp pass
-                        std::uint64_t bits[block_q];
-                        if (p.dropout) p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, nullptr, keep_bits, bits);
-                        online_softmax_tile(S, u.i0 - i0, u.rows, u.cols, s, p.dv, p.dropout ? bits : nullptr, p.drop_scale);
-                        AUTODIFF_PHASE(pv_product);  // acc += P·V_j
-                        detail::tile_gemm<T>(u.rows, p.dv, u.cols, T(1), S, block_k, 1, p.v + (t * p.Lk + u.j0) * p.dv, p.dv, T(1),
-                                             s.acc.data() + (u.i0 - i0) * p.dv, p.dv);
-                    }
+            for (std::int64_t j0 = 0; j0 < j_end; j0 += block_k) {
+                const std::int64_t cols = std::min(block_k, p.Lk - j0);
+                const std::uint64_t entry = tix ? tix[w * k_blocks + j0 / block_k] : 0;
+                const TileKind kind = tix ? static_cast<TileKind>(entry & 3) : p.tile_kind(t, i0, rows, j0, cols);
+                if (kind == TileKind::empty) continue;  // every element masked: contributes nothing
+                if (j0 + block_k < j_end) p.prefetch_tile(t, i0, rows, j0 + block_k, std::min(block_k, p.Lk - j0 - block_k));
+                for (const auto& u : p.parts(t, i0, rows, j0, cols, kind)) {  // rows [u.i0, u.i0 + u.rows), keys [u.j0, u.j0 + u.cols)
+                    T* S = s.S.data();
+                    // Kept for the backward (read again only there: streamed past the caches): S, or x when
+                    // f's derivatives need it; in the full buffer or in the tile's slot.
+                    auto keep = [&] {
+                        AUTODIFF_PHASE(keep_scores);
+                        T* dst = tiles ? tiles + static_cast<std::int64_t>(entry >> 2) * (block_q * block_k) + (u.i0 - i0) * block_k + (u.j0 - j0)
+                                       : saved.scores.data() + (t * p.Lq + u.i0) * p.Lk + u.j0;
+                        const std::int64_t ld = tiles ? block_k : p.Lk;
+                        for (std::int64_t r = 0; r < u.rows; ++r) detail::stream_row(dst + r * ld, S + r * block_k, u.cols);
+                    };
+                    p.raw_scores(t, u.i0, u.rows, u.j0, u.cols, Problem<T>::tile_of(s.Kt, u.j0, p.d), S);
+                    if (keeping && p.keeps_x) keep();
+                    p.finish_scores(t, u.i0, u.rows, u.j0, u.cols, S, u.kind);
+                    if (keeping && !p.keeps_x) keep();
+                    // S becomes the unnormalised P, with dropout dropout(P): the mask is applied in the exp pass
+                    std::uint64_t bits[block_q];
+                    if (p.dropout) p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, nullptr, keep_bits, bits);
+                    online_softmax_tile(S, u.i0 - i0, u.rows, u.cols, s, p.dv, p.dropout ? bits : nullptr, p.drop_scale);
+                    AUTODIFF_PHASE(pv_product);  // acc += P·V_j
+                    detail::tile_gemm<T>(u.rows, p.dv, u.cols, T(1), S, block_k, 1, p.v + (t * p.Lk + u.j0) * p.dv, p.dv, T(1),
+                                         s.acc.data() + (u.i0 - i0) * p.dv, p.dv);
                 }
             }
             AUTODIFF_PHASE(fwd_output);
@@ -694,8 +614,6 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                 if ((tix[e] & 3) != 0 && static_cast<std::int64_t>(tix[e] >> 2) >= n_tiles)
                     fail(op, "saved tile index names tile {} of {} kept", tix[e] >> 2, n_tiles);
             tiles = std::as_const(saved.tile_scores).data();
-            if (saved.tile_probabilities && (p.dropout || p.keeps_x || p.from_value))
-                fail(op, "saved tile probabilities serve no backward with dropout or one that reads x or f's value");
         }
     }
     if (dbias) *dbias = !full_dbias ? zeros<T>(bias.shape()) : kept ? std::exchange(saved.scores, Tensor<T>()) : Tensor<T>(scores);
@@ -861,8 +779,6 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                                                          : nullptr;
                         const std::int64_t ldk = kept ? p.Lk : block_k;  // of kept_tile
                         const bool kept_S = kept_tile && !p.keeps_x;
-                        const bool kept_P = tile_kept && saved.tile_probabilities;  // the slot holds P: no exp
-                        const T* Pr = kept_P ? kept_tile : P;  // P, block_k apart
                         const T* S = kept_S ? kept_tile : P;
                         const std::int64_t lds = kept_S ? ldk : block_k;
                         // x for f: read in place from the kept buffer unless a bias gradient (outside f)
@@ -895,7 +811,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                             p.value_of_f(t, u.i0, u.rows, u.j0, u.cols, S, lds, fd);
                             mod->derivative_at_value(p.tile(t, u.i0, u.rows, u.j0, u.cols), fd, block_k);
                         }
-                        if (!kept_P) {
+                        {
                             AUTODIFF_PHASE(bwd_exp);
                             for (std::int64_t r = 0; r < u.rows; ++r) {
                                 if (lse[u.i0 + r] == neg_inf<T>) RowMap<T>(P + r * block_k, u.cols).setZero();  // fully masked row: P = 0
@@ -908,7 +824,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                         if (p.dropout) p.keep_tile(t, u.i0, u.rows, u.j0, u.cols, kept_keep, nullptr, bits);
                         auto dv_product = [&] {  // dV_j += dropout(P)ᵀ·dO_i, P holding dropout(P)
                             AUTODIFF_PHASE(dv_product);
-                            detail::tile_gemm<T>(u.cols, p.dv, u.rows, T(1), Pr, 1, block_k, dOi, p.dv, T(1), dV_j + (u.j0 - j0) * p.dv,
+                            detail::tile_gemm<T>(u.cols, p.dv, u.rows, T(1), P, 1, block_k, dOi, p.dv, T(1), dV_j + (u.j0 - j0) * p.dv,
                                                  p.dv);
                         };
                         // With dropout, the pass that forms dS also turns P into dropout(P) (detail::dropout_ds),
@@ -927,7 +843,7 @@ void attention_backward(NoDeduce<Tensor<T>>* dQ, NoDeduce<Tensor<T>>* dK, NoDedu
                                     detail::dropout_ds(P + r * block_k, dS + r * block_k, u.cols, bits[r], p.drop_scale, D);
                                 } else {
                                     RowMap<T> ds(dS + r * block_k, u.cols);
-                                    ds = ConstRowMap<T>(Pr + r * block_k, u.cols) * (ds - D);
+                                    ds = RowMap<T>(P + r * block_k, u.cols) * (ds - D);
                                 }
                             }
                         }

@@ -156,10 +156,6 @@ struct AttentionSaved {
     // (tiles, 64·64): S (or x, as for scores) of every tile the mask does not empty, rows 64 apart;
     // only the parts the forward computes are written (Problem::parts). Not consumed by the backward.
     Tensor<T> tile_scores;
-    // tile_scores holds the normalised probabilities P = e^(S − lse) instead of S (the forward decides:
-    // without dropout, when the backward needs neither x nor f's value and a query block keeps at most 8
-    // tiles); the backward then runs no exp.
-    bool tile_probabilities = false;
 };
 
 // bias and additive may be undefined (absent).
