@@ -38,7 +38,8 @@ struct Totals {
         for (int i = 1; i < count; ++i)  // insertion sort, descending
             for (int j = i; j > 0 && ticks(order[static_cast<std::size_t>(j)]) > ticks(order[static_cast<std::size_t>(j - 1)]); --j)
                 std::swap(order[static_cast<std::size_t>(j)], order[static_cast<std::size_t>(j - 1)]);
-        fmt::print(stderr, "autodiff kernel profile (share of the time inside the fused attention kernels, all threads):\n");
+        fmt::print(stderr, "autodiff kernel profile (share of the {:.3g} G ticks inside the fused attention kernels, all threads):\n",
+                   static_cast<double>(total) * 1e-9);
         for (int i : order)
             if (ticks(i)) fmt::print(stderr, "  {:<26} {:6.2f} %\n", names[i], 100.0 * static_cast<double>(ticks(i)) / static_cast<double>(total));
     }
