@@ -319,6 +319,37 @@ TEST_CASE("bias_gelu(x, b) equals gelu(x + b) bitwise: value and both gradients 
     }
 }
 
+TEST_CASE("gelu in float: the op's vectorised rows, the row tails and the scalar functions agree bitwise, specials included") {
+    // 1001 values (62 full vectors of 16 and a tail of 9; with 8-wide vectors a tail of 1) over
+    // [-10, 10] with ±0, ±∞ and NaN at the start, the middle and the tail.
+    const std::int64_t n = 1001;
+    ad::Tensor<float> x({n});
+    for (std::int64_t i = 0; i < n; ++i) x.data()[i] = -10.f + 20.f * static_cast<float>(i) / static_cast<float>(n - 1);
+    const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+    for (auto [i, v] : {std::pair{0, -inf}, {1, inf}, {2, nan}, {500, -0.f}, {501, 0.f}, {998, nan}, {999, inf}, {1000, -inf}})
+        x.data()[i] = v;
+    for (ad::GeluApproximate a : {ad::GeluApproximate::none, ad::GeluApproximate::tanh}) {
+        CAPTURE(static_cast<int>(a));
+        ad::Param<float> p(x.clone(), "x");
+        ad::Var<float> y = ad::gelu(p, a);
+        y.backward(ad::full<float>({n}, 1.f));
+        for (std::int64_t i = 0; i < n; ++i) {
+            CAPTURE(x.data()[i]);
+            const float value = ad::Gelu::value(x.data()[i], a), slope = ad::Gelu::derivative(x.data()[i], a);
+            CHECK(std::bit_cast<std::uint32_t>(y.value().data()[i]) == std::bit_cast<std::uint32_t>(value));
+            CHECK(std::bit_cast<std::uint32_t>(p.grad().data()[i]) == std::bit_cast<std::uint32_t>(slope));
+        }
+        // Large |x|: gelu(x) ≈ x and gelu′ ≈ 1 above, ≈ 0 below (to float precision); +∞ stays +∞, NaN NaN.
+        CHECK(std::abs(ad::Gelu::value(10.f, a) - 10.f) <= 1e-5f);
+        CHECK(std::abs(ad::Gelu::value(-10.f, a)) <= 1e-6f);
+        CHECK(std::abs(ad::Gelu::derivative(10.f, a) - 1.f) <= 1e-6f);
+        CHECK(std::abs(ad::Gelu::derivative(-10.f, a)) <= 1e-6f);
+        CHECK(ad::Gelu::value(inf, a) == inf);
+        CHECK(std::isnan(ad::Gelu::value(nan, a)));
+        CHECK(std::isnan(ad::Gelu::derivative(nan, a)));
+    }
+}
+
 TEST_CASE("layer_norm, rms_norm and bias_gelu are one tape record each") {
     ad::Param<double> x(ad::randn<double>({2, 5}, 1)), w(ad::randn<double>({5}, 2)), b(ad::randn<double>({5}, 3));
     ad::Tape tape;

@@ -90,73 +90,56 @@ inline void check_gelu_approximate(std::string_view op, GeluApproximate a) {
         fail(op, "approximate must be GeluApproximate::none or GeluApproximate::tanh, got {}", static_cast<int>(a));
 }
 
-// GELU, as torch.nn.functional.gelu(approximate='none' | 'tanh'). value() and derivative() are the one
-// place of both formulas: the elementwise node and the fused bias_gelu kernel (kernels/activation.hpp)
-// call them, so gelu(x + b) and bias_gelu(x, b) round alike.
+namespace detail {
+// gelu(x + b) and dy ⊙ gelu′(x + b) over n contiguous values (b: n values, or nullptr for gelu(x)), in
+// the library (kernels/activation.cpp): the elementwise Gelu op, the fused bias_gelu and Gelu's scalar
+// functions all run this one compiled code, so they agree bitwise (gelu(x + b) and bias_gelu(x, b)
+// included) whatever the compiler contracts into FMAs elsewhere. Float runs in vectors, the tail of a
+// row in a partly filled vector; double runs the standard library's erf, tanh and exp per element.
+template <class T>
+void gelu_rows(const T* x, const T* b, T* y, std::int64_t n, GeluApproximate a);
+template <class T>
+void gelu_backward_rows(const T* dy, const T* x, const T* b, T* dx, std::int64_t n, GeluApproximate a);
+// The erf and tanh gelu uses. Float: erf is Eigen's generic_fast_erf_float (|x| clamped to 4, an odd
+// degree-13 numerator over an even degree-8 denominator; within 4e-7 of erf, tested), tanh(u) =
+// 1 − 2/(1 + e^{2u}) with the kernels' exp (±1 at the ends, correct to float's absolute precision,
+// which is what gelu's 1 + tanh needs). Double: std::erf, std::tanh.
+float gelu_erf(float x);
+double gelu_erf(double x);
+float gelu_tanh(float u);
+double gelu_tanh(double u);
+}  // namespace detail
+
+// GELU, as torch.nn.functional.gelu(approximate='none' | 'tanh'), with torch's constants:
+//   y = x·Φ(x), or x/2·(1 + tanh(√(2/π)(x + 0.044715x³)))
+//   dy/dx = Φ(x) + x·φ(x), or (1 + t)/2 + x/2·(1 − t²)·√(2/π)(1 + 3·0.044715x²), t = tanh(√(2/π)(x + 0.044715x³))
+// The op runs detail::gelu_rows; the scalar functions here are that code on one value.
 struct Gelu {
     static constexpr const char* name = "gelu";
     static constexpr bool needs_input = true, needs_output = false;
     GeluApproximate approximate = GeluApproximate::none;
 
-    // Constants as torch's (aten/src/ATen/native/cpu/Activation.cpp): √(2/π), 0.044715, 1/√2, 1/√(2π).
-    template <class T> static constexpr T beta = T(std::numbers::sqrt2 * std::numbers::inv_sqrtpi);
-    template <class T> static constexpr T kappa = T(0.044715);
-
-    // erf and tanh: the standard library's in double. In float, std::erf and std::tanh cost 20–40 ns a
-    // call and do not vectorise, so erf is a rational approximation (the one of Eigen's
-    // generic_fast_erf_float: |x| clamped to 4, an odd degree-13 numerator over an even degree-8
-    // denominator; within 4e-7 of erf, tested) and tanh(u) = 1 − 2/(1 + e^{2u}) (±1 at the ends,
-    // correct to float's absolute precision, which is what gelu's 1 + tanh needs). Written with
-    // std::fma, so a loop rounds alike whether or not the compiler vectorises it: gelu(x + b) and
-    // bias_gelu(x, b) stay bitwise equal.
-    template <class T>
-    static T erf_of(T x) {
-        if constexpr (std::is_same_v<T, float>) {
-            x = std::max(std::min(x, 4.f), -4.f);  // NaN stays NaN
-            const float x2 = x * x;
-            float p = std::fma(x2, -2.72614225801306e-10f, 2.77068142495902e-08f);
-            for (float c : {-2.10102402082508e-06f, -5.69250639462346e-05f, -7.34990630326855e-04f, -2.95459980854025e-03f,
-                            -1.60960333262415e-02f})
-                p = std::fma(x2, p, c);
-            float q = std::fma(x2, -1.45660718464996e-05f, -2.13374055278905e-04f);
-            for (float c : {-1.68282697438203e-03f, -7.37332916720468e-03f, -1.42647390514189e-02f}) q = std::fma(x2, q, c);
-            return x * p / q;
-        } else {
-            return std::erf(x);
-        }
-    }
-    template <class T>
-    static T tanh_of(T u) {
-        if constexpr (std::is_same_v<T, float>) return 1.f - 2.f / (1.f + std::exp(2.f * u));
-        else return std::tanh(u);
-    }
-
-    // y = x·Φ(x), or x/2·(1 + tanh(β(x + κx³)))
+    template <class T> static T erf_of(T x) { return detail::gelu_erf(x); }
+    template <class T> static T tanh_of(T u) { return detail::gelu_tanh(u); }
     template <class T>
     static T value(T v, GeluApproximate a) {
-        if (a == GeluApproximate::tanh) return T(0.5) * v * (T(1) + tanh_of(beta<T> * (v + kappa<T> * v * v * v)));
-        return T(0.5) * v * (T(1) + erf_of(v * T(std::numbers::sqrt2 / 2)));
+        T y;
+        detail::gelu_rows(&v, static_cast<const T*>(nullptr), &y, 1, a);
+        return y;
     }
-    // dy/dx = Φ(x) + x·φ(x), or (1 + t)/2 + x/2·(1 − t²)·β(1 + 3κx²) with t = tanh(β(x + κx³))
     template <class T>
     static T derivative(T v, GeluApproximate a) {
-        if (a == GeluApproximate::tanh) {
-            const T t = tanh_of(beta<T> * (v + kappa<T> * v * v * v));
-            return T(0.5) * (T(1) + t) + T(0.5) * v * (T(1) - t * t) * beta<T> * (T(1) + T(3) * kappa<T> * v * v);
-        }
-        const T cdf = T(0.5) * (T(1) + erf_of(v * T(std::numbers::sqrt2 / 2)));
-        const T pdf = std::exp(T(-0.5) * v * v) * T(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
-        return cdf + v * pdf;
+        const T one(1);
+        T d;
+        detail::gelu_backward_rows(&one, &v, static_cast<const T*>(nullptr), &d, 1, a);
+        return d;
     }
 
-    template <class X> auto forward(const X& x) const {
-        using T = typename X::Scalar;
-        return x.unaryExpr([a = approximate](T v) { return value(v, a); });
-    }
+    // Row kernels (unary_forward and unary_backward call them instead of an Eigen expression).
+    template <class T> void forward_rows(const T* x, T* y, std::int64_t n) const { detail::gelu_rows(x, static_cast<const T*>(nullptr), y, n, approximate); }
     // dx = dy · gelu'(x)
-    template <class G, class X, class Y> auto backward(const G& dy, const X& x, const Y&) const {
-        using T = typename X::Scalar;
-        return dy * x.unaryExpr([a = approximate](T v) { return derivative(v, a); });
+    template <class T> void backward_rows(const T* dy, const T* x, T* dx, std::int64_t n) const {
+        detail::gelu_backward_rows(dy, x, static_cast<const T*>(nullptr), dx, n, approximate);
     }
 };
 
@@ -284,7 +267,8 @@ template <class T, class Op>
 Tensor<T> unary_forward(const Op& op, const Tensor<T>& x) {
     Tensor<T> y(x.shape());
     parallel_chunks(x.numel(), detail::elementwise_chunk, [&](std::int64_t b, std::int64_t e) {
-        ArrayMap<T>(y.data() + b, e - b) = op.forward(ConstArrayMap<T>(x.data() + b, e - b));
+        if constexpr (requires { op.forward_rows(x.data(), y.data(), b); }) op.forward_rows(x.data() + b, y.data() + b, e - b);
+        else ArrayMap<T>(y.data() + b, e - b) = op.forward(ConstArrayMap<T>(x.data() + b, e - b));
     });
     return y;
 }
@@ -295,9 +279,13 @@ Tensor<T> unary_backward(const Op& op, const Tensor<T>& dy, const Tensor<T>& x, 
     Tensor<T> dx(dy.shape());
     parallel_chunks(dy.numel(), detail::elementwise_chunk, [&](std::int64_t b, std::int64_t e) {
         const std::int64_t n = e - b;
-        ConstArrayMap<T> xs(x.defined() ? x.data() + b : nullptr, x.defined() ? n : 0);
-        ConstArrayMap<T> ys(y.defined() ? y.data() + b : nullptr, y.defined() ? n : 0);
-        ArrayMap<T>(dx.data() + b, n) = op.backward(ConstArrayMap<T>(dy.data() + b, n), xs, ys);
+        if constexpr (requires { op.backward_rows(dy.data(), x.data(), dx.data(), n); }) {
+            op.backward_rows(dy.data() + b, x.data() + b, dx.data() + b, n);
+        } else {
+            ConstArrayMap<T> xs(x.defined() ? x.data() + b : nullptr, x.defined() ? n : 0);
+            ConstArrayMap<T> ys(y.defined() ? y.data() + b : nullptr, y.defined() ? n : 0);
+            ArrayMap<T>(dx.data() + b, n) = op.backward(ConstArrayMap<T>(dy.data() + b, n), xs, ys);
+        }
     });
     return dx;
 }
