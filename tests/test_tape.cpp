@@ -269,6 +269,47 @@ TEST_CASE("backward(seed) on a non-scalar gives the vector-Jacobian product") {
     CHECK(ad::max_abs_diff(x.grad(), expected) <= tol);
 }
 
+TEST_CASE("backward(seed) reads the caller's seed in place: no copy, its values and version untouched") {
+    ad::Param<double> x(normal({64, 32}, 1));
+    const Tensor seed = normal({64, 32}, 2), before = seed.clone();
+    const std::uint64_t version = seed.version();
+    ad::Var<double> y = x * 2.0;
+    // The backward's only block is dx = 2·seed (which becomes x.grad()); a copy of the seed would be a second.
+    const std::uint64_t requests = ad::pool::stats().requests;
+    y.backward(seed);
+    CHECK(ad::pool::stats().requests - requests == 1);
+    CHECK(ad::max_abs_diff(x.grad(), scaled(seed, 2.0)) == 0.0);
+    CHECK(ad::max_abs_diff(seed, before) == 0.0);
+    CHECK(seed.version() == version);
+
+    SUBCASE("a seed that flows unchanged into two inputs and a Param twice") {
+        ad::Param<double> a(normal({64, 32}, 3)), b(normal({64, 32}, 4));
+        ad::Var<double> z = (a + b) + a;  // dz/da = 2, dz/db = 1: the seed's storage passed along three times
+        z.backward(seed);
+        CHECK(ad::max_abs_diff(a.grad(), scaled(seed, 2.0)) == 0.0);
+        CHECK(ad::max_abs_diff(b.grad(), seed) == 0.0);
+        CHECK(ad::max_abs_diff(seed, before) == 0.0);
+        CHECK(seed.version() == version);
+        // The gradients own their storage: accumulating into them leaves the seed alone.
+        CHECK(b.grad().data() != seed.data());
+        ad::Var<double> z2 = (a + b) + a;
+        z2.backward(seed);
+        CHECK(ad::max_abs_diff(b.grad(), scaled(seed, 2.0)) == 0.0);
+        CHECK(ad::max_abs_diff(seed, before) == 0.0);
+    }
+    SUBCASE("a root that is a Param itself gets a copy (its grad is added into later)") {
+        ad::Var<double> v = x;
+        x.zero_grad();
+        v.backward(seed);
+        CHECK(x.grad().data() != seed.data());
+        ad::Var<double> v2 = x;
+        v2.backward(seed);
+        CHECK(ad::max_abs_diff(x.grad(), scaled(seed, 2.0)) == 0.0);
+        CHECK(ad::max_abs_diff(seed, before) == 0.0);
+        CHECK(seed.version() == version);
+    }
+}
+
 TEST_CASE("a Var whose graph was freed cannot enter a new expression; its detach() can") {
     ad::Param<double> x(normal({3, 5}, 1));
     ad::Var<double> h = ad::tanh(x);

@@ -318,13 +318,18 @@ void Tape::accumulate(const GradTarget<T>& target, Tensor<T> g) {
     if (!dst.defined())
         dst = g.is_unique() ? std::move(g) : g.clone();
     else
-        dst.array() += g.array();
+        dst.array() += std::as_const(g).array();  // g may share a caller's storage: read it without bumping its version
 }
 
 template <class T>
 void Tape::backward(const GradTarget<T>& target, const Tensor<T>& seed, std::size_t end, bool retain_graph) {
     try {
-        accumulate(target, seed);
+        // The root's adjoint slot shares the caller's seed instead of copying it: the closures read
+        // their adjoint as const, and nothing else adds into the root's slot (records after the root
+        // get no adjoint and do not run). A Param's pending gradient becomes its grad(), which later
+        // backwards add into, so a leaf root gets a copy.
+        if (target.leaf) accumulate(target, seed);
+        else adjoints<T>()[static_cast<std::size_t>(target.slot)] = seed;
         for (std::size_t i = end; i-- > 0;) {
             const Record& r = records_[i];
             r.run(r.closure, *this, r.slot);
