@@ -319,7 +319,7 @@ TEST_CASE("bias_gelu(x, b) equals gelu(x + b) bitwise: value and both gradients 
     }
 }
 
-TEST_CASE("gelu in float: the op's vectorised rows, the row tails and the scalar functions agree bitwise, specials included") {
+TEST_CASE("gelu in float: full vectors and row tails give the one-value functions' results bitwise; specials and large |x|") {
     // 1001 values (62 full vectors of 16 and a tail of 9; with 8-wide vectors a tail of 1) over
     // [-10, 10] with ±0, ±∞ and NaN at the start, the middle and the tail.
     const std::int64_t n = 1001;

@@ -297,6 +297,14 @@ TEST_CASE("backward(seed) reads the caller's seed in place: no copy, its values 
         CHECK(ad::max_abs_diff(b.grad(), scaled(seed, 2.0)) == 0.0);
         CHECK(ad::max_abs_diff(seed, before) == 0.0);
     }
+    SUBCASE("a seed added twice into one Param: the second contribution is added from the seed itself") {
+        ad::Param<double> a(normal({64, 32}, 3));
+        ad::Var<double> z = a + a;
+        z.backward(seed);
+        CHECK(ad::max_abs_diff(a.grad(), scaled(seed, 2.0)) == 0.0);
+        CHECK(ad::max_abs_diff(seed, before) == 0.0);
+        CHECK(seed.version() == version);
+    }
     SUBCASE("a root that is a Param itself gets a copy (its grad is added into later)") {
         ad::Var<double> v = x;
         x.zero_grad();

@@ -115,7 +115,8 @@ public:
     // A record of N outputs (one evaluation that makes several values, like linear_heads' q, k, v):
     // its closure `void(std::array<Tensor<T>, N>& dys, Tape&)` receives the adjoints of N fresh
     // consecutive slots, an undefined one for an output that got no gradient, and runs when any is
-    // defined. Returns the outputs' GradTargets.
+    // defined. Returns the outputs' GradTargets. The closure may replace entries (an undefined one by
+    // zeros) but must not write into their storage: a root's adjoint is the caller's seed (backward).
     template <class T, std::size_t N, class Backward>
     std::array<GradTarget<T>, N> record_outputs(Backward&& backward);
 
@@ -324,9 +325,10 @@ void Tape::accumulate(const GradTarget<T>& target, Tensor<T> g) {
 template <class T>
 void Tape::backward(const GradTarget<T>& target, const Tensor<T>& seed, std::size_t end, bool retain_graph) {
     try {
-        // The root's adjoint slot shares the caller's seed instead of copying it: the closures read
-        // their adjoint as const, and nothing else adds into the root's slot (records after the root
-        // get no adjoint and do not run). A Param's pending gradient becomes its grad(), which later
+        // The root's adjoint slot shares the caller's seed instead of copying it: closures read their
+        // adjoint as const (record_outputs' do not write into it: see there), accumulate copies a
+        // shared one, and nothing else adds into the root's slot (records after the root get no
+        // adjoint and do not run). A Param's pending gradient becomes its grad(), which later
         // backwards add into, so a leaf root gets a copy.
         if (target.leaf) accumulate(target, seed);
         else adjoints<T>()[static_cast<std::size_t>(target.slot)] = seed;

@@ -280,6 +280,7 @@ Tensor<T> unary_backward(const Op& op, const Tensor<T>& dy, const Tensor<T>& x, 
     parallel_chunks(dy.numel(), detail::elementwise_chunk, [&](std::int64_t b, std::int64_t e) {
         const std::int64_t n = e - b;
         if constexpr (requires { op.backward_rows(dy.data(), x.data(), dx.data(), n); }) {
+            static_assert(Op::needs_input, "row kernels read the saved input");
             op.backward_rows(dy.data() + b, x.data() + b, dx.data() + b, n);
         } else {
             ConstArrayMap<T> xs(x.defined() ? x.data() + b : nullptr, x.defined() ? n : 0);
