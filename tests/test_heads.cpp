@@ -236,6 +236,26 @@ TEST_CASE("linear_heads: the parts are split_heads(narrow(linear(x, W, b), 2, sÂ
     }
 }
 
+TEST_CASE("linear_heads: one part as the root of backward(seed) reads the seed in place; the others give zeros") {
+    // The root's adjoint is the caller's seed itself (Tape::backward): the multi-output record must
+    // leave it as it was, values and version, and its gradients match the unfused composition's.
+    const std::int64_t B = 2, L = 5, in = 6, E = 8, H = 2;
+    const auto x = normal<double>({B, L, in}, 1), W = normal<double>({3 * E, in}, 2), b = normal<double>({3 * E}, 3);
+    const ad::Tensor<double> seed = normal<double>({B, H, L, E / H}, 4), before = seed.clone();
+    const std::uint64_t version = seed.version();
+    ad::Param<double> X(x.clone()), Wp(W.clone()), Bp(b.clone());
+    std::array<ad::Var<double>, 3> parts = ad::linear_heads<3>(X, Wp, Bp, H);
+    parts[1].backward(seed);
+    CHECK(ad::max_abs_diff(seed, before) == 0.0);
+    CHECK(seed.version() == version);
+    ad::Param<double> X2(x.clone()), W2(W.clone()), B2(b.clone());
+    ad::Var<double> k = ad::split_heads(ad::narrow(ad::linear(X2, W2, B2), 2, E, E), H);
+    k.backward(seed);
+    CHECK(ad::max_abs_diff(X.grad(), X2.grad()) < 1e-12);
+    CHECK(ad::max_abs_diff(Wp.grad(), W2.grad()) < 1e-12);
+    CHECK(ad::max_abs_diff(Bp.grad(), B2.grad()) < 1e-12);
+}
+
 TEST_CASE("linear_heads: bit-identical on 1 and 2 threads") {
     const auto x = normal<float>({2, 256, 192}, 1), W = normal<float>({3 * 192, 192}, 2), b = normal<float>({3 * 192}, 3);
     Run<float> one, two;

@@ -113,10 +113,10 @@ public:
     template <class T, class Backward>
     GradTarget<T> record(Backward&& backward);
     // A record of N outputs (one evaluation that makes several values, like linear_heads' q, k, v):
-    // its closure `void(std::array<Tensor<T>, N>& dys, Tape&)` receives the adjoints of N fresh
+    // its closure `void(const std::array<Tensor<T>, N>& dys, Tape&)` receives the adjoints of N fresh
     // consecutive slots, an undefined one for an output that got no gradient, and runs when any is
-    // defined. Returns the outputs' GradTargets. The closure may replace entries (an undefined one by
-    // zeros) but must not write into their storage: a root's adjoint is the caller's seed (backward).
+    // defined. Returns the outputs' GradTargets. Like record's closure it reads the adjoints as const:
+    // a root's adjoint is the caller's seed (backward).
     template <class T, std::size_t N, class Backward>
     std::array<GradTarget<T>, N> record_outputs(Backward&& backward);
 
@@ -301,7 +301,7 @@ std::array<GradTarget<T>, N> Tape::record_outputs(Backward&& backward) {
                 dys[i] = tape.take_adjoint<T>(s + static_cast<std::int32_t>(i));
                 any = any || dys[i].defined();
             }
-            if (any) (*static_cast<Closure*>(c))(dys, tape);
+            if (any) (*static_cast<Closure*>(c))(std::as_const(dys), tape);
         },
         [](void* c) noexcept { static_cast<Closure*>(c)->~Closure(); }, closure, first, static_cast<std::int32_t>(N)});
     RecordInfo info;
@@ -325,10 +325,9 @@ void Tape::accumulate(const GradTarget<T>& target, Tensor<T> g) {
 template <class T>
 void Tape::backward(const GradTarget<T>& target, const Tensor<T>& seed, std::size_t end, bool retain_graph) {
     try {
-        // The root's adjoint slot shares the caller's seed instead of copying it: closures read their
-        // adjoint as const (record_outputs' do not write into it: see there), accumulate copies a
-        // shared one, and nothing else adds into the root's slot (records after the root get no
-        // adjoint and do not run). A Param's pending gradient becomes its grad(), which later
+        // The root's adjoint slot shares the caller's seed instead of copying it: closures get their
+        // adjoints as const, accumulate copies a shared one, and nothing else adds into the root's
+        // slot (records after the root get no adjoint and do not run). A Param's pending gradient becomes its grad(), which later
         // backwards add into, so a leaf root gets a copy.
         if (target.leaf) accumulate(target, seed);
         else adjoints<T>()[static_cast<std::size_t>(target.slot)] = seed;

@@ -44,9 +44,10 @@ std::array<Var<typename X::value_type>, S> linear_heads_eval(const X& x, const W
         std::array<GradTarget<T>, S> targets{};
         if (ctx.tape && (xv.target || wv.target || bv.target)) {
             targets = tape.record_outputs<T, S>([xt = xv.target, wt = wv.target, bt = bv.target, Xs = Saved<T>(xv.value),
-                                                 Ws = Saved<T>(wv.value), ys](std::array<Tensor<T>, S>& dys, Tape& t) {
+                                                 Ws = Saved<T>(wv.value), ys](const std::array<Tensor<T>, S>& adjoints, Tape& t) {
                 const Tensor<T>& X_ = Xs.get("linear_heads", "input");
                 const Tensor<T>& W_ = Ws.get("linear_heads", "weight");
+                std::array<Tensor<T>, S> dys = adjoints;
                 for (auto& dy : dys)  // an output that got no gradient contributes zeros
                     if (!dy.defined()) dy = zeros<T>(ys);
                 Tensor<T> dx;
