@@ -75,20 +75,26 @@ double gelu_derivative(double v, GeluApproximate a) {
     return cdf + v * pdf;
 }
 
+// The `count` (≤ one vector's) floats at p as a vector (the lanes past them 0), and the store of a
+// vector's first `count` lanes: whole vectors in the body of a row, a partly filled one at its tail.
+constexpr int lanes = Simd<float, simd_bytes>::lanes;
+GeluFloat::V load_part(const float* p, std::int64_t count) {
+    return count == lanes ? load<GeluFloat::V>(p) : load_first(p, count, 0.f);
+}
+void store_part(float* p, GeluFloat::V v, std::int64_t count) {
+    if (count == lanes) store(p, v);
+    else store_first(p, v, count);
+}
+
 // Calls f(v, j, count) for the values v = x + b (or x) of n contiguous elements: in float, vectors of
 // the values j .. j + count − 1, full ones and then one partly filled (its lanes past the row's end
 // are computed and ignored); in double, each value (count 1).
 template <class T, class F>
 void for_each_value(const T* x, const T* b, std::int64_t n, F&& f) {
     if constexpr (std::is_same_v<T, float>) {
-        using V = GeluFloat::V;
-        constexpr int W = Simd<float, simd_bytes>::lanes;
-        auto at = [&](std::int64_t j, std::int64_t count) {
-            const V v = count == W ? load<V>(x + j) : load_first(x + j, count, 0.f);
-            return b ? v + (count == W ? load<V>(b + j) : load_first(b + j, count, 0.f)) : v;
-        };
+        auto at = [&](std::int64_t j, std::int64_t count) { return b ? load_part(x + j, count) + load_part(b + j, count) : load_part(x + j, count); };
         std::int64_t j = 0;
-        for (; j + W <= n; j += W) f(at(j, W), j, W);
+        for (; j + lanes <= n; j += lanes) f(at(j, lanes), j, lanes);
         if (j < n) f(at(j, n - j), j, n - j);
     } else {
         for (std::int64_t j = 0; j < n; ++j) f(b ? x[j] + b[j] : x[j], j, 1);
@@ -98,31 +104,20 @@ void for_each_value(const T* x, const T* b, std::int64_t n, F&& f) {
 
 template <class T>
 void gelu_rows(const T* x, const T* b, T* y, std::int64_t n, GeluApproximate a) {
-    if constexpr (std::is_same_v<T, float>) {
-        for_each_value(x, b, n, [&](GeluFloat::V v, std::int64_t j, std::int64_t count) {
-            const GeluFloat::V out = GeluFloat::value(v, a);
-            if (count == Simd<float, simd_bytes>::lanes) store(y + j, out);
-            else store_first(y + j, out, count);
-        });
-    } else {
+    if constexpr (std::is_same_v<T, float>)
+        for_each_value(x, b, n, [&](GeluFloat::V v, std::int64_t j, std::int64_t count) { store_part(y + j, GeluFloat::value(v, a), count); });
+    else
         for_each_value(x, b, n, [&](T v, std::int64_t j, std::int64_t) { y[j] = gelu_value(v, a); });
-    }
 }
 
 template <class T>
 void gelu_backward_rows(const T* dy, const T* x, const T* b, T* dx, std::int64_t n, GeluApproximate a) {
-    if constexpr (std::is_same_v<T, float>) {
-        using V = GeluFloat::V;
-        constexpr int W = Simd<float, simd_bytes>::lanes;
-        for_each_value(x, b, n, [&](V v, std::int64_t j, std::int64_t count) {
-            const V g = count == W ? load<V>(dy + j) : load_first(dy + j, count, 0.f);
-            const V out = g * GeluFloat::derivative(v, a);
-            if (count == W) store(dx + j, out);
-            else store_first(dx + j, out, count);
+    if constexpr (std::is_same_v<T, float>)
+        for_each_value(x, b, n, [&](GeluFloat::V v, std::int64_t j, std::int64_t count) {
+            store_part(dx + j, load_part(dy + j, count) * GeluFloat::derivative(v, a), count);
         });
-    } else {
+    else
         for_each_value(x, b, n, [&](T v, std::int64_t j, std::int64_t) { dx[j] = dy[j] * gelu_derivative(v, a); });
-    }
 }
 
 float gelu_erf(float x) { return GeluFloat::erf(GeluFloat::V{} + x)[0]; }
